@@ -1,0 +1,190 @@
+"""Build rendered variants into shared libraries with ninja + nvcc, cached by content.
+
+Each variant becomes ``<cache>/<key>-<hash>/variant.so`` with its source and ptxas report beside it.
+The hash covers the rendered source, the static headers, the nvcc version, the flags and the CUTLASS
+version, so a changed template or compiler never reuses a stale binary. The cache root is
+``$FLASH_MLA_CACHE_DIR`` (default ``~/.cache/flash_mla``). No GPU is needed to build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ptxas
+from .render import render, static_headers
+from .variant import Variant
+
+ARCH_FLAGS = ["-gencode", "arch=compute_90a,code=sm_90a"]
+NVCC_FLAGS = [
+    "-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+    "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo",
+    "-DNDEBUG", "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
+]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLASH_MLA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flash_mla")
+    return Path(root)
+
+
+def cuda_home() -> Path | None:
+    for env in ("FLASH_MLA_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env) and (Path(os.environ[env]) / "bin" / "nvcc").exists():
+            return Path(os.environ[env])
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return Path("/usr/local/cuda")
+    nvcc = shutil.which("nvcc")
+    return Path(nvcc).resolve().parent.parent if nvcc else None
+
+
+def nvcc_path() -> Path:
+    home = cuda_home()
+    if home is None:
+        raise BuildError("nvcc not found: install the CUDA toolkit (>= 12.8) or set FLASH_MLA_CUDA_HOME")
+    return home / "bin" / "nvcc"
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version() -> str:
+    out = subprocess.run([str(nvcc_path()), "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def cutlass_include() -> Path:
+    env = os.environ.get("FLASH_MLA_CUTLASS_INCLUDE")
+    if env:
+        return Path(env)
+    try:
+        import cutlass_library
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise BuildError("CUTLASS headers not found: pip install nvidia-cutlass "
+                         "or set FLASH_MLA_CUTLASS_INCLUDE") from e
+    inc = Path(cutlass_library.__file__).parent / "source" / "include"
+    if not (inc / "cute" / "tensor.hpp").exists():
+        raise BuildError(f"CUTLASS headers not found under {inc}")
+    return inc
+
+
+def _cutlass_version() -> str:
+    h = cutlass_include() / "cutlass" / "version.h"
+    return hashlib.sha256(h.read_bytes()).hexdigest()[:12] if h.exists() else "unknown"
+
+
+def include_flags() -> list[str]:
+    flags = ["-I", str(cutlass_include())]
+    home = cuda_home()
+    if home and (home / "include" / "cccl").exists():   # CUDA 13 keeps CCCL (cuda/std/...) here
+        flags += ["-I", str(home / "include" / "cccl")]
+    return flags
+
+
+@dataclass
+class Artifact:
+    variant: Variant
+    directory: Path
+    ok: bool = False
+    error: str = ""
+    resources: dict = field(default_factory=dict)   # kernel name -> ptxas.KernelResources
+
+    @property
+    def library(self) -> Path:
+        return self.directory / "variant.so"
+
+    @property
+    def report_path(self) -> Path:
+        return self.directory / "ptxas.log"
+
+
+def _content_hash(source: str, headers: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for part in (source, *(headers[k] for k in sorted(headers)), nvcc_version(), " ".join(ARCH_FLAGS + NVCC_FLAGS),
+                 _cutlass_version()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def prepare(v: Variant) -> Artifact:
+    """Render the variant into its cache directory (source + headers); does not compile."""
+    source = render(v)
+    headers = static_headers()
+    d = cache_dir() / f"{v.build_key}-{_content_hash(source, headers)}"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in {"variant.cu": source, **headers}.items():
+        p = d / name
+        if not p.exists() or p.read_text() != text:
+            p.write_text(text)
+    return Artifact(variant=v, directory=d)
+
+
+def _ninja() -> str:
+    exe = shutil.which("ninja")
+    if exe:
+        return exe
+    try:
+        import ninja
+        return os.path.join(ninja.BIN_DIR, "ninja")
+    except ImportError as e:  # pragma: no cover
+        raise BuildError("ninja not found: pip install ninja") from e
+
+
+def write_ninja(artifacts: list[Artifact], path: Path) -> None:
+    flags = " ".join(ARCH_FLAGS + NVCC_FLAGS + include_flags())
+    lines = [
+        "ninja_required_version = 1.3",
+        f"builddir = {path.parent}",
+        f"nvcc = {nvcc_path()}",
+        f"flags = {flags}",
+        "rule nvcc",
+        # ptxas -v goes to stderr; keep it (and any error) in the variant's log
+        "  command = $nvcc $flags -I $dir -o $out $in > $log 2>&1 || (cat $log; exit 1)",
+        "  description = nvcc $key",
+        "",
+    ]
+    for a in artifacts:
+        lines += [
+            f"build {a.library}: nvcc {a.directory / 'variant.cu'} | {a.directory / 'params.h'}",
+            f"  dir = {a.directory}",
+            f"  log = {a.report_path}",
+            f"  key = {a.variant.key}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def build(variants: list[Variant], jobs: int | None = None, verbose: bool = False) -> list[Artifact]:
+    """Compile every variant (in parallel, cached); returns one Artifact per variant, failures included."""
+    artifacts = [prepare(v) for v in variants]
+    todo = [a for a in artifacts if not a.library.exists()]
+    if todo:
+        ninja_dir = cache_dir() / "ninja"
+        ninja_dir.mkdir(parents=True, exist_ok=True)
+        tag = hashlib.sha256("".join(str(a.directory) for a in todo).encode()).hexdigest()[:12]
+        nf = ninja_dir / f"build-{tag}.ninja"
+        write_ninja(todo, nf)
+        cmd = [_ninja(), "-f", str(nf), "-k", "0", "-j", str(jobs or os.cpu_count() or 1)]
+        # failures are reported per variant from its log below; -k 0 keeps building the others
+        subprocess.run(cmd, capture_output=not verbose, text=True)
+    for a in artifacts:
+        if a.library.exists():
+            a.ok = True
+            a.resources = ptxas.parse(a.report_path.read_text()) if a.report_path.exists() else {}
+        else:
+            a.error = a.report_path.read_text()[-4000:] if a.report_path.exists() else "not built"
+    return artifacts
+
+
+def build_one(v: Variant) -> Artifact:
+    a = build([v])[0]
+    if not a.ok:
+        raise BuildError(f"building {v.key} failed:\n{a.error}")
+    return a

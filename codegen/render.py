@@ -1,0 +1,48 @@
+"""Render a Variant into one self-contained CUDA translation unit (Jinja2, StrictUndefined)."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from .variant import SCHED_BLOCK_N, Variant
+
+
+def templates_dir() -> Path:
+    return Path(str(resources.files("flash_mla.templates")))
+
+
+@functools.lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+    )
+
+
+def template_context(v: Variant) -> dict:
+    v.validate()
+    return {
+        **v.as_dict(),
+        "key": v.build_key,
+        "ns": f"fmla_{v.build_key}",
+        "knobs": v.compile_knobs(),
+        "cute_type": "cutlass::bfloat16_t" if v.dtype == "bf16" else "cutlass::half_t",
+        "sched_block_n": SCHED_BLOCK_N,
+    }
+
+
+def render(v: Variant) -> str:
+    """CUDA source of the variant (decode kernel, combine kernel and C-ABI launcher)."""
+    return _env().get_template("variant.cu.j2").render(**template_context(v))
+
+
+def static_headers() -> dict[str, str]:
+    """Non-templated headers the rendered source includes, by file name."""
+    return {"params.h": (templates_dir() / "params.h").read_text()}

@@ -1,0 +1,170 @@
+"""Variant: every tunable knob of a generated decode kernel plus the problem traits it is built for.
+
+A Variant is pure data. ``validate()`` rejects impossible combinations before anything is compiled,
+``key`` names it stably (same knobs -> same key on every machine), and ``search_space()`` enumerates
+the valid variants the tuner may try.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+HEAD_DIM = 576          # q/k head dim: 512 latent + 64 rope
+HEAD_DIM_V = 512
+BLOCK_M = 64            # q rows per CTA (wgmma M)
+SCHED_BLOCK_N = 64      # scheduler block, flash_mla/scheduler.py
+SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90
+REGS_PER_SM = 64 * 1024
+MAX_REGS_PER_THREAD = 255
+
+DTYPES = ("bf16", "fp16")
+PAGE_SIZES = (64, 32)
+
+
+class InvalidVariant(ValueError):
+    """The knob combination cannot be built (shared memory, registers, divisibility)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    # problem traits
+    dtype: str = "bf16"
+    page_size: int = 64
+    # knobs
+    block_n: int = 64           # KV tokens per pipeline stage (independent of page size)
+    stages: int = 2             # KV stages in flight
+    num_warpgroups: int = 2     # warpgroups splitting S columns and output channels
+    split_overhead: int = 5     # scheduler's fixed per-request cost in blocks: higher = fewer splits
+    combine_rows: int = 4       # q rows (one warp each) per combine CTA
+
+    # -- identity -----------------------------------------------------------------------------
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def key(self) -> str:
+        """Readable, stable name; doubles as the C++ namespace of the generated code."""
+        return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
+                f"_o{self.split_overhead}_c{self.combine_rows}")
+
+    @property
+    def build_key(self) -> str:
+        """Name of the compiled binary: launch-time knobs (split_overhead) do not change the code."""
+        return f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}_c{self.combine_rows}"
+
+    def compile_knobs(self) -> dict:
+        d = self.as_dict()
+        d.pop("split_overhead")
+        return d
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Variant":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown Variant fields: {sorted(unknown)}")
+        return cls(**d)
+
+    # -- resources ------------------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return 128 * self.num_warpgroups
+
+    def smem_bytes(self) -> int:
+        """Shared memory the decode kernel asks for, mirroring SharedStorage in decode_kernel.cuh.j2."""
+        el = 2
+        q = BLOCK_M * HEAD_DIM * el
+        k = self.stages * self.block_n * HEAD_DIM * el
+        p = BLOCK_M * self.block_n * el
+        tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
+        tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
+        return q + k + p + tail + 1024          # + alignment slack of the dynamic base
+
+    def accumulator_regs(self) -> int:
+        """fp32 registers per thread held by the O and S accumulators."""
+        o = BLOCK_M * (HEAD_DIM_V // self.num_warpgroups) // 128
+        s = BLOCK_M * (self.block_n // self.num_warpgroups) // 128
+        return o + s
+
+    # -- validity -------------------------------------------------------------------------------
+    def validate(self) -> "Variant":
+        def bad(msg):
+            raise InvalidVariant(f"{self.key}: {msg}")
+
+        if self.dtype not in DTYPES:
+            bad(f"dtype must be one of {DTYPES}")
+        if self.page_size not in PAGE_SIZES:
+            bad(f"page_size must be one of {PAGE_SIZES}")
+        if self.block_n not in (32, 64):
+            bad("block_n must be 32 or 64")
+        if SCHED_BLOCK_N % self.block_n:
+            bad(f"block_n must divide the scheduler block ({SCHED_BLOCK_N})")
+        box = min(self.block_n, self.page_size)
+        if self.block_n % box or self.page_size % box or box % 8:
+            bad("page size and block_n must nest in multiples of 8 rows")
+        if self.num_warpgroups not in (1, 2, 4):
+            bad("num_warpgroups must be 1, 2 or 4")
+        if self.num_warpgroups == 1:
+            bad("one warpgroup would hold a 64x512 fp32 accumulator (256 registers/thread)")
+        if (self.block_n // self.num_warpgroups) % 8:
+            bad("S columns per warpgroup (block_n / num_warpgroups) must be a multiple of 8 (wgmma N)")
+        if self.stages < 1:
+            bad("stages must be >= 1")
+        if self.smem_bytes() > SMEM_LIMIT:
+            bad(f"needs {self.smem_bytes()} B of shared memory > {SMEM_LIMIT}")
+        reg_cap = min(MAX_REGS_PER_THREAD, REGS_PER_SM // self.threads)
+        # accumulators plus ~40 registers of addressing/softmax state must fit under the cap
+        if self.accumulator_regs() + 40 > reg_cap:
+            bad(f"accumulators need {self.accumulator_regs()} regs/thread, cap is {reg_cap}")
+        if self.split_overhead < 1:
+            bad("split_overhead must be >= 1")
+        if self.combine_rows not in (1, 2, 4, 8):
+            bad("combine_rows must be 1, 2, 4 or 8")
+        return self
+
+    def is_valid(self) -> bool:
+        try:
+            self.validate()
+            return True
+        except InvalidVariant:
+            return False
+
+
+# Knob values the search explores. Problem traits (dtype, page size) are fixed per search.
+KNOBS = {
+    "block_n": (32, 64),
+    "stages": (1, 2, 3, 4),
+    "num_warpgroups": (2, 4),
+    "split_overhead": (2, 5),
+}
+
+
+def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = None) -> list[Variant]:
+    """All valid variants for one (dtype, page size), in a deterministic order."""
+    knobs = knobs or KNOBS
+    names = list(knobs)
+    out = []
+    for values in itertools.product(*(knobs[n] for n in names)):
+        v = Variant(dtype=dtype, page_size=page_size, **dict(zip(names, values)))
+        if v.is_valid():
+            out.append(v)
+    return out
+
+
+def full_space() -> list[Variant]:
+    """Every valid variant over every supported dtype and page size."""
+    return [v for d in DTYPES for ps in PAGE_SIZES for v in search_space(d, ps)]
+
+
+def default_variant(dtype: str = "bf16", page_size: int = 64) -> Variant:
+    """The variant used where the tuning database has no entry for this GPU and shape."""
+    return Variant(dtype=dtype, page_size=page_size).validate()

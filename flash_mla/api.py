@@ -1,0 +1,90 @@
+"""Public API, with FlashMLA's signatures, shapes and dtypes."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import dispatch, runtime, scheduler
+from .codegen.variant import Variant
+from .validation import HEAD_DIM_K, check_decode_args, check_metadata_args
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int,
+                     *, split_overhead: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV schedule for a decode step.
+
+    Args:
+        cache_seqlens: ``(batch_size,)`` int32 CUDA tensor of KV lengths.
+        num_heads_per_head_k: ``s_q * h_q // h_kv``, the q rows sharing one KV head.
+        num_heads_k: ``h_kv``.
+        split_overhead: per-request cost (in 64-token blocks) the scheduler charges; defaults to the
+            default variant's policy.
+
+    Returns:
+        ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
+        int32, both on the device of ``cache_seqlens``. Computed with GPU ops: no host sync.
+    """
+    check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    if not cache_seqlens.is_cuda:
+        raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
+    parts = scheduler.num_sm_parts(_num_sms(cache_seqlens.device.index or 0), num_heads_per_head_k, num_heads_k)
+    overhead = split_overhead if split_overhead is not None else Variant().split_overhead
+    return scheduler.schedule(cache_seqlens, parts, overhead=overhead)
+
+
+def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor) -> None:
+    # The kernel moves q rows with 16-byte loads and reads k_cache through a TMA descriptor, whose
+    # strides must be multiples of 16 bytes.
+    for name, t in (("q", q), ("k_cache", k_cache)):
+        if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8 elements, "
+                             f"got strides {tuple(t.stride())}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table must be contiguous in its last dimension")
+
+
+def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int, tile_scheduler_metadata: torch.Tensor,
+                           num_splits: torch.Tensor, softmax_scale: Optional[float] = None,
+                           causal: bool = False, *, variant: Optional[Variant] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Paged MLA decoding attention.
+
+    Args:
+        q: ``(batch_size, seqlen_q, num_heads_q, 576)`` bf16/fp16.
+        k_cache: ``(num_blocks, page_block_size, num_heads_k, 576)``; V is its first ``head_dim_v`` channels.
+        block_table: ``(batch_size, max_num_blocks_per_seq)`` int32.
+        cache_seqlens: ``(batch_size,)`` int32.
+        head_dim_v: 512.
+        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`.
+        softmax_scale: defaults to ``1 / sqrt(576)``.
+        causal: causal mask aligned to the end of each sequence (matters when ``seqlen_q > 1``).
+        variant: run this kernel variant instead of the selected one (benchmarks, tuning).
+
+    Returns:
+        ``out`` ``(batch_size, seqlen_q, num_heads_q, 512)`` in q's dtype and ``lse``
+        ``(batch_size, num_heads_q, seqlen_q)`` float32.
+    """
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(HEAD_DIM_K)
+    check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                      softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
+    _check_kernel_layout(q, k_cache, block_table)
+    if variant is None:
+        variant = dispatch.select_variant(q.dtype, k_cache.shape[1])
+    elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):
+        raise ValueError(f"variant {variant.key} is built for {variant.dtype} with page size {variant.page_size}, "
+                         f"got {q.dtype} with page size {k_cache.shape[1]}")
+    lib = dispatch.library_for(variant)
+    with torch.cuda.device(q.device):
+        return runtime.run_decode(lib, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                  num_splits, softmax_scale, causal)
