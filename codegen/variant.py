@@ -20,6 +20,7 @@ SCHED_BLOCK_N = 64      # scheduler block, flash_mla/scheduler.py
 SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90
 REGS_PER_SM = 64 * 1024
 MAX_REGS_PER_THREAD = 255
+REG_MARGIN = 60        # registers beyond the accumulators a decode kernel needs (ptxas, nvcc 13.0)
 
 DTYPES = ("bf16", "fp16")
 PAGE_SIZES = (64, 32)
@@ -122,8 +123,9 @@ class Variant:
         if self.smem_bytes() > SMEM_LIMIT:
             bad(f"needs {self.smem_bytes()} B of shared memory > {SMEM_LIMIT}")
         reg_cap = min(MAX_REGS_PER_THREAD, REGS_PER_SM // self.threads)
-        # accumulators plus ~40 registers of addressing/softmax state must fit under the cap
-        if self.accumulator_regs() + 40 > reg_cap:
+        # Accumulators plus the addressing/softmax state must fit under the cap. The margin is measured:
+        # 4 warpgroups (cap 128) with block_n=64 (72 accumulator regs) spilled 544 B, block_n=32 (68) none.
+        if self.accumulator_regs() + REG_MARGIN > reg_cap:
             bad(f"accumulators need {self.accumulator_regs()} regs/thread, cap is {reg_cap}")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")

@@ -1,0 +1,133 @@
+"""Variant space, rendering and (with nvcc) compile-only checks of generated kernels. No GPU needed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from flash_mla.codegen import ptxas
+from flash_mla.codegen.render import render
+from flash_mla.codegen.variant import (KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
+                                       search_space)
+
+
+def test_space_is_large_and_valid():
+    space = full_space()
+    assert len(space) >= 16
+    assert len({v.key for v in space}) == len(space)
+    for v in space:
+        v.validate()
+        assert v.smem_bytes() <= SMEM_LIMIT
+    for knob, values in KNOBS.items():   # every knob keeps >= 2 buildable values
+        assert len({getattr(v, knob) for v in space}) >= 2, knob
+
+
+def test_key_is_stable_and_roundtrips():
+    v = Variant(dtype="fp16", page_size=32, block_n=32, stages=3, num_warpgroups=4)
+    assert v.key == "fp16_p32_n32_s3_w4_o5_c4"
+    assert Variant.from_dict(v.as_dict()) == v
+    assert v.digest == Variant(**v.as_dict()).digest
+    assert v.build_key == Variant(**{**v.as_dict(), "split_overhead": 2}).build_key
+    with pytest.raises(ValueError, match="unknown"):
+        Variant.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("kwargs,why", [
+    (dict(block_n=64, stages=3), "shared memory"),
+    (dict(block_n=48), "block_n"),
+    (dict(num_warpgroups=1), "256 registers"),
+    (dict(num_warpgroups=4, block_n=64, stages=1), "regs/thread"),
+    (dict(dtype="fp32"), "dtype"),
+    (dict(page_size=16), "page_size"),
+    (dict(stages=0), "stages"),
+    (dict(split_overhead=0), "split_overhead"),
+])
+def test_invalid_variants_rejected(kwargs, why):
+    with pytest.raises(InvalidVariant, match=why):
+        Variant(**kwargs).validate()
+
+
+def test_every_variant_renders():
+    for v in full_space():
+        src = render(v)
+        assert f"namespace fmla_{v.build_key}" in src
+        assert "{{" not in src and "{%" not in src
+        assert f"constexpr int kBN = {v.block_n};" in src
+        assert f"constexpr int kStages = {v.stages};" in src
+
+
+def test_ptxas_parser():
+    report = """ptxas info    : Compiling entry function '_ZN3ns13decode_kernelE' for 'sm_90a'
+ptxas info    : Function properties for _ZN3ns13decode_kernelE
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 16 bytes smem
+ptxas info    : Compiling entry function '_ZN3ns14combine_kernelE' for 'sm_90a'
+ptxas info    : Function properties for _ZN3ns14combine_kernelE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 56 registers, used 0 barriers
+"""
+    r = ptxas.parse(report)
+    assert r["decode_kernel"].registers == 168 and r["decode_kernel"].spills == 16
+    assert r["decode_kernel"].static_smem == 16 and r["decode_kernel"].stack_frame == 8
+    assert r["combine_kernel"].registers == 56 and r["combine_kernel"].spills == 0
+
+
+# Compile-only subset: every value of every knob and trait appears at least once.
+COMPILE_SUBSET = [
+    Variant(dtype="bf16", page_size=64, block_n=64, stages=1, num_warpgroups=2),
+    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2),
+    Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4),
+    Variant(dtype="fp16", page_size=64, block_n=32, stages=4, num_warpgroups=4),
+]
+
+
+def test_compile_subset_covers_every_knob():
+    for knob, values in {**KNOBS, "dtype": ("bf16", "fp16"), "page_size": (64, 32)}.items():
+        if knob == "split_overhead":     # launch-time knob: no code difference
+            continue
+        assert {getattr(v, knob) for v in COMPILE_SUBSET} >= set(values), knob
+
+
+def _cuobjdump():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for cand in (os.path.join(home, "bin", "cuobjdump"), shutil.which("cuobjdump")):
+        if cand and os.path.exists(cand):
+            return cand
+    try:  # PyPI: nvidia-cuda-cuobjdump installs nvidia/cu*/bin/cuobjdump
+        import glob
+        import nvidia
+        for root in nvidia.__path__:
+            hits = sorted(glob.glob(os.path.join(root, "*", "bin", "cuobjdump")))
+            if hits:
+                return hits[-1]
+    except ImportError:
+        pass
+    return None
+
+
+@pytest.mark.nvcc
+def test_compile_subset_resources(tmp_path_factory):
+    from flash_mla.codegen.build import build
+    os.environ.setdefault("FLASH_MLA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    arts = build(COMPILE_SUBSET, jobs=os.cpu_count() or 1)
+    cuobjdump = _cuobjdump()
+    for a in arts:
+        assert a.ok, a.error
+        dec = a.resources["decode_kernel"]
+        assert dec.spills == 0 and dec.stack_frame == 0, (a.variant.key, dec)
+        assert a.variant.smem_bytes() <= SMEM_LIMIT
+        assert dec.registers <= min(255, 65536 // a.variant.threads)
+        assert a.resources["combine_kernel"].spills == 0
+        if cuobjdump:
+            env = {**os.environ, "PATH": os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", "")}
+            proc = subprocess.run([cuobjdump, "-sass", str(a.library)], capture_output=True, text=True, env=env)
+            assert proc.returncode == 0, proc.stderr
+            sass = proc.stdout
+            assert re.search(r"\bHGMMA\.", sass), f"{a.variant.key}: no HGMMA in SASS"
+            assert "UTMALDG" in sass, f"{a.variant.key}: no TMA load in SASS"
+    if not cuobjdump:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump): SASS not inspected")

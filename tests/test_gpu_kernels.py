@@ -1,0 +1,77 @@
+"""The generated kernels on an SM90 GPU: public API end to end, CUDA-graph capture, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+from flash_mla.reference import mla_decode_reference
+from flash_mla.testing import compare, make_paged_kv, varlen_seqlens
+
+pytestmark = pytest.mark.gpu
+
+
+def _inputs(b, s_q, h_q, h_kv, mean_sk, page_size=64, dtype=torch.bfloat16, seed=0, zero_len=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lens = varlen_seqlens(b, mean_sk, s_q, g)
+    if zero_len:
+        lens[0] = 0
+    return make_paged_kv(b, s_q, h_q, h_kv, lens, page_size, dtype, "cuda", g)
+
+
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,sk,causal,page,dtype,zero", [
+    (4, 1, 16, 1, 700, False, 64, torch.bfloat16, False),
+    (3, 2, 128, 1, 1500, True, 64, torch.bfloat16, True),
+    (2, 4, 3, 1, 90, True, 32, torch.float16, False),
+    (5, 1, 64, 2, 300, False, 32, torch.bfloat16, True),
+])
+def test_api_matches_reference(b, s_q, h_q, h_kv, sk, causal, page, dtype, zero):
+    q, k_cache, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, sk, page, dtype, seed=b * 7 + s_q, zero_len=zero)
+    meta, splits = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits, causal=causal)
+    assert out.shape == (b, s_q, h_q, 512) and out.dtype == dtype
+    assert lse.shape == (b, h_q, s_q) and lse.dtype == torch.float32
+    ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512, causal=causal)
+    m = compare(out, ref_out, lse, ref_lse, dtype)
+    assert m["ok"], m
+    if zero:
+        assert torch.all(out[0] == 0) and torch.all(torch.isinf(lse[0]) & (lse[0] > 0))
+
+
+def test_cuda_graph_capture_and_replay():
+    b, s_q, h_q, h_kv = 8, 2, 32, 1
+    q, k_cache, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, 2000, seed=11)
+    meta, splits = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits, causal=True)  # load + warm
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        meta_g, splits_g = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta_g, splits_g, causal=True)
+    # New values in the captured buffers (same shapes); the replay must see them.
+    g = torch.Generator(device="cuda").manual_seed(12)
+    q.copy_(torch.randn(q.shape, generator=g, device="cuda", dtype=q.dtype))
+    new_lens = torch.tensor(varlen_seqlens(b, 1500, s_q, g), dtype=torch.int32, device="cuda")
+    seqlens.copy_(torch.minimum(new_lens, seqlens))       # shorter: pages stay valid, tails are NaN-free data
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512, causal=True)
+    m = compare(out, ref_out, lse, ref_lse, q.dtype)
+    assert m["ok"], m
+
+
+def test_cpu_tensors_rejected():
+    q, k_cache, block_table, seqlens = _inputs(2, 1, 16, 1, 100)
+    meta, splits = get_mla_metadata(seqlens, 16, 1)
+    with pytest.raises(ValueError, match="q"):
+        flash_mla_with_kvcache(q.cpu(), k_cache, block_table, seqlens, 512, meta, splits)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        get_mla_metadata(seqlens.cpu(), 16, 1)
+
+
+def test_unsupported_page_size_rejected():
+    q, k_cache, block_table, seqlens = _inputs(2, 1, 16, 1, 100, page_size=16)
+    meta, splits = get_mla_metadata(seqlens, 16, 1)
+    with pytest.raises(ValueError, match="page_block_size"):
+        flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
