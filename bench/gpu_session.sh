@@ -6,6 +6,8 @@
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUTDIR STEP...}; shift
 export PYTHONUNBUFFERED=1
+repo=$(pwd)
+cd "$(mktemp -d)"     # keep the source folder off sys.path: flash_mla must come from the install
 for step in "$@"; do
   case $step in
     build) python3 -m flash_mla.cli build --variants all --jobs "$(nproc)" > "$out/build.txt" 2>&1
@@ -15,11 +17,11 @@ for step in "$@"; do
     full) python3 -m flash_mla.cli check --variants default --dtypes bf16 --page-sizes 64 --full \
             --out "$out/check_full.json" > "$out/check_full.txt" 2>&1
           echo "full rc=$?"; tail -4 "$out/check_full.txt";;
-    pytest) python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1
+    pytest) python3 -m pytest -q -m gpu "$repo/tests" -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1
             echo "pytest rc=$?"; tail -5 "$out/pytest_gpu.txt";;
-    memcheck) compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/memcheck_cases.py \
+    memcheck) compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$repo/bench/memcheck_cases.py" \
                 > "$out/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -5 "$out/memcheck.txt";;
-    quick) python3 bench/quick.py > "$out/quick.txt" 2>&1; echo "quick rc=$?"
+    quick) python3 "$repo/bench/quick.py" > "$out/quick.txt" 2>&1; echo "quick rc=$?"
            head -1 "$out/quick.txt"; grep -A200 "^shape" "$out/quick.txt";;
     *) echo "unknown step $step"; exit 2;;
   esac

@@ -1,0 +1,182 @@
+"""Argument checks of the public API.
+
+Each check looks only at tensor metadata (dtype, shape, strides, device), never at tensor values, so
+validating costs no host-device synchronisation and is safe inside CUDA-graph capture. Errors are
+``TypeError`` for a wrong kind of object or dtype and ``ValueError`` for a wrong shape, layout, device or
+value, and every message starts with the name of the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional
+
+import torch
+
+__all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args", "check_decode_args"]
+
+HEAD_DIM_K = 576          # 512 latent channels + 64 rope channels
+HEAD_DIM_V = 512
+METADATA_COLUMNS = 8      # columns of tile_scheduler_metadata (see flash_mla.scheduler)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _require_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _require_dtype(name: str, x: torch.Tensor, dtypes: tuple, what: str) -> None:
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {x.dtype}")
+
+
+def _require_int32(name: str, x: torch.Tensor) -> None:
+    _require_dtype(name, x, (torch.int32,), "int32")
+
+
+def _require_rank(name: str, x: torch.Tensor, rank: int, layout: str) -> None:
+    if x.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def _require_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> None:
+    """Checks of ``get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)``."""
+    _require_tensor("cache_seqlens", cache_seqlens)
+    _require_int32("cache_seqlens", cache_seqlens)
+    _require_rank("cache_seqlens", cache_seqlens, 1, "(batch_size,)")
+    _require_int("num_heads_per_head_k", num_heads_per_head_k)
+    _require_int("num_heads_k", num_heads_k)
+
+
+def check_decode_args(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    head_dim_v,
+    tile_scheduler_metadata,
+    num_splits,
+    softmax_scale: Optional[float],
+    causal,
+    *,
+    supported_page_sizes: Iterable[int],
+    require_cuda: bool,
+) -> dict:
+    """Checks of ``flash_mla_with_kvcache``; returns the problem traits.
+
+    Returns ``{"b", "s_q", "h_q", "h_kv", "d", "dv", "page_size", "dtype", "num_parts"}``.
+    """
+    named = {
+        "q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
+        "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
+    }
+    for name, x in named.items():
+        _require_tensor(name, x)
+
+    # dtypes
+    _require_dtype("q", q, _INPUT_DTYPES, "bfloat16 or float16")
+    _require_dtype("k_cache", k_cache, _INPUT_DTYPES, "bfloat16 or float16")
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache must have the dtype of q ({q.dtype}), got {k_cache.dtype}")
+    for name in ("block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits"):
+        _require_int32(name, named[name])
+
+    # ranks
+    _require_rank("q", q, 4, "(batch_size, seqlen_q, num_heads_q, head_dim)")
+    _require_rank("k_cache", k_cache, 4, "(num_blocks, page_block_size, num_heads_k, head_dim)")
+    _require_rank("block_table", block_table, 2, "(batch_size, max_num_blocks_per_seq)")
+    _require_rank("cache_seqlens", cache_seqlens, 1, "(batch_size,)")
+    _require_rank("tile_scheduler_metadata", tile_scheduler_metadata, 2,
+                  f"(num_sm_parts, {METADATA_COLUMNS})")
+    _require_rank("num_splits", num_splits, 1, "(batch_size + 1,)")
+
+    b, s_q, h_q, d = q.shape
+    num_blocks, page_size, h_kv, d_k = k_cache.shape
+
+    # head dims
+    if d != HEAD_DIM_K:
+        raise ValueError(f"q head dim (q.shape[-1]) must be {HEAD_DIM_K}, got {d}")
+    if d_k != HEAD_DIM_K:
+        raise ValueError(f"k_cache head dim (k_cache.shape[-1]) must be {HEAD_DIM_K}, got {d_k}")
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, numbers.Integral):
+        raise TypeError(f"head_dim_v must be an int, got {type(head_dim_v).__name__}")
+    if head_dim_v != HEAD_DIM_V:
+        raise ValueError(f"head_dim_v must be {HEAD_DIM_V}, got {head_dim_v}")
+
+    # heads and sizes
+    if s_q < 1:
+        raise ValueError(f"q seqlen_q (q.shape[1]) must be >= 1, got {s_q}")
+    if h_q < 1:
+        raise ValueError(f"q num_heads_q (q.shape[2]) must be >= 1, got {h_q}")
+    if h_kv < 1:
+        raise ValueError(f"k_cache num_heads_k (k_cache.shape[2]) must be >= 1, got {h_kv}")
+    if h_q % h_kv != 0:
+        raise ValueError(f"q num_heads_q ({h_q}) must be a multiple of k_cache num_heads_k ({h_kv})")
+    if page_size < 1:
+        raise ValueError(f"k_cache page_block_size (k_cache.shape[1]) must be >= 1, got {page_size}")
+    if num_blocks < 1:
+        raise ValueError(f"k_cache must hold at least one block, got shape {tuple(k_cache.shape)}")
+    supported = sorted(int(p) for p in supported_page_sizes)
+    if page_size not in supported:
+        raise ValueError(f"k_cache page_block_size (k_cache.shape[1]) must be one of {supported}, "
+                         f"got {page_size}")
+
+    # batch sizes
+    if block_table.shape[0] != b:
+        raise ValueError(f"block_table batch size ({block_table.shape[0]}) must equal q's ({b})")
+    if cache_seqlens.shape[0] != b:
+        raise ValueError(f"cache_seqlens batch size ({cache_seqlens.shape[0]}) must equal q's ({b})")
+    if num_splits.shape[0] != b + 1:
+        raise ValueError(f"num_splits must have batch_size + 1 = {b + 1} entries, got {num_splits.shape[0]} "
+                         "(was the metadata computed for another batch?)")
+    if tile_scheduler_metadata.shape[1] != METADATA_COLUMNS:
+        raise ValueError(f"tile_scheduler_metadata must have {METADATA_COLUMNS} columns, "
+                         f"got shape {tuple(tile_scheduler_metadata.shape)}")
+    num_parts = tile_scheduler_metadata.shape[0]
+    if num_parts < 1:
+        raise ValueError("tile_scheduler_metadata must have at least one row (num_sm_parts >= 1)")
+
+    # devices
+    device = q.device
+    for name, x in named.items():
+        if x.device != device:
+            raise ValueError(f"{name} must be on the same device as q ({device}), got {x.device}")
+    if require_cuda:
+        for name, x in named.items():
+            if x.device.type != "cuda":
+                raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
+
+    # layouts
+    for name in ("q", "k_cache"):
+        x = named[name]
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension (stride(-1) == 1), "
+                             f"got strides {tuple(x.stride())}")
+    for name in ("block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits"):
+        if not named[name].is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {tuple(named[name].stride())}")
+
+    # scalars
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not (math.isfinite(float(softmax_scale)) and float(softmax_scale) > 0):
+            raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+    return {
+        "b": int(b), "s_q": int(s_q), "h_q": int(h_q), "h_kv": int(h_kv), "d": int(d),
+        "dv": int(head_dim_v), "page_size": int(page_size), "dtype": q.dtype, "num_parts": int(num_parts),
+    }
