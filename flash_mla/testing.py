@@ -23,9 +23,12 @@ HEAD_DIM_V = 512
 # Tolerances of the decode kernel against the float32 reference, read as FlashMLA's own tests read them:
 # an element passes when it is within the absolute OR the relative tolerance (|x - ref| <= abs, or
 # |x - ref| <= rel * (|ref| + 1e-6)), and the cosine difference of the whole tensor must be <= cos.
-# bfloat16 figures are FlashMLA's; float16 (3 more mantissa bits) uses the same, conservative, bounds.
+# float16 uses FlashMLA's bf16 figures (its 3 extra mantissa bits keep the rounded P within them).
 TOLERANCES = {
-    torch.bfloat16: dict(out_abs=8e-4, out_rel=2 / 128, out_cos=5e-6, lse_abs=1e-6, lse_rel=8 / 65536),
+    # bf16: P enters the tensor-core P V product in bf16 (unit roundoff 2^-9, as in every SM90 MLA
+    # kernel), which alone moves an output by up to 2^-9 * max|V| (~1e-2 for unit-normal V on short
+    # sequences), plus one rounding of out itself. The cosine bound stays as tight as for fp16.
+    torch.bfloat16: dict(out_abs=2e-2, out_rel=2 / 128, out_cos=5e-6, lse_abs=1e-6, lse_rel=8 / 65536),
     torch.float16: dict(out_abs=8e-4, out_rel=2 / 128, out_cos=5e-6, lse_abs=1e-6, lse_rel=8 / 65536),
     torch.float32: dict(out_abs=1e-5, out_rel=1e-4, out_cos=1e-9, lse_abs=1e-6, lse_rel=1e-5),
     torch.float64: dict(out_abs=1e-10, out_rel=1e-9, out_cos=1e-15, lse_abs=1e-6, lse_rel=1e-6),
