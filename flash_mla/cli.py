@@ -1,4 +1,4 @@
-"""``flash-mla`` command line: build variants, check them on the GPU."""
+"""``flash-mla`` command line: build variants, check them on the GPU, benchmark them."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _require_sm90():
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: running kernels needs an SM90 GPU (H100/H200/H800). "
-                         "Use `flash-mla build` to compile variants without one.")
+                         "Use `flash-mla build --compile-only` to compile every variant without one.")
     cap = torch.cuda.get_device_capability()
     if cap != (9, 0):
         raise SystemExit(f"GPU {torch.cuda.get_device_name()} has compute capability {cap}; kernels need SM90")
@@ -68,7 +68,6 @@ def _require_sm90():
 def cmd_check(args) -> int:
     _require_sm90()
     import torch
-    from flash_mla import runtime
     from flash_mla.codegen.build import build
     from flash_mla.tuner.check import check_variant, full_matrix, sampled_matrix
     variants = _variants(args)
@@ -79,10 +78,9 @@ def cmd_check(args) -> int:
         if not a.ok:
             table.append((v.key, "-", "-", 0, 0, "build failed"))
             continue
-        lib = runtime.load(a.library)
         cases = full_matrix() if args.full else sampled_matrix(args.cases, seed=args.seed)
         t0 = time.time()
-        rows = check_variant(lib, v, cases, seed=args.seed)
+        rows = check_variant(v, cases, seed=args.seed)
         bad = [r for r in rows if not r.get("ok")]
         worst = max((r.get("out_max_abs", 0.0) for r in rows), default=0.0)
         regs, spills = _resource_cols(a)
@@ -101,6 +99,36 @@ def cmd_check(args) -> int:
     nfail = sum(r[4] for r in table) + sum(1 for r in table if r[5] == "build failed")
     print(f"variants: {len(table)}, failing cases: {nfail}")
     return 1 if nfail else 0
+
+
+def cmd_bench(args) -> int:
+    _require_sm90()
+    from tqdm import tqdm
+    from flash_mla.codegen.build import build
+    from flash_mla.codegen.variant import default_variant, search_space
+    from flash_mla.tuner import bench
+    from flash_mla.tuner.measure import ceilings
+    shapes = bench.quick_grid() if args.grid == "quick" else bench.default_grid()
+    impls = {f"default ({default_variant().key})": default_variant()}
+    if args.all_variants:
+        impls.update({v.key: v for v in search_space("bf16", 64)})
+    arts = build(_unique_builds(list(impls.values())), jobs=args.jobs)
+    failed = {a.variant.build_key for a in arts if not a.ok}
+    impls = {k: v for k, v in impls.items() if v.build_key not in failed}
+    print("measuring ceilings ...", flush=True)
+    ceil = ceilings()
+    total = len(shapes) * (len(impls) + (0 if args.no_reference else 1))
+    with tqdm(total=total, desc="bench", unit="run") as bar:
+        def progress(row):
+            bar.update(1)
+            if row.get("ok"):
+                bar.set_postfix_str(f"{row['shape']} {row['impl'][:20]} {row['us']:.0f}us")
+        rows = bench.run(shapes, impls, include_reference=not args.no_reference, seed=args.seed, progress=progress)
+    rows = [bench.with_ceilings(r, ceil) for r in rows]
+    paths = bench.write_reports(rows, ceil, args.out)
+    print(f"reports: {', '.join(str(p) for p in paths.values())}")
+    print(bench.format_table(rows, ceil))
+    return 0 if all(r.get("ok") for r in rows) else 1
 
 
 def main(argv=None) -> int:
@@ -125,6 +153,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write per-case results as JSON here")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="time implementations over a shape grid against measured ceilings (SM90 GPU)")
+    p.add_argument("--grid", choices=["default", "quick"], default="default")
+    p.add_argument("--all-variants", action="store_true", help="also every bf16 / page-64 variant of the space")
+    p.add_argument("--no-reference", action="store_true", help="skip the torch reference baseline")
+    p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.json, bench.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
+    p.set_defaults(func=cmd_bench)
 
     args = ap.parse_args(argv)
     return args.func(args)

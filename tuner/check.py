@@ -13,10 +13,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from flash_mla import runtime, scheduler
+from flash_mla import runtime
 from flash_mla.codegen.variant import Variant
 from flash_mla.reference import mla_decode_reference
-from flash_mla.testing import compare, make_paged_kv, varlen_seqlens
+from flash_mla.testing import make_paged_kv, varlen_seqlens
+
+from .measure import SCALE, Problem, Shape, check
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,30 +81,21 @@ def make_inputs(case: Case, dtype: torch.dtype, page_size: int, seed: int, devic
     return make_paged_kv(case.b, case.s_q, case.h_q, case.h_kv, lens, page_size, dtype, device, g)
 
 
-def run_case(lib: runtime.Library, variant: Variant, case: Case, seed: int, num_sms: int) -> dict:
-    dtype = DTYPES[variant.dtype]
-    inp = make_inputs(case, dtype, variant.page_size, seed)
-    parts = scheduler.num_sm_parts(num_sms, case.s_q * case.h_q // case.h_kv, case.h_kv)
-    meta, splits = scheduler.schedule(inp.cache_seqlens, parts, overhead=variant.split_overhead)
-    out = torch.full((case.b, case.s_q, case.h_q, 512), float("nan"), dtype=dtype, device="cuda")
-    lse = torch.full((case.b, case.h_q, case.s_q), float("nan"), dtype=torch.float32, device="cuda")
-    scale = 576 ** -0.5
-    runtime.run_decode(lib, inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, meta, splits, scale,
-                       case.causal, out=out, lse=lse)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_reference(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512,
-                                            scale, case.causal)
-    m = compare(out, ref_out, lse, ref_lse, dtype)
-    m.pop("tolerances", None)
-    return {"case": case.name, **asdict(case), "seed": seed, **m}
+def run_case(variant: Variant, case: Case, seed: int) -> dict:
+    inp = make_inputs(case, DTYPES[variant.dtype], variant.page_size, seed)
+    lens = [int(x) for x in inp.cache_seqlens.tolist()]
+    shape = Shape(case.b, case.s_q, case.h_q, case.s_k, case.h_kv, case.causal, case.varlen)
+    ref_out, ref_lse = mla_decode_reference(*inp, 512, SCALE, case.causal)
+    problem = Problem(shape, variant.dtype, variant.page_size, lens, *inp, ref_out, ref_lse)
+    verdict, _ = check(variant, problem)
+    return {"case": case.name, **asdict(case), "seed": seed, **verdict}
 
 
-def check_variant(lib: runtime.Library, variant: Variant, cases: list[Case], seed: int = 0) -> list[dict]:
-    num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+def check_variant(variant: Variant, cases: list[Case], seed: int = 0) -> list[dict]:
     rows = []
     for i, case in enumerate(cases):
         try:
-            rows.append(run_case(lib, variant, case, seed * 100003 + i, num_sms))
+            rows.append(run_case(variant, case, seed * 100003 + i))
         except runtime.KernelLaunchError as e:
             rows.append({"case": case.name, "ok": False, "error": str(e)})
     return rows

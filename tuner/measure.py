@@ -1,14 +1,16 @@
-"""On-GPU measurement: ceilings, and CUDA-graph timing of one variant on one shape (checked first).
+"""Measurement core shared by the benchmark and the tuner: inputs, reference check, CUDA-graph timing.
 
 Byte and FLOP counts follow ANCHORS.md: bytes = b * (s_q*h_q*576*2 + mean_s_k*h_kv*576*2 + s_q*h_q*512*2),
-FLOPs = 2 * (576 + 512) * attended (query row, key) pairs (causal counts only attended pairs).
+FLOPs = 2 * (576 + 512) * h_q * attended (query row, key) pairs; causal counts only attended pairs.
+Only the accounting (pure Python) runs without a GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+HEAD_DIM, HEAD_DIM_V = 576, 512
+SCALE = HEAD_DIM ** -0.5
 
 
 @dataclass(frozen=True)
@@ -26,29 +28,44 @@ class Shape:
         return (f"b{self.b} sq{self.s_q} hq{self.h_q} sk{self.mean_sk}"
                 f"{'' if self.varlen else ' fixed'}{' causal' if self.causal else ''}")
 
+    @property
+    def regime(self) -> str:
+        """Which ceiling binds: arithmetic intensity ~ 2*h_q*s_q FLOP/byte against ~150 on the H100."""
+        return "compute" if self.h_q * self.s_q // self.h_kv >= 128 else "memory"
+
 
 def traffic_bytes(shape: Shape, seqlens: list[int], elem: int = 2) -> int:
+    """Fewest bytes a decode step must move: q and the KV cache read once, out written once."""
     b = len(seqlens)
     mean_sk = sum(seqlens) / max(b, 1)
-    return int(b * (shape.s_q * shape.h_q * 576 * elem + mean_sk * shape.h_kv * 576 * elem
-                    + shape.s_q * shape.h_q * 512 * elem))
+    return int(b * (shape.s_q * shape.h_q * HEAD_DIM * elem + mean_sk * shape.h_kv * HEAD_DIM * elem
+                    + shape.s_q * shape.h_q * HEAD_DIM_V * elem))
 
 
-def flops(shape: Shape, seqlens: list[int]) -> int:
+def attended_pairs(shape: Shape, seqlens: list[int]) -> int:
     pairs = 0
     for n in seqlens:
         for s in range(shape.s_q):
             pairs += max(0, n - (shape.s_q - 1 - s)) if shape.causal else n
-    return 2 * (576 + 512) * shape.h_q * pairs
+    return pairs
+
+
+def flops(shape: Shape, seqlens: list[int]) -> int:
+    return 2 * (HEAD_DIM + HEAD_DIM_V) * shape.h_q * attended_pairs(shape, seqlens)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
 
 
 def _do_bench(fn, rep_ms: int = 200) -> float:
+    """Median milliseconds; triton's do_bench times with CUDA events and flushes L2 between runs."""
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def ceilings() -> dict:
     """Device copy bandwidth (bytes read + written) and large bf16 GEMM rate, measured now."""
+    import torch
     n = 1 << 28                                   # 512 MiB of bf16 per side
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
@@ -59,12 +76,13 @@ def ceilings() -> dict:
     x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     ms = _do_bench(lambda: x @ y)
-    gemm_tflops = 2 * m ** 3 / ms / 1e9
-    return {"copy_gbs": copy_gbs, "gemm_tflops": gemm_tflops}
+    return {"copy_gbs": copy_gbs, "gemm_tflops": 2 * m ** 3 / ms / 1e9,
+            "device": torch.cuda.get_device_name()}
 
 
-def graph_time_us(fn) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph (do_bench flushes L2 between runs)."""
+def graph_time_us(fn, rep_ms: int = 200) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph."""
+    import torch
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -74,36 +92,92 @@ def graph_time_us(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return _do_bench(graph.replay) * 1e3
+    torch.cuda.synchronize()
+    return _do_bench(graph.replay, rep_ms) * 1e3
 
 
-def measure(variant, shape: Shape, seed: int = 0, page_size: int | None = None) -> dict:
-    """Check ``variant`` on fresh random inputs of ``shape`` against the reference, then time it."""
-    from flash_mla import runtime, scheduler
-    from flash_mla.dispatch import library_for
+@dataclass
+class Problem:
+    """Fresh random inputs of one shape on the GPU, with the reference answer computed once."""
+    shape: Shape
+    dtype: str
+    page_size: int
+    seqlens: list
+    q: object
+    k_cache: object
+    block_table: object
+    cache_seqlens: object
+    ref_out: object = None
+    ref_lse: object = None
+
+    @property
+    def nbytes(self) -> int:
+        return traffic_bytes(self.shape, self.seqlens)
+
+    @property
+    def nflop(self) -> int:
+        return flops(self.shape, self.seqlens)
+
+
+def make_problem(shape: Shape, dtype: str = "bf16", page_size: int = 64, seed: int = 0) -> Problem:
+    import torch
     from flash_mla.reference import mla_decode_reference
-    from flash_mla.testing import compare, make_paged_kv, varlen_seqlens
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[variant.dtype]
+    from flash_mla.testing import make_paged_kv, varlen_seqlens
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     g = torch.Generator(device="cuda").manual_seed(seed)
     lens = varlen_seqlens(shape.b, shape.mean_sk, shape.s_q, g) if shape.varlen else [shape.mean_sk] * shape.b
-    q, k, bt, sl = make_paged_kv(shape.b, shape.s_q, shape.h_q, shape.h_kv, lens, variant.page_size, dtype,
-                                 "cuda", g)
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q, k, bt, sl = make_paged_kv(shape.b, shape.s_q, shape.h_q, shape.h_kv, lens, page_size, tdtype, "cuda", g)
+    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, HEAD_DIM_V, SCALE, shape.causal)
+    return Problem(shape, dtype, page_size, lens, q, k, bt, sl, ref_out, ref_lse)
+
+
+def _rates(problem: Problem, us: float) -> dict:
+    return {"us": us, "gbs": problem.nbytes / us / 1e3, "tflops": problem.nflop / us / 1e6}
+
+
+def check(variant, problem: Problem):
+    """Run ``variant`` once on ``problem`` into NaN-poisoned outputs and compare with the reference.
+
+    Returns ``(verdict, call)``: the metrics of flash_mla.testing.compare (``verdict["ok"]``) and a
+    closure that repeats the same launch (for timing). No time may be taken unless the verdict is ok.
+    """
+    import torch
+    from flash_mla import runtime, scheduler
+    from flash_mla.dispatch import library_for
+    from flash_mla.testing import compare
+    shape = problem.shape
+    if (variant.dtype, variant.page_size) != (problem.dtype, problem.page_size):
+        raise ValueError(f"variant {variant.key} does not fit a {problem.dtype}/page {problem.page_size} problem")
+    num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     parts = scheduler.num_sm_parts(num_sms, shape.s_q * shape.h_q // shape.h_kv, shape.h_kv)
-    meta, splits = scheduler.schedule(sl, parts, overhead=variant.split_overhead)
+    meta, splits = scheduler.schedule(problem.cache_seqlens, parts, overhead=variant.split_overhead)
     lib = library_for(variant)
-    scale = 576 ** -0.5
-    out = torch.full((shape.b, shape.s_q, shape.h_q, 512), float("nan"), dtype=dtype, device="cuda")
-    lse = torch.full((shape.b, shape.h_q, shape.s_q), float("nan"), dtype=torch.float32, device="cuda")
-    call = lambda: runtime.run_decode(lib, q, k, bt, sl, meta, splits, scale, shape.causal, out=out, lse=lse)
+    out = torch.full_like(problem.ref_out, float("nan"))
+    lse = torch.full_like(problem.ref_lse, float("nan"))
+
+    def call():
+        runtime.run_decode(lib, problem.q, problem.k_cache, problem.block_table, problem.cache_seqlens, meta,
+                           splits, SCALE, shape.causal, out=out, lse=lse)
+
     call()
     torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, 512, scale, shape.causal)
-    verdict = compare(out, ref_out, lse, ref_lse, dtype)
-    row = {"variant": variant.key, "shape": shape.name, "ok": verdict["ok"]}
+    verdict = compare(out, problem.ref_out, lse, problem.ref_lse, problem.q.dtype)
+    verdict.pop("tolerances", None)
+    return verdict, call
+
+
+def measure_variant(variant, problem: Problem, rep_ms: int = 200) -> dict:
+    """Reference check first, then CUDA-graph timing. A variant that fails the check has no time."""
+    verdict, call = check(variant, problem)
     if not verdict["ok"]:
-        return {**row, "error": {k: v for k, v in verdict.items() if k != "tolerances"}}
-    us = graph_time_us(call)
-    nbytes, nflop = traffic_bytes(shape, lens), flops(shape, lens)
-    return {**row, "us": us, "gbs": nbytes / us / 1e3, "tflops": nflop / us / 1e6}
+        return {"ok": False, "error": verdict}
+    return {"ok": True, **_rates(problem, graph_time_us(call, rep_ms))}
+
+
+def measure_reference(problem: Problem, rep_ms: int = 100) -> dict:
+    """The torch reference on the GPU as the naive baseline (eager: it reads lengths on the host)."""
+    from flash_mla.reference import mla_decode_reference
+    shape = problem.shape
+    ms = _do_bench(lambda: mla_decode_reference(problem.q, problem.k_cache, problem.block_table,
+                                                problem.cache_seqlens, HEAD_DIM_V, SCALE, shape.causal), rep_ms)
+    return {"ok": True, **_rates(problem, ms * 1e3)}
