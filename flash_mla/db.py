@@ -1,0 +1,634 @@
+"""The tuning database: measured trials and the winning variant per GPU and workload, in SQLite.
+
+One file holds three tables, created and versioned by this module (the schema lives here, not in the
+file; ``SCHEMA_VERSION`` is stored in the ``meta`` table):
+
+``runs``
+    one row per tuning session: the hardware and software it ran on (see :func:`current_hardware`).
+``trials``
+    one row per measured (variant, workload): ``state`` is one of :data:`TRIAL_STATES`; ``time_us``,
+    ``gbs`` and ``tflops`` are set only for ``'ok'`` trials, ``error`` says what went wrong otherwise.
+``winners``
+    the fastest checked variant per *workload key* (:data:`WORKLOAD_KEY`): GPU name and SM count,
+    CUDA version (major.minor), dtype, h_q, h_kv, s_q, head dims, page size, causal flag, batch bucket
+    and sequence-length bucket. Only an ``'ok'`` trial can become a winner, and a winner is replaced only
+    by a faster one.
+
+Two databases are consulted at run time (:mod:`flash_mla.selection`): the *shipped* one inside the
+package (``flash_mla/tuning_db/flash_mla.sqlite``, absent until one is shipped: a missing file reads as
+empty and is never created implicitly) and the *user* one, named by the ``FLASH_MLA_TUNING_DB``
+environment variable or by :func:`set_user_db` (the call wins over the variable).
+
+Typical use by a tuner::
+
+    from flash_mla import db
+    tdb = db.TuningDB("my.sqlite")                       # created with the current schema if absent
+    run_id = tdb.add_run(db.current_hardware())
+    wl = dict(dtype="bf16", h_q=128, h_kv=1, s_q=1, page_size=64, causal=False,
+              batch=64, mean_sk=4096, capacity_tokens=8192)
+    tid = tdb.add_trial(run_id, "study-1", variant.as_dict(), wl, "ok", time_us=41.0)
+    tdb.record_winner(tid, default_variant_key=..., default_time_us=..., n_trials=...)
+
+Buckets. ``batch_bucket = bucket_batch(batch)`` (smallest power of two >= batch) and
+``seqlen_bucket = bucket_seqlen(capacity)`` (smallest power of two >= capacity, clamped to
+[64, 131072]), where *capacity* is what the runtime can see without a host sync: the width of the block
+table times the page size. A trial's workload therefore names ``capacity_tokens`` when it knows it
+(else ``max_sk``, else ``mean_sk`` is bucketed); an explicit ``seqlen_bucket`` / ``batch_bucket`` wins.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import socket
+import sqlite3
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+#: Environment variable naming the user tuning database.
+ENV_USER_DB = "FLASH_MLA_TUNING_DB"
+#: File name of the shipped database inside the ``flash_mla.tuning_db`` package.
+SHIPPED_DB_NAME = "flash_mla.sqlite"
+
+HEAD_DIM = 576
+HEAD_DIM_V = 512
+SEQLEN_BUCKET_MIN = 64
+SEQLEN_BUCKET_MAX = 131072
+
+TRIAL_STATES = ("ok", "failed_check", "build_failed", "invalid", "crashed", "timeout")
+
+#: Primary key of ``winners``: everything that changes which variant is fastest.
+WORKLOAD_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s_q", "head_dim",
+                "head_dim_v", "page_size", "causal", "batch_bucket", "seqlen_bucket")
+
+RUN_COLUMNS = {
+    "id": int, "gpu_name": str, "sm_count": int, "cuda_version": str, "driver_version": str,
+    "torch_version": str, "package_version": str, "hostname": str, "created_at": str,
+}
+_KEY_TYPES = {
+    "gpu_name": str, "sm_count": int, "cuda_version": str, "dtype": str, "h_q": int, "h_kv": int,
+    "s_q": int, "head_dim": int, "head_dim_v": int, "page_size": int, "causal": int,
+    "batch_bucket": int, "seqlen_bucket": int,
+}
+TRIAL_COLUMNS = {
+    "id": int, "run_id": int, "study": str, "variant_key": str, "variant_json": str, "build_key": str,
+    **_KEY_TYPES,
+    "batch": int, "mean_sk": float, "state": str, "time_us": float, "gbs": float, "tflops": float,
+    "error": str, "created_at": str,
+}
+WINNER_COLUMNS = {
+    **_KEY_TYPES,
+    "variant_key": str, "variant_json": str, "time_us": float, "default_variant_key": str,
+    "default_time_us": float, "run_id": int, "n_trials": int, "updated_at": str,
+}
+TABLES = {"runs": RUN_COLUMNS, "trials": TRIAL_COLUMNS, "winners": WINNER_COLUMNS}
+
+# Keys a workload dict given to add_trial may carry.
+_WORKLOAD_FIELDS = set(_KEY_TYPES) | {"batch", "mean_sk", "capacity_tokens", "max_sk"}
+
+PathLike = Union[str, os.PathLike]
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a newer flash_mla with a schema this version cannot read."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+
+def bucket_batch(b: int) -> int:
+    """Smallest power of two >= ``b`` (``b = 0`` -> 1)."""
+    b = int(b)
+    if b < 0:
+        raise ValueError(f"batch must be >= 0, got {b}")
+    return 1 if b <= 1 else 1 << (b - 1).bit_length()
+
+
+def bucket_seqlen(s: int) -> int:
+    """Smallest power of two >= ``max(s, 1)``, clamped to [64, 131072]."""
+    s = max(int(s), 1)
+    p = 1 << (s - 1).bit_length()
+    return min(max(p, SEQLEN_BUCKET_MIN), SEQLEN_BUCKET_MAX)
+
+
+def cuda_major_minor(version: Optional[str]) -> Optional[str]:
+    """``"12.8.1"`` -> ``"12.8"``; ``None`` stays ``None``. The DB keys CUDA by major.minor."""
+    if version is None:
+        return None
+    parts = str(version).strip().split(".")
+    return ".".join(parts[:2])
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def current_hardware() -> dict:
+    """Hardware and software of this machine, in the shape :meth:`TuningDB.add_run` takes.
+
+    Never fails on a CPU-only machine: the GPU fields are then ``None``.
+    """
+    info = {"gpu_name": None, "sm_count": None, "cuda_version": None, "driver_version": None,
+            "torch_version": None, "package_version": None, "hostname": socket.gethostname()}
+    try:
+        import torch
+        info["torch_version"] = str(torch.__version__)
+        info["cuda_version"] = torch.version.cuda
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            info["gpu_name"] = props.name
+            info["sm_count"] = int(props.multi_processor_count)
+            drv = getattr(torch.cuda, "driver_version", None)
+            if drv is not None:
+                drv = drv() if callable(drv) else drv
+                info["driver_version"] = None if drv is None else str(drv)
+    except Exception:  # pragma: no cover - a broken CUDA setup must not stop bookkeeping
+        pass
+    try:
+        import flash_mla
+        info["package_version"] = flash_mla.__version__
+    except Exception:  # pragma: no cover
+        try:
+            from importlib.metadata import version
+            info["package_version"] = version("flash-mla-tuned")
+        except Exception:
+            pass
+    return info
+
+
+def _variant_fields(variant: Any) -> tuple[str, str, str, dict]:
+    """(variant_key, build_key, variant_json, as_dict) of a Variant or a dict of its fields."""
+    if hasattr(variant, "as_dict"):
+        d = variant.as_dict()
+    elif isinstance(variant, Mapping):
+        d = dict(variant)
+    else:
+        raise TypeError(f"variant must be a Variant or a dict, got {type(variant).__name__}")
+    vjson = json.dumps(d, sort_keys=True)
+    try:
+        from .codegen.variant import Variant
+        v = Variant.from_dict(d)
+        full = v.as_dict()                      # canonical: every field, defaults filled in
+        return v.key, v.build_key, json.dumps(full, sort_keys=True), full
+    except (ValueError, TypeError):
+        # Fields this package does not know (a newer variant space): name it by content.
+        digest = hashlib.sha256(vjson.encode()).hexdigest()[:16]
+        return f"custom_{digest}", f"custom_{digest}", vjson, d
+
+
+def _ro_connection(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the database
+# ---------------------------------------------------------------------------------------------------
+
+class TuningDB:
+    """One tuning database file.
+
+    ``TuningDB(path)`` opens ``path`` for writing, creating it (and its parent folder) with the current
+    schema if needed and migrating an older schema. ``TuningDB(path, readonly=True)`` opens an existing
+    file without ever writing to it; a file without the tables reads as empty. Either way a file with a
+    newer schema version raises :class:`SchemaVersionError`. Usable as a context manager.
+    """
+
+    def __init__(self, path: PathLike, *, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"tuning database {self.path} does not exist")
+            self.db = sqlite_utils.Database(_ro_connection(self.path))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite_utils.Database(self.path)
+        self._check_and_migrate()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> "TuningDB":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TuningDB({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
+
+    # -- schema -------------------------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        """Version stored in the file; 0 when it has none (not created by this module)."""
+        if not self.db["meta"].exists():
+            return 0
+        rows = list(self.db.query("select value from meta where key = 'schema_version'"))
+        return int(rows[0]["value"]) if rows else 0
+
+    def _check_and_migrate(self) -> None:
+        found = self.schema_version
+        if found > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"tuning database {self.path} has schema version {found}, newer than the version this "
+                f"flash_mla understands ({SCHEMA_VERSION}); upgrade flash_mla or use a database it wrote")
+        if found == SCHEMA_VERSION or self.readonly:
+            return
+        with self.db.conn:
+            # Version 0 (absent) -> 1 creates everything; later versions add their steps here.
+            self._create_v1()
+            self.db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key",
+                                   replace=True)
+
+    def _create_v1(self) -> None:
+        db = self.db
+        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db["runs"].create(RUN_COLUMNS, pk="id", not_null={"created_at"}, if_not_exists=True)
+        db["trials"].create(TRIAL_COLUMNS, pk="id", foreign_keys=[("run_id", "runs", "id")],
+                            not_null={"run_id", "variant_key", "variant_json", "state", "created_at"},
+                            if_not_exists=True)
+        db["winners"].create(WINNER_COLUMNS, pk=WORKLOAD_KEY, foreign_keys=[("run_id", "runs", "id")],
+                             not_null=set(WORKLOAD_KEY) | {"variant_key", "variant_json", "time_us"},
+                             if_not_exists=True)
+        db["trials"].create_index(["run_id"], if_not_exists=True)
+        db["trials"].create_index(["study"], if_not_exists=True)
+        db["trials"].create_index(["variant_key"], if_not_exists=True)
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise PermissionError(f"tuning database {self.path} is open read-only")
+
+    # -- writing ------------------------------------------------------------------------------------
+    def add_run(self, info: Optional[Mapping[str, Any]] = None) -> int:
+        """Record a tuning session; ``info`` as from :func:`current_hardware` (its default). Returns the id."""
+        self._require_writable()
+        info = dict(current_hardware() if info is None else info)
+        unknown = set(info) - (set(RUN_COLUMNS) - {"id"})
+        if unknown:
+            raise ValueError(f"unknown run fields: {sorted(unknown)}")
+        row = {c: info.get(c) for c in RUN_COLUMNS if c != "id"}
+        if row["driver_version"] is not None:
+            row["driver_version"] = str(row["driver_version"])
+        row["created_at"] = row["created_at"] or _now()
+        with self.db.conn:
+            return int(self.db["runs"].insert(row).last_pk)
+
+    def add_trial(self, run_id: int, study: Optional[str], variant: Any, workload: Mapping[str, Any],
+                  state: str, time_us: Optional[float] = None, gbs: Optional[float] = None,
+                  tflops: Optional[float] = None, error: Optional[str] = None) -> int:
+        """Record one measurement and return its id.
+
+        Args:
+            run_id: from :meth:`add_run`; the trial's GPU name, SM count and CUDA version default to the
+                run's.
+            study: name of the search (e.g. the Optuna study) or ``None``.
+            variant: a ``Variant`` or the dict of its fields.
+            workload: ``dtype`` (default: the variant's), ``h_q``, ``h_kv``, ``s_q``, ``page_size``
+                (default: the variant's), ``causal``, ``batch``, ``mean_sk``; optionally ``head_dim`` (576),
+                ``head_dim_v`` (512), ``capacity_tokens`` or ``max_sk`` (bucketed into ``seqlen_bucket``
+                instead of ``mean_sk``), explicit ``batch_bucket`` / ``seqlen_bucket``, and
+                ``gpu_name`` / ``sm_count`` / ``cuda_version`` to override the run's.
+            state: one of :data:`TRIAL_STATES`.
+            time_us, gbs, tflops: the measurement; ``time_us`` is required for, and only kept for, ``'ok'``.
+            error: what went wrong (text; anything else is stored as its JSON / ``str``).
+        """
+        self._require_writable()
+        if state not in TRIAL_STATES:
+            raise ValueError(f"state must be one of {TRIAL_STATES}, got {state!r}")
+        if state == "ok" and time_us is None:
+            raise ValueError("an 'ok' trial needs time_us")
+        run = self._run(run_id)
+        vkey, bkey, vjson, vdict = _variant_fields(variant)
+        key = self._workload_key(workload, vdict, run)
+        wl = dict(workload)
+        if error is not None and not isinstance(error, str):
+            try:
+                error = json.dumps(error, sort_keys=True, default=str)
+            except (TypeError, ValueError):
+                error = str(error)
+        ok = state == "ok"
+        row = {
+            "run_id": int(run_id), "study": study, "variant_key": vkey, "variant_json": vjson,
+            "build_key": bkey, **key,
+            "batch": None if wl.get("batch") is None else int(wl["batch"]),
+            "mean_sk": None if wl.get("mean_sk") is None else float(wl["mean_sk"]),
+            "state": state,
+            "time_us": float(time_us) if ok else None,
+            "gbs": float(gbs) if ok and gbs is not None else None,
+            "tflops": float(tflops) if ok and tflops is not None else None,
+            "error": error, "created_at": _now(),
+        }
+        with self.db.conn:
+            return int(self.db["trials"].insert(row).last_pk)
+
+    def _run(self, run_id: int) -> dict:
+        try:
+            return self.db["runs"].get(int(run_id))
+        except sqlite_utils.db.NotFoundError:
+            raise ValueError(f"no run with id {run_id} in {self.path}") from None
+
+    @staticmethod
+    def _workload_key(workload: Mapping[str, Any], vdict: Mapping[str, Any], run: Mapping[str, Any]) -> dict:
+        unknown = set(workload) - _WORKLOAD_FIELDS
+        if unknown:
+            raise ValueError(f"unknown workload fields: {sorted(unknown)} (allowed: {sorted(_WORKLOAD_FIELDS)})")
+        wl = dict(workload)
+        for f in ("dtype", "page_size"):
+            if f in vdict and f in wl and wl[f] != vdict[f]:
+                raise ValueError(f"workload {f}={wl[f]!r} but the variant is built for {vdict[f]!r}")
+            wl.setdefault(f, vdict.get(f))
+        for f in ("gpu_name", "sm_count", "cuda_version"):
+            wl.setdefault(f, run.get(f))
+        wl.setdefault("head_dim", HEAD_DIM)
+        wl.setdefault("head_dim_v", HEAD_DIM_V)
+        if wl.get("batch_bucket") is None and wl.get("batch") is not None:
+            wl["batch_bucket"] = bucket_batch(wl["batch"])
+        if wl.get("seqlen_bucket") is None:
+            for src in ("capacity_tokens", "max_sk", "mean_sk"):
+                if wl.get(src) is not None:
+                    wl["seqlen_bucket"] = bucket_seqlen(int(-(-float(wl[src]) // 1)))
+                    break
+        missing = [f for f in ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal", "batch_bucket",
+                               "seqlen_bucket") if wl.get(f) is None]
+        if missing:
+            raise ValueError(f"workload lacks {missing}")
+        key = {}
+        for f, typ in _KEY_TYPES.items():
+            v = wl.get(f)
+            if v is not None:
+                v = int(bool(v)) if f == "causal" else typ(v)
+            key[f] = v
+        key["cuda_version"] = cuda_major_minor(key["cuda_version"])
+        return key
+
+    def record_winner(self, trial: Union[int, Mapping[str, Any]], *, default_variant_key: Optional[str] = None,
+                      default_time_us: Optional[float] = None, n_trials: Optional[int] = None) -> bool:
+        """Make an ``'ok'`` trial the winner of its workload key unless a faster (or equally fast) one is
+        stored. ``trial`` is a trial id of this DB or a trial row (dict with the trials columns).
+
+        ``default_variant_key`` / ``default_time_us`` record what the default variant achieves on the
+        same workload (for reports), ``n_trials`` how many trials the search ran.
+
+        Returns True when the row was written. Raises ValueError for a trial that is not ``'ok'`` or
+        lacks a time or a full workload key (a GPU name, SM count and CUDA version included).
+        """
+        self._require_writable()
+        if isinstance(trial, Mapping):
+            t = dict(trial)
+        else:
+            try:
+                t = self.db["trials"].get(int(trial))
+            except sqlite_utils.db.NotFoundError:
+                raise ValueError(f"no trial with id {trial} in {self.path}") from None
+        if t.get("state") != "ok":
+            raise ValueError(f"only an 'ok' trial can become a winner; trial {t.get('id')} is {t.get('state')!r}")
+        if t.get("time_us") is None:
+            raise ValueError(f"trial {t.get('id')} has no time_us")
+        row = {f: t.get(f) for f in WORKLOAD_KEY}
+        row.update(variant_key=t["variant_key"], variant_json=t["variant_json"], time_us=float(t["time_us"]),
+                   default_variant_key=default_variant_key,
+                   default_time_us=None if default_time_us is None else float(default_time_us),
+                   run_id=t.get("run_id"), n_trials=n_trials, updated_at=_now())
+        return self._upsert_winner(row)
+
+    def _upsert_winner(self, row: dict) -> bool:
+        missing = [f for f in WORKLOAD_KEY if row.get(f) is None]
+        if missing:
+            raise ValueError(f"a winner needs the full workload key; missing {missing}")
+        row = dict(row)
+        row["causal"] = int(bool(row["causal"]))
+        row["cuda_version"] = cuda_major_minor(row["cuda_version"])
+        where = " and ".join(f"[{f}] = ?" for f in WORKLOAD_KEY)
+        old = list(self.db.query(f"select time_us from winners where {where}", [row[f] for f in WORKLOAD_KEY]))
+        if old and old[0]["time_us"] <= row["time_us"]:
+            return False
+        with self.db.conn:
+            self.db["winners"].insert({c: row.get(c) for c in WINNER_COLUMNS}, pk=WORKLOAD_KEY, replace=True)
+        return True
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _select(self, table: str, filters: Mapping[str, Any], order: str) -> list[dict]:
+        cols = TABLES[table]
+        unknown = set(filters) - set(cols)
+        if unknown:
+            raise ValueError(f"unknown {table} columns: {sorted(unknown)}")
+        if not self.db[table].exists():
+            return []
+        clauses, params = [], []
+        for c, v in filters.items():
+            if c == "causal" and isinstance(v, bool):
+                v = int(v)
+            if c == "cuda_version" and table != "runs" and isinstance(v, str):
+                v = cuda_major_minor(v)
+            if v is None:
+                clauses.append(f"[{c}] is null")
+            elif isinstance(v, (list, tuple, set, frozenset)):
+                v = list(v)
+                clauses.append(f"[{c}] in ({', '.join('?' * len(v))})" if v else "0")
+                params.extend(v)
+            else:
+                clauses.append(f"[{c}] = ?")
+                params.append(v)
+        sql = f"select * from [{table}]"
+        if clauses:
+            sql += " where " + " and ".join(clauses)
+        return list(self.db.query(sql + f" order by {order}", params))
+
+    def runs(self, **filters: Any) -> list[dict]:
+        """Rows of ``runs`` whose columns equal the given values (a list/tuple value means "one of")."""
+        return self._select("runs", filters, "id")
+
+    def trials(self, **filters: Any) -> list[dict]:
+        """Rows of ``trials`` matching the filters (e.g. ``state='ok'``, ``study='s1'``), by id."""
+        return self._select("trials", filters, "id")
+
+    def winners(self, **filters: Any) -> list[dict]:
+        """Rows of ``winners`` matching the filters (e.g. ``gpu_name=..., dtype='bf16'``), by key."""
+        return self._select("winners", filters, ", ".join(f"[{f}]" for f in WORKLOAD_KEY))
+
+    def show(self, **filters: Any) -> list[dict]:
+        """Winners as display rows (key, variant, time, default time, speedup over the default)."""
+        out = []
+        for w in self.winners(**filters):
+            r = {f: w[f] for f in WORKLOAD_KEY if f not in ("head_dim", "head_dim_v")}
+            r["causal"] = bool(r["causal"])
+            r["variant"] = w["variant_key"]
+            r["time_us"] = w["time_us"]
+            r["default_time_us"] = w["default_time_us"]
+            r["speedup"] = (w["default_time_us"] / w["time_us"]
+                            if w["default_time_us"] and w["time_us"] else None)
+            r["n_trials"] = w["n_trials"]
+            out.append(r)
+        return out
+
+    # -- export -------------------------------------------------------------------------------------
+    def export(self, dest: Union[PathLike, io.TextIOBase], fmt: str = "json", *, table: Optional[str] = None) -> None:
+        """Write the database to ``dest`` (a path or a text file object).
+
+        ``fmt='json'``: ``{"schema_version": 1, "runs": [...], "trials": [...], "winners": [...]}``
+        (only ``table`` if given). ``fmt='csv'``: one table with a header row, ``winners`` by default.
+        """
+        if fmt not in ("json", "csv"):
+            raise ValueError(f"fmt must be 'json' or 'csv', got {fmt!r}")
+        if table is not None and table not in TABLES:
+            raise ValueError(f"table must be one of {sorted(TABLES)}, got {table!r}")
+        getters = {"runs": self.runs, "trials": self.trials, "winners": self.winners}
+        if hasattr(dest, "write"):
+            self._export_to(dest, fmt, table, getters)
+        else:
+            with open(dest, "w", newline="" if fmt == "csv" else None, encoding="utf-8") as f:
+                self._export_to(f, fmt, table, getters)
+
+    @staticmethod
+    def _export_to(f, fmt, table, getters) -> None:
+        if fmt == "json":
+            names = [table] if table else list(TABLES)
+            doc = {"schema_version": SCHEMA_VERSION, **{n: getters[n]() for n in names}}
+            json.dump(doc, f, indent=1, sort_keys=False)
+            f.write("\n")
+        else:
+            name = table or "winners"
+            w = csv.DictWriter(f, fieldnames=list(TABLES[name]))
+            w.writeheader()
+            w.writerows(getters[name]())
+
+
+def open_db(path: PathLike, *, readonly: bool = False) -> TuningDB:
+    """Open (and for writing, create or migrate) the tuning database at ``path``."""
+    return TuningDB(path, readonly=readonly)
+
+
+def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict:
+    """Merge the databases ``src_paths`` into ``dst`` (created if absent).
+
+    Runs and trials are united: each gets a fresh id in ``dst`` (trials and winners follow their run),
+    and a row identical to one already in ``dst`` (every column but the ids) is not added again, so
+    merging the same source twice adds nothing. For a workload key present on both sides the faster
+    winner stays. A source that is ``dst`` itself is skipped. Sources are opened read-only.
+
+    Returns counts: ``runs_added``, ``trials_added``, ``winners_written``, ``sources_skipped``.
+    """
+    own = not isinstance(dst, TuningDB)
+    out = TuningDB(dst) if own else dst
+    stats = {"runs_added": 0, "trials_added": 0, "winners_written": 0, "sources_skipped": 0}
+    try:
+        dst_real = out.path.resolve()
+        for src_path in src_paths:
+            src_path = Path(src_path)
+            if src_path.resolve() == dst_real or (src_path.exists() and dst_real.exists()
+                                                  and os.path.samefile(src_path, dst_real)):
+                stats["sources_skipped"] += 1
+                continue
+            with TuningDB(src_path, readonly=True) as src:
+                _merge_one(src, out, stats)
+    finally:
+        if own:
+            out.close()
+    return stats
+
+
+def _merge_one(src: TuningDB, out: TuningDB, stats: dict) -> None:
+    run_cols = [c for c in RUN_COLUMNS if c != "id"]
+    trial_cols = [c for c in TRIAL_COLUMNS if c != "id"]
+    existing_runs = {tuple(r[c] for c in run_cols): r["id"] for r in out.runs()}
+    existing_trials = {tuple(t[c] for c in trial_cols) for t in out.trials()}
+    run_map: dict[int, int] = {}
+    with out.db.conn:
+        for r in src.runs():
+            sig = tuple(r[c] for c in run_cols)
+            if sig not in existing_runs:
+                existing_runs[sig] = int(out.db["runs"].insert({c: r[c] for c in run_cols}).last_pk)
+                stats["runs_added"] += 1
+            run_map[r["id"]] = existing_runs[sig]
+        for t in src.trials():
+            row = {c: t[c] for c in trial_cols}
+            row["run_id"] = run_map.get(t["run_id"], t["run_id"])
+            sig = tuple(row[c] for c in trial_cols)
+            if sig in existing_trials:
+                continue
+            out.db["trials"].insert(row)
+            existing_trials.add(sig)
+            stats["trials_added"] += 1
+    for w in src.winners():
+        w = dict(w)
+        if w.get("run_id") is not None:
+            w["run_id"] = run_map.get(w["run_id"])
+        if out._upsert_winner(w):
+            stats["winners_written"] += 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# where the databases live
+# ---------------------------------------------------------------------------------------------------
+
+_user_db_override: Optional[Path] = None
+
+
+def shipped_db_path() -> Optional[Path]:
+    """Path of the database shipped inside the package, or ``None`` when the package has none."""
+    try:
+        res = resources.files("flash_mla.tuning_db") / SHIPPED_DB_NAME
+    except ModuleNotFoundError:  # pragma: no cover
+        return None
+    if not res.is_file():
+        return None
+    try:
+        return Path(os.fspath(res))
+    except TypeError:  # pragma: no cover - a zipped install: not supported for the shipped DB
+        return None
+
+
+def set_user_db(path: Optional[PathLike]) -> None:
+    """Use ``path`` as the user tuning database (``None``: back to ``$FLASH_MLA_TUNING_DB``).
+
+    Clears the selection caches so the next call looks again.
+    """
+    global _user_db_override
+    _user_db_override = None if path is None else Path(path)
+    from . import selection
+    selection.clear_cache()
+
+
+def user_db_path() -> Optional[Path]:
+    """The user database: the path given to :func:`set_user_db`, else ``$FLASH_MLA_TUNING_DB``, else None.
+    The file need not exist (a missing one reads as empty)."""
+    if _user_db_override is not None:
+        return _user_db_override
+    env = os.environ.get(ENV_USER_DB)
+    return Path(env).expanduser() if env else None
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Plain-text table of ``rows`` (e.g. from :meth:`TuningDB.show`) for a terminal."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return "-" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "SCHEMA_VERSION", "TRIAL_STATES", "WORKLOAD_KEY", "ENV_USER_DB", "SchemaVersionError", "TuningDB",
+    "open_db", "merge", "bucket_batch", "bucket_seqlen", "cuda_major_minor", "current_hardware",
+    "shipped_db_path", "set_user_db", "user_db_path", "format_rows",
+]

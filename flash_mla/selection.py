@@ -1,0 +1,260 @@
+"""Runtime choice of the kernel variant for a decode call, from the tuning databases.
+
+Selection rule
+--------------
+1. **Exact key.** A winner row of a tuning database is a candidate only if it matches the call exactly
+   on GPU name, SM count, CUDA version (major.minor), dtype, h_q, h_kv, s_q, head dims (576 / 512),
+   page size and causal flag. A winner is never borrowed from another GPU, CUDA version, dtype or shape.
+2. **User before shipped.** If the user database (``$FLASH_MLA_TUNING_DB`` or
+   :func:`flash_mla.db.set_user_db`) has any candidate row, only its rows are considered; otherwise the
+   rows of the database shipped with the package.
+3. **Nearest bucket.** Among the candidates the row with the smallest
+   ``|log2(batch_bucket) - log2(bucket_batch(batch))| + |log2(seqlen_bucket) - log2(bucket_seqlen(capacity_tokens))|``
+   wins; ties go to the larger sequence-length bucket, then to the larger batch bucket.
+   ``capacity_tokens`` is ``block_table.shape[1] * page_size``: the KV lengths themselves live on the
+   GPU and reading them would be a host sync.
+4. **Default.** Without a candidate the call runs the default variant
+   (:func:`flash_mla.codegen.variant.default_variant` for its dtype and page size), and a
+   :class:`NoTunedVariantWarning` says so once per (GPU, CUDA version, dtype, h_q, h_kv, s_q,
+   page size, causal).
+
+Cost. Every input is a host-side integer or string (tensor shapes and device properties), so selection
+never synchronises with the GPU. Results are cached in a dict keyed by the arguments after bucketing:
+a repeated call is one dict lookup. The database files are opened read-only on first use and kept open;
+:func:`clear_cache` (also run by :func:`flash_mla.db.set_user_db`) forgets the cached results, the open
+files and the warnings already given, so the next call looks again.
+
+:func:`split_policy` picks the scheduler's ``split_overhead`` for ``get_mla_metadata``, which sees only
+the head configuration and the batch size, from the same winners.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import db
+from .db import HEAD_DIM, HEAD_DIM_V, bucket_batch, bucket_seqlen, cuda_major_minor, set_user_db
+
+SOURCES = ("user", "shipped")
+DTYPES = ("bf16", "fp16")
+
+
+class NoTunedVariantWarning(UserWarning):
+    """The tuning databases have no winner for this GPU / CUDA version / shape: the default variant runs."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Outcome of :func:`select`.
+
+    Attributes:
+        variant: the winning variant's fields (``Variant.from_dict(variant)`` rebuilds it), or ``None``
+            for the default variant. Shared by every cached caller: do not mutate.
+        source: ``'user'``, ``'shipped'`` or ``'default'``.
+        reason: one line saying why (which database and bucket, or what was missing).
+    """
+    variant: Optional[dict]
+    source: str
+    reason: str
+
+
+_lock = threading.RLock()
+_cache: dict[tuple, Selection] = {}
+_split_cache: dict[tuple, Optional[int]] = {}
+_warned: set[tuple] = set()
+_dbs: dict[str, Optional[db.TuningDB]] = {}      # source -> open handle, None when that DB is absent
+
+
+def clear_cache() -> None:
+    """Forget cached selections, open database handles and given warnings."""
+    with _lock:
+        _cache.clear()
+        _split_cache.clear()
+        _warned.clear()
+        for handle in _dbs.values():
+            if handle is not None:
+                handle.close()
+        _dbs.clear()
+
+
+def _db(source: str) -> Optional[db.TuningDB]:
+    """The database of ``source`` opened read-only once, or None when it does not exist."""
+    if source in _dbs:
+        return _dbs[source]
+    path = db.user_db_path() if source == "user" else db.shipped_db_path()
+    handle = db.TuningDB(path, readonly=True) if path is not None and path.is_file() else None
+    _dbs[source] = handle
+    return handle
+
+
+def db_path(source: str) -> Optional[str]:
+    handle = _db(source)
+    return None if handle is None else str(handle.path)
+
+
+def _usable(row: dict) -> Optional[dict]:
+    """The row's variant fields if this package can build that variant for the row's problem, else None."""
+    from .codegen.variant import InvalidVariant, Variant
+    try:
+        fields = json.loads(row["variant_json"])
+        v = Variant.from_dict(fields).validate()
+    except (ValueError, TypeError, InvalidVariant):
+        return None
+    if (v.dtype, v.page_size) != (row["dtype"], row["page_size"]):
+        return None
+    return v.as_dict()
+
+
+def _matching_rows(source: str, where: dict) -> list[tuple[dict, dict]]:
+    """(winner row, variant fields) of ``source`` whose columns equal ``where``; unusable rows dropped."""
+    handle = _db(source)
+    if handle is None:
+        return []
+    out = []
+    for row in handle.winners(**where):
+        fields = _usable(row)
+        if fields is not None:
+            out.append((row, fields))
+    return out
+
+
+def _bucket_distance(row: dict, batch_bucket: int, seqlen_bucket: int) -> float:
+    return (abs(math.log2(row["batch_bucket"]) - math.log2(batch_bucket))
+            + abs(math.log2(row["seqlen_bucket"]) - math.log2(seqlen_bucket)))
+
+
+def select(gpu_name: Optional[str], sm_count: Optional[int], cuda_version: Optional[str], dtype: str,
+           h_q: int, h_kv: int, s_q: int, page_size: int, causal: bool, batch: int,
+           capacity_tokens: int) -> Selection:
+    """The variant for one decode call (see the module docstring for the rule).
+
+    Args:
+        gpu_name, sm_count: as ``torch.cuda.get_device_properties`` reports them.
+        cuda_version: ``torch.version.cuda`` (compared as major.minor).
+        dtype: ``'bf16'`` or ``'fp16'``.
+        h_q, h_kv, s_q, page_size, causal: the call's problem.
+        batch: ``q.shape[0]``.
+        capacity_tokens: ``block_table.shape[1] * page_size``.
+    """
+    key = (gpu_name, sm_count, cuda_version, dtype, h_q, h_kv, s_q, page_size, bool(causal),
+           bucket_batch(batch), bucket_seqlen(capacity_tokens))
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    with _lock:
+        hit = _cache.get(key)
+        if hit is None:
+            hit = _select_uncached(*key)
+            _cache[key] = hit
+    return hit
+
+
+def _select_uncached(gpu_name, sm_count, cuda_version, dtype, h_q, h_kv, s_q, page_size, causal,
+                     batch_bucket, seqlen_bucket) -> Selection:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    cuda = cuda_major_minor(cuda_version)
+    where = dict(gpu_name=gpu_name, sm_count=sm_count, cuda_version=cuda, dtype=dtype, h_q=int(h_q),
+                 h_kv=int(h_kv), s_q=int(s_q), head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V,
+                 page_size=int(page_size), causal=int(causal))
+    if gpu_name is not None and sm_count is not None and cuda is not None:
+        for source in SOURCES:
+            rows = _matching_rows(source, where)
+            if rows:
+                row, fields = min(rows, key=lambda rf: (_bucket_distance(rf[0], batch_bucket, seqlen_bucket),
+                                                        -rf[0]["seqlen_bucket"], -rf[0]["batch_bucket"]))
+                dist = _bucket_distance(row, batch_bucket, seqlen_bucket)
+                reason = (f"{source} DB {db_path(source)}: {row['variant_key']} tuned for batch bucket "
+                          f"{row['batch_bucket']}, seqlen bucket {row['seqlen_bucket']} "
+                          f"(call: {batch_bucket}, {seqlen_bucket}; distance {dist:g})")
+                return Selection(fields, source, reason)
+    shape = (f"dtype={dtype}, h_q={h_q}, h_kv={h_kv}, s_q={s_q}, page_size={page_size}, "
+             f"causal={bool(causal)}")
+    reason = (f"no tuning DB entry for GPU {gpu_name!r} ({sm_count} SMs) with CUDA {cuda} and {shape}; "
+              f"default variant")
+    wkey = (gpu_name, cuda, dtype, h_q, h_kv, s_q, page_size, bool(causal))
+    if wkey not in _warned:
+        _warned.add(wkey)
+        warnings.warn(
+            f"flash_mla: the tuning database has no entry for GPU {gpu_name!r} ({sm_count} SMs) with "
+            f"CUDA {cuda} for {shape}; using the default variant {_default_key(dtype, page_size)}. "
+            f"Tune this GPU and CUDA version with `flash-mla tune` and point {db.ENV_USER_DB} at the "
+            f"resulting database (or call flash_mla.db.set_user_db).",
+            NoTunedVariantWarning, stacklevel=3)
+    return Selection(None, "default", reason)
+
+
+def _default_key(dtype: str, page_size: int) -> str:
+    from .codegen.variant import InvalidVariant, default_variant
+    try:
+        return default_variant(dtype, page_size).key
+    except InvalidVariant:
+        return f"(none for dtype {dtype}, page size {page_size})"
+
+
+def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version: Optional[str],
+                 num_heads_per_head_k: int, num_heads_k: int, batch: int) -> Optional[int]:
+    """``split_overhead`` for :func:`flash_mla.get_mla_metadata`, or None when no winner fits.
+
+    Candidates: winners for this GPU, SM count and CUDA version (major.minor) with ``h_kv == num_heads_k``
+    and ``h_q * s_q / h_kv == num_heads_per_head_k`` (user DB rows if it has any, else shipped rows).
+    The metadata does not know dtype, page size or causality, so the preference is bf16, then page
+    size 64, then the nearest batch bucket; remaining ties go to the larger seqlen bucket, then the
+    larger batch bucket. Cached per arguments after bucketing ``batch``.
+    """
+    key = (gpu_name, sm_count, cuda_version, num_heads_per_head_k, num_heads_k, bucket_batch(batch))
+    try:
+        return _split_cache[key]
+    except KeyError:
+        pass
+    with _lock:
+        if key not in _split_cache:
+            _split_cache[key] = _split_policy_uncached(*key)
+        return _split_cache[key]
+
+
+def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_bucket) -> Optional[int]:
+    cuda = cuda_major_minor(cuda_version)
+    if gpu_name is None or sm_count is None or cuda is None:
+        return None
+    where = dict(gpu_name=gpu_name, sm_count=sm_count, cuda_version=cuda, h_kv=int(nhk),
+                 head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V)
+    for source in SOURCES:
+        rows = [(r, f) for r, f in _matching_rows(source, where)
+                if r["h_q"] * r["s_q"] == nhphk * r["h_kv"] and f.get("split_overhead") is not None]
+        if rows:
+            def rank(rf):
+                r = rf[0]
+                return (r["dtype"] != "bf16", r["page_size"] != 64,
+                        abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)),
+                        -r["seqlen_bucket"], -r["batch_bucket"], r["causal"], r["s_q"], r["variant_key"])
+            return int(min(rows, key=rank)[1]["split_overhead"])
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(device_index: int) -> tuple[str, int, Optional[str]]:
+    """(GPU name, SM count, CUDA version) of a CUDA device; cached, so no driver call after the first."""
+    import torch
+    props = torch.cuda.get_device_properties(device_index)
+    return props.name, int(props.multi_processor_count), torch.version.cuda
+
+
+def select_for_tensors(q: Any, k_cache: Any, block_table: Any, causal: bool) -> Selection:
+    """:func:`select` for ``flash_mla_with_kvcache``'s tensors, from their shapes only (no host sync)."""
+    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(q.dtype)]
+    gpu_name, sm_count, cuda = device_info(q.device.index or 0)
+    b, s_q, h_q, _ = q.shape
+    page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    return select(gpu_name, sm_count, cuda, dtype, h_q, h_kv, s_q, page_size, causal, b,
+                  block_table.shape[1] * page_size)
+
+
+__all__ = ["Selection", "NoTunedVariantWarning", "select", "split_policy", "clear_cache", "set_user_db",
+           "select_for_tensors", "device_info"]

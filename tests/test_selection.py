@@ -1,0 +1,234 @@
+"""Runtime variant selection from the tuning databases (CPU only)."""
+
+from __future__ import annotations
+
+import sqlite3
+import warnings
+
+import pytest
+
+from flash_mla import db, selection
+from flash_mla.codegen.variant import Variant
+
+GPU, SMS, CUDA = "NVIDIA H100 80GB HBM3", 132, "12.8"
+SHAPE = {"dtype": "bf16", "h_q": 128, "h_kv": 1, "s_q": 1, "page_size": 64, "causal": False}
+
+
+@pytest.fixture
+def dbs(tmp_path, monkeypatch):
+    """Isolated databases: ``dbs.shipped`` / ``dbs.user`` paths, neither existing until written."""
+    class Paths:
+        shipped = tmp_path / "shipped.sqlite"
+        user = tmp_path / "user.sqlite"
+
+    monkeypatch.delenv(db.ENV_USER_DB, raising=False)
+    monkeypatch.setattr(db, "shipped_db_path", lambda: Paths.shipped if Paths.shipped.is_file() else None)
+    db.set_user_db(Paths.user)
+    yield Paths
+    db.set_user_db(None)
+
+
+def add_winner(path, batch_bucket, seqlen_bucket, variant=None, *, gpu=GPU, sms=SMS, cuda=CUDA,
+               time_us=10.0, **shape):
+    """Store ``variant`` as the winner of one key in the DB at ``path`` (created if needed)."""
+    shape = {**SHAPE, **shape}
+    variant = variant or Variant(dtype=shape["dtype"], page_size=shape["page_size"])
+    with db.TuningDB(path) as tdb:
+        rid = tdb.add_run({"gpu_name": gpu, "sm_count": sms, "cuda_version": cuda, "hostname": "h"})
+        tid = tdb.add_trial(rid, "s", variant, {**shape, "batch_bucket": batch_bucket,
+                                                "seqlen_bucket": seqlen_bucket}, "ok", time_us=time_us)
+        assert tdb.record_winner(tid)
+    selection.clear_cache()
+    return variant
+
+
+def sel(batch=64, capacity=4096, *, gpu=GPU, sms=SMS, cuda=CUDA, **shape):
+    s = {**SHAPE, **shape}
+    return selection.select(gpu, sms, cuda, s["dtype"], s["h_q"], s["h_kv"], s["s_q"], s["page_size"],
+                            s["causal"], batch, capacity)
+
+
+V = [Variant(block_n=32, stages=s, num_warpgroups=w) for s in (1, 2, 3, 4) for w in (2, 4)]
+
+
+def test_exact_bucket_and_nearest_rule(dbs):
+    add_winner(dbs.shipped, 1, 1024, V[0])
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    add_winner(dbs.shipped, 64, 65536, V[2])
+    add_winner(dbs.shipped, 8, 8192, V[3])
+    got = sel(64, 4096)
+    assert (got.source, got.variant) == ("shipped", V[1].as_dict())
+    assert "distance 0" in got.reason
+    assert sel(2, 1000).variant == V[0].as_dict()              # (2, 1024): (1, 1024) is 1 away
+    # (64, 16384) is 2 away from both (64, 4096) and (64, 65536): the larger seqlen bucket wins
+    assert sel(64, 16384).variant == V[2].as_dict()
+    # (16, 8192): (8, 8192) is 1 away, (64, 4096) 3
+    assert sel(16, 8192).variant == V[3].as_dict()
+    # capacity is bucketed: 5000 tokens -> 8192; (64, 8192) is 1 from (64, 4096), 3 from (64, 65536), 3 from (8, 8192)
+    assert sel(50, 5000).variant == V[1].as_dict()
+
+
+def test_batch_tie_goes_to_larger_batch_bucket(dbs):
+    add_winner(dbs.shipped, 16, 4096, V[0])
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    assert sel(32, 4096).variant == V[1].as_dict()
+
+
+def test_cuda_compared_as_major_minor(dbs):
+    add_winner(dbs.shipped, 64, 4096, V[1], cuda="12.8")
+    assert sel(cuda="12.8.1").source == "shipped"
+
+
+@pytest.mark.parametrize("miss", [{"gpu": "NVIDIA H200"}, {"sms": 114}, {"cuda": "13.0"}, {"dtype": "fp16"},
+                                  {"h_q": 64}, {"s_q": 2}, {"page_size": 32}, {"causal": True}])
+def test_key_mismatch_gives_default_and_one_warning(dbs, miss):
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    add_winner(dbs.user, 64, 4096, V[2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [sel(b, cap, **miss) for b in (1, 64, 64, 3) for cap in (100, 4096, 100000)]
+    assert all(r.source == "default" and r.variant is None for r in results)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    w = caught[0]
+    assert issubclass(w.category, selection.NoTunedVariantWarning)
+    text = str(w.message)
+    assert miss.get("gpu", GPU) in text and f"CUDA {miss.get('cuda', CUDA)}" in text
+    assert "flash-mla tune" in text and "default variant" in text
+    assert "no tuning DB entry" in results[0].reason
+
+
+def test_no_database_at_all(dbs):
+    with pytest.warns(selection.NoTunedVariantWarning, match="flash-mla tune"):
+        got = sel()
+    assert got.source == "default"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # the second call stays silent
+        assert sel(batch=3).source == "default"
+    assert not dbs.shipped.exists() and not dbs.user.exists()
+
+
+def test_cpu_torch_without_gpu_identity_is_default(dbs):
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    with pytest.warns(selection.NoTunedVariantWarning):
+        assert sel(gpu=None, sms=None, cuda=None).source == "default"
+
+
+def test_user_db_beats_shipped(dbs):
+    add_winner(dbs.shipped, 64, 4096, V[1])                     # exact bucket in the shipped DB
+    add_winner(dbs.user, 1, 131072, V[2])                       # far bucket, same key, in the user DB
+    got = sel(64, 4096)
+    assert (got.source, got.variant) == ("user", V[2].as_dict())
+    assert str(dbs.user) in got.reason
+    # another key: the user DB has no row for it, the shipped one does
+    add_winner(dbs.shipped, 64, 4096, V[3], causal=True)
+    assert (sel(64, 4096, causal=True).source, sel(64, 4096, causal=True).variant) == ("shipped", V[3].as_dict())
+
+
+def test_env_var_names_user_db(dbs, monkeypatch):
+    add_winner(dbs.user, 64, 4096, V[4])
+    db.set_user_db(None)
+    with pytest.warns(selection.NoTunedVariantWarning):
+        assert sel().source == "default"                         # no user DB configured
+    monkeypatch.setenv(db.ENV_USER_DB, str(dbs.user))
+    selection.clear_cache()
+    assert sel().source == "user"
+
+
+def test_cache_hits_do_not_query(dbs, monkeypatch):
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    calls = []
+    real = selection._matching_rows
+    monkeypatch.setattr(selection, "_matching_rows", lambda *a: calls.append(a) or real(*a))
+    first = sel(64, 4096)
+    n = len(calls)
+    assert n >= 1
+    for batch, cap in ((64, 4096), (33, 4000), (60, 2049)):     # same buckets: (64, 4096)
+        assert sel(batch, cap) is first
+    assert len(calls) == n
+    sel(65, 4096)                                                # a new bucket is looked up once
+    assert len(calls) > n
+    m = len(calls)
+    sel(100, 4096)
+    assert len(calls) == m
+    db.set_user_db(dbs.user)                                     # clears the cache
+    assert sel(64, 4096) == first and len(calls) > m
+
+
+def test_database_handles_opened_once(dbs, monkeypatch):
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    opened = []
+    real = db.TuningDB.__init__
+
+    def counting(self, path, **kw):
+        opened.append(path)
+        real(self, path, **kw)
+
+    monkeypatch.setattr(db.TuningDB, "__init__", counting)
+    for b in (1, 2, 4, 8, 16):
+        sel(b, 4096)
+        selection.split_policy(GPU, SMS, CUDA, 128, 1, b)
+    assert opened == [dbs.shipped]                               # user DB absent: nothing to open
+
+
+def test_newer_user_db_raises(dbs):
+    add_winner(dbs.user, 64, 4096, V[1])
+    con = sqlite3.connect(dbs.user)
+    con.execute("update meta set value = '2' where key = 'schema_version'")
+    con.commit()
+    con.close()
+    selection.clear_cache()
+    with pytest.raises(db.SchemaVersionError):
+        sel()
+
+
+def test_unusable_variant_rows_are_ignored(dbs):
+    # a row written by a newer package (unknown knob) or an invalid knob set cannot be launched here
+    with db.TuningDB(dbs.user) as tdb:
+        rid = tdb.add_run({"gpu_name": GPU, "sm_count": SMS, "cuda_version": CUDA})
+        tid = tdb.add_trial(rid, "s", {**Variant().as_dict(), "new_knob": 3},
+                            {**SHAPE, "batch": 64, "capacity_tokens": 4096}, "ok", time_us=1.0)
+        tdb.record_winner(tid)
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    assert sel().source == "shipped"
+
+
+def test_split_policy(dbs, monkeypatch):
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) is None           # no DB
+    add_winner(dbs.shipped, 64, 4096, Variant(dtype="fp16", split_overhead=7), dtype="fp16")
+    add_winner(dbs.shipped, 64, 4096, Variant(page_size=32, split_overhead=9), page_size=32)
+    selection.clear_cache()
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 9              # bf16 before page size
+    add_winner(dbs.shipped, 64, 4096, Variant(split_overhead=2))
+    add_winner(dbs.shipped, 1, 4096, Variant(split_overhead=5, block_n=32))
+    add_winner(dbs.shipped, 8, 4096, Variant(split_overhead=3, block_n=32), h_q=16)   # other head count
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 2              # bf16, page 64, batch 64
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 100) == 2
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 2) == 5               # nearest batch bucket: 1
+    assert selection.split_policy(GPU, SMS, CUDA, 16, 1, 8) == 3
+    # h_q * s_q / h_kv: MTP with s_q = 2, h_q = 64 shares the 128-row head group
+    add_winner(dbs.shipped, 512, 4096, Variant(split_overhead=4, block_n=32), h_q=64, s_q=2)
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 512) == 4
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 2, 64) is None           # h_kv differs
+    assert selection.split_policy("NVIDIA H200", SMS, CUDA, 128, 1, 64) is None
+    assert selection.split_policy(GPU, SMS, "13.0", 128, 1, 64) is None
+    # user rows win here too
+    add_winner(dbs.user, 1, 64, Variant(split_overhead=6, block_n=32, stages=3))
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 6
+    # cached per bucket
+    calls = []
+    real = selection._matching_rows
+    monkeypatch.setattr(selection, "_matching_rows", lambda *a: calls.append(a) or real(*a))
+    selection.split_policy(GPU, SMS, CUDA, 128, 1, 64)
+    selection.split_policy(GPU, SMS, CUDA, 128, 1, 40)
+    assert calls == []
+
+
+def test_select_for_tensors_reads_shapes_only(dbs, monkeypatch):
+    torch = pytest.importorskip("torch")
+    add_winner(dbs.shipped, 8, 2048, V[5])
+    monkeypatch.setattr(selection, "device_info", lambda index: (GPU, SMS, CUDA))
+    q = torch.empty(8, 1, 128, 576, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(100, 64, 1, 576, dtype=torch.bfloat16, device="meta")
+    bt = torch.empty(8, 32, dtype=torch.int32, device="meta")                   # 32 pages * 64 = 2048
+    got = selection.select_for_tensors(q, k, bt, causal=False)
+    assert (got.source, got.variant) == ("shipped", V[5].as_dict())
