@@ -27,7 +27,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
         num_heads_per_head_k: ``s_q * h_q // h_kv``, the q rows sharing one KV head.
         num_heads_k: ``h_kv``.
         split_overhead: per-request cost (in 64-token blocks) the scheduler charges; defaults to the
-            default variant's policy.
+            tuned winner's policy for this head configuration, else the default variant's.
 
     Returns:
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
@@ -37,7 +37,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
     if not cache_seqlens.is_cuda:
         raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
     parts = scheduler.num_sm_parts(_num_sms(cache_seqlens.device.index or 0), num_heads_per_head_k, num_heads_k)
-    overhead = split_overhead if split_overhead is not None else Variant().split_overhead
+    overhead = split_overhead if split_overhead is not None else dispatch.split_overhead_for(
+        cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k, cache_seqlens.shape[0])
     return scheduler.schedule(cache_seqlens, parts, overhead=overhead)
 
 
@@ -80,7 +81,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                       softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
     _check_kernel_layout(q, k_cache, block_table)
     if variant is None:
-        variant = dispatch.select_variant(q.dtype, k_cache.shape[1])
+        variant = dispatch.select_variant(q, k_cache, block_table, causal and q.shape[1] > 1)
     elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):
         raise ValueError(f"variant {variant.key} is built for {variant.dtype} with page size {variant.page_size}, "
                          f"got {q.dtype} with page size {k_cache.shape[1]}")

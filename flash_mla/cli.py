@@ -38,9 +38,17 @@ def _resource_cols(a):
     return (r.registers, r.spills) if r else ("-", "-")
 
 
+def _db_winners(path):
+    import json as _json
+    from flash_mla import db
+    from flash_mla.codegen.variant import Variant
+    with db.TuningDB(path, readonly=True) as h:
+        return [Variant.from_dict(_json.loads(r["variant_json"])) for r in h.winners()]
+
+
 def cmd_build(args) -> int:
     from flash_mla.codegen.build import build
-    variants = _unique_builds(_variants(args))
+    variants = _unique_builds(_db_winners(args.from_db) if args.from_db else _variants(args))
     t0 = time.time()
     print(f"building {len(variants)} variant binaries with {args.jobs} jobs ...", flush=True)
     arts = build(variants, jobs=args.jobs)
@@ -131,6 +139,100 @@ def cmd_bench(args) -> int:
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
+def _workloads(args):
+    from flash_mla.tuner.workloads import Workload, suite
+    ws = [w for name in (args.suite or []) for w in suite(name)]
+    for spec in args.workload or []:
+        kv = dict(item.split("=", 1) for item in spec.split(","))
+        ints = {k: int(v) for k, v in kv.items() if k not in ("dtype", "causal")}
+        ws.append(Workload(**ints, causal=kv.get("causal", "0") in ("1", "true", "True"),
+                           dtype=kv.get("dtype", "bf16")))
+    if not ws:
+        raise SystemExit("name at least one --suite or --workload")
+    return ws
+
+
+def _default_db_path():
+    from flash_mla import db
+    return str(db.user_db_path() or "flash_mla_tuning.sqlite")
+
+
+def cmd_tune(args) -> int:
+    _require_sm90()
+    import subprocess
+    import torch
+    from tqdm import tqdm
+    from flash_mla.db import TuningDB, current_hardware
+    from flash_mla.tuner import tune
+    workloads = _workloads(args)
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [torch.cuda.current_device()]
+    failed = set()
+    for key in {(w.dtype, w.page_size) for w in workloads}:     # compile everything first, in parallel
+        print(f"building the {key[0]} / page {key[1]} variant space ...", flush=True)
+        failed |= tune.prebuild(next(w for w in workloads if (w.dtype, w.page_size) == key), jobs=args.jobs)
+    if len(gpus) > 1 and args.worker_of is None:
+        # One worker process per GPU on the shared study storage: Optuna's distributed mode.
+        procs = []
+        for g in gpus:
+            cmd = [sys.executable, "-m", "flash_mla.cli", *sys.argv[sys.argv.index("tune"):], "--gpus", str(g),
+                   "--worker-of", args.gpus]
+            procs.append(subprocess.Popen(cmd))
+        return max(p.wait() for p in procs)
+    hw = current_hardware()
+    gpu_name = hw["gpu_name"]
+    storage = tune.open_storage(args.storage)
+    with TuningDB(args.db) as db:
+        run_id = db.add_run(hw)
+        summary = []
+        for w in workloads:
+            with tqdm(total=args.trials, desc=w.key, unit="trial") as bar:
+                def on_trial(r):
+                    bar.update(1)
+                    best = f"{r['best_us']:.1f}us" if r["best_us"] else "-"
+                    bar.set_postfix_str(f"best {best}, last {r['variant']} {r['state']}")
+                res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
+                                         timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
+                                         build_failed=frozenset(failed), on_trial=on_trial)
+            tune.record(db, run_id, res, gpu_name)
+            summary.append(res)
+            if args.sweep:
+                res.sweep = tune.sweep(w, storage, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
+                                       build_failed=frozenset(failed))
+    print(f"\n{'workload':44} {'best variant':28} {'tuned us':>9} {'default us':>10} {'speedup':>8}")
+    for r in summary:
+        if r.best is None:
+            print(f"{r.workload.key:44} {'(no variant passed)':28}")
+            continue
+        d = r.default_us
+        print(f"{r.workload.key:44} {r.best['variant'].key:28} {r.best['us']:9.1f} "
+              f"{d if d is None else round(d, 1)!s:>10} {(d / r.best['us']) if d else float('nan'):7.2f}x")
+        sw = r.sweep
+        if sw and sw["best_key"]:
+            print(f"    exhaustive sweep: best {sw['best_key']} {sw['best_us']:.1f} us over {sw['n']} variants; "
+                  f"study within 3% after {sw['trials_to_3pct']} measured trials")
+    print(f"results in {args.db}; studies in {args.storage}")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from flash_mla import db
+    if args.action == "merge":
+        stats = db.merge(args.paths, args.into)
+        print(f"merged into {args.into}: {stats}")
+        return 0
+    path = args.db or db.user_db_path() or db.shipped_db_path()
+    if path is None:
+        raise SystemExit("no database: pass --db, set FLASH_MLA_TUNING_DB, or install a package with a shipped DB")
+    with db.TuningDB(path, readonly=True) as h:
+        if args.action == "show":
+            print(f"{path}:")
+            print(db.format_rows(h.show()))
+        else:
+            h.export(args.out, fmt=args.format)
+            print(f"exported {path} to {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flash-mla", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -144,6 +246,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("build", help="compile variants (no GPU needed) and print the ptxas report")
     common(p)
     p.add_argument("--compile-only", action="store_true", help="accepted for clarity: build never needs a GPU")
+    p.add_argument("--from-db", default=None, help="prebuild every winner of this tuning database instead")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("check", help="build variants and check each against the reference on the GPU")
@@ -163,7 +266,39 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("tune", help="Optuna search of the variant space per workload; winners into the tuning DB")
+    p.add_argument("--suite", action="append", help="named suite: dsv3-tp1, dsv3-tp8, dsv3-mtp (repeatable)")
+    p.add_argument("--workload", action="append",
+                   help="h_q=..,s_q=..,batch=..,mean_sk=..[,h_kv=..,causal=1,dtype=bf16,page_size=64] (repeatable)")
+    p.add_argument("--trials", type=int, default=16, help="new measurements per workload")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per workload study")
+    p.add_argument("--storage", default="flash_mla_studies.journal",
+                   help="Optuna storage: a journal file (default) or an RDB URL such as postgresql://...")
+    p.add_argument("--db", default=None, help="tuning database to write (default: $FLASH_MLA_TUNING_DB or "
+                   "./flash_mla_tuning.sqlite)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one worker process per GPU")
+    p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true", help="also measure every variant and report trials-to-3%%")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("db", help="inspect, export and merge tuning databases")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("show", help="print the winners")
+    q.add_argument("--db", default=None)
+    q = dsub.add_parser("export", help="write a database as JSON or CSV")
+    q.add_argument("--db", default=None)
+    q.add_argument("--out", required=True)
+    q.add_argument("--format", choices=["json", "csv"], default="json")
+    q = dsub.add_parser("merge", help="merge databases into one")
+    q.add_argument("paths", nargs="+")
+    q.add_argument("--into", required=True)
+    p.set_defaults(func=cmd_db)
+
     args = ap.parse_args(argv)
+    if getattr(args, "cmd", None) == "tune" and args.db is None:
+        args.db = _default_db_path()
     return args.func(args)
 
 

@@ -378,7 +378,8 @@ class TuningDB:
         stored. ``trial`` is a trial id of this DB or a trial row (dict with the trials columns).
 
         ``default_variant_key`` / ``default_time_us`` record what the default variant achieves on the
-        same workload (for reports), ``n_trials`` how many trials the search ran.
+        same workload (for reports), ``n_trials`` how many trials the search ran. The winner's
+        ``run_id`` is the trial's, taken as is.
 
         Returns True when the row was written. Raises ValueError for a trial that is not ``'ok'`` or
         lacks a time or a full workload key (a GPU name, SM count and CUDA version included).
@@ -515,7 +516,8 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
     Runs and trials are united: each gets a fresh id in ``dst`` (trials and winners follow their run),
     and a row identical to one already in ``dst`` (every column but the ids) is not added again, so
     merging the same source twice adds nothing. For a workload key present on both sides the faster
-    winner stays. A source that is ``dst`` itself is skipped. Sources are opened read-only.
+    winner stays. A source that is ``dst`` itself is skipped. Sources are opened read-only; a missing
+    source raises FileNotFoundError, one with a newer schema SchemaVersionError.
 
     Returns counts: ``runs_added``, ``trials_added``, ``winners_written``, ``sources_skipped``.
     """

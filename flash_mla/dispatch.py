@@ -1,16 +1,18 @@
 """Choose the variant for a call and hand back its loaded library.
 
-Selection today: the default variant for (dtype, page size). The tuning database plugs in here: a
-lookup keyed by GPU and shape that falls back to the default, saying so once.
+The tuning databases (user DB over shipped DB) pick the winner for the current GPU and the call's
+shape by the nearest-bucket rule of :mod:`flash_mla.selection`; with no entry the documented default
+variant runs and one warning says so. Lookups are cached per shape and read no tensor values, so the
+CUDA-graph path stays a dict lookup.
 """
 
 from __future__ import annotations
 
 import functools
 
+from . import runtime, selection
 from .codegen.build import build_one
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
-from . import runtime
 
 SUPPORTED_PAGE_SIZES = PAGE_SIZES
 _DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
@@ -26,5 +28,21 @@ def library_for(variant: Variant) -> runtime.Library:
     return runtime.load(build_one(variant).library)
 
 
-def select_variant(dtype, page_size: int) -> Variant:
-    return default_variant(dtype_name(dtype), page_size)
+@functools.lru_cache(maxsize=4096)
+def _from_dict(items: tuple) -> Variant:
+    return Variant.from_dict(dict(items)).validate()
+
+
+def select_variant(q, k_cache, block_table, causal: bool) -> Variant:
+    """The tuned winner for this call's GPU and shape, else the default variant."""
+    sel = selection.select_for_tensors(q, k_cache, block_table, causal)
+    if sel.variant is None:
+        return default_variant(dtype_name(q.dtype), k_cache.shape[1])
+    return _from_dict(tuple(sorted(sel.variant.items())))
+
+
+def split_overhead_for(device_index: int, num_heads_per_head_k: int, num_heads_k: int, batch: int) -> int:
+    """The scheduler policy of the tuned winner for this head configuration, else the default's."""
+    gpu, sms, cuda = selection.device_info(device_index)
+    tuned = selection.split_policy(gpu, sms, cuda, num_heads_per_head_k, num_heads_k, batch)
+    return tuned if tuned is not None else Variant().split_overhead
