@@ -46,6 +46,16 @@ def _db_winners(path):
         return [Variant.from_dict(_json.loads(r["variant_json"])) for r in h.winners()]
 
 
+def _db_winners_all():
+    """Winners of the user and shipped databases (to prebuild before timing)."""
+    from flash_mla import db
+    out = []
+    for path in (db.user_db_path(), db.shipped_db_path()):
+        if path is not None and path.exists():
+            out += _db_winners(path)
+    return out
+
+
 def cmd_build(args) -> int:
     from flash_mla.codegen.build import build
     variants = _unique_builds(_db_winners(args.from_db) if args.from_db else _variants(args))
@@ -118,18 +128,21 @@ def cmd_bench(args) -> int:
     from flash_mla.tuner.measure import ceilings
     shapes = bench.quick_grid() if args.grid == "quick" else bench.default_grid()
     impls = {f"default ({default_variant().key})": default_variant()}
+    if not args.no_tuned:
+        impls["tuned (DB winner)"] = bench.tuned_variant
     if args.all_variants:
         impls.update({v.key: v for v in search_space("bf16", 64)})
-    arts = build(_unique_builds(list(impls.values())), jobs=args.jobs)
+    fixed = [v for v in impls.values() if not callable(v)]
+    arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
     failed = {a.variant.build_key for a in arts if not a.ok}
-    impls = {k: v for k, v in impls.items() if v.build_key not in failed}
+    impls = {k: v for k, v in impls.items() if callable(v) or v.build_key not in failed}
     print("measuring ceilings ...", flush=True)
     ceil = ceilings()
     total = len(shapes) * (len(impls) + (0 if args.no_reference else 1))
     with tqdm(total=total, desc="bench", unit="run") as bar:
         def progress(row):
             bar.update(1)
-            if row.get("ok"):
+            if row and row.get("ok"):
                 bar.set_postfix_str(f"{row['shape']} {row['impl'][:20]} {row['us']:.0f}us")
         rows = bench.run(shapes, impls, include_reference=not args.no_reference, seed=args.seed, progress=progress)
     rows = [bench.with_ceilings(r, ceil) for r in rows]
@@ -261,6 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid", choices=["default", "quick"], default="default")
     p.add_argument("--all-variants", action="store_true", help="also every bf16 / page-64 variant of the space")
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference baseline")
+    p.add_argument("--no-tuned", action="store_true", help="skip the tuned selection (DB winners)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.json, bench.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")

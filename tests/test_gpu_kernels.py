@@ -75,3 +75,25 @@ def test_unsupported_page_size_rejected():
     meta, splits = get_mla_metadata(seqlens, 16, 1)
     with pytest.raises(ValueError, match="page_block_size"):
         flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
+
+
+def test_shipped_db_winner_is_selected_and_correct():
+    import warnings
+    from flash_mla import db, dispatch, selection
+    from flash_mla.codegen.variant import Variant
+    if db.shipped_db_path() is None:
+        pytest.skip("the package ships no tuning database")
+    gpu, sms, cuda = selection.device_info(0)
+    selection.clear_cache()
+    q, k_cache, block_table, seqlens = _inputs(4, 1, 16, 1, 2048, seed=5)
+    sel = selection.select_for_tensors(q, k_cache, block_table, False)
+    if sel.source != "shipped":
+        pytest.skip(f"shipped DB has no entry for {gpu} / CUDA {cuda}: {sel.reason}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", selection.NoTunedVariantWarning)
+        chosen = dispatch.select_variant(q, k_cache, block_table, False)
+        meta, splits = get_mla_metadata(seqlens, 16, 1)
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
+    assert chosen == Variant.from_dict(sel.variant)
+    ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512)
+    assert compare(out, ref_out, lse, ref_lse, q.dtype)["ok"]

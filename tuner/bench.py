@@ -37,16 +37,34 @@ def with_ceilings(row: dict, ceil: dict) -> dict:
     return row
 
 
-def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: int = 0, progress=None) -> list[dict]:
-    """Measure every implementation on every shape. ``impls`` maps a label to a Variant.
+def tuned_variant(problem):
+    """What the runtime would run for this problem: the tuning DB's winner (None without an entry)."""
+    from flash_mla import selection
+    from flash_mla.codegen.variant import Variant
+    shape = problem.shape
+    gpu, sms, cuda = selection.device_info(problem.q.device.index or 0)
+    sel = selection.select(gpu, sms, cuda, problem.dtype, shape.h_q, shape.h_kv, shape.s_q, problem.page_size,
+                           shape.causal and shape.s_q > 1, shape.b, problem.block_table.shape[1] * problem.page_size)
+    return Variant.from_dict(sel.variant) if sel.variant else None
 
-    Inputs are drawn once per shape and shared by all implementations.
+
+def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: int = 0, progress=None) -> list[dict]:
+    """Measure every implementation on every shape.
+
+    ``impls`` maps a label to a Variant, or to a function of the problem returning a Variant (or None
+    to skip that shape, e.g. :func:`tuned_variant` without a DB entry). Inputs are drawn once per shape
+    and shared by all implementations.
     """
     from .measure import make_problem, measure_reference, measure_variant
     rows = []
     for i, shape in enumerate(shapes):
         problem = make_problem(shape, "bf16", 64, seed + i)
-        for label, variant in impls.items():
+        for label, impl in impls.items():
+            variant = impl(problem) if callable(impl) else impl
+            if variant is None:
+                if progress:
+                    progress(None)
+                continue
             r = measure_variant(variant, problem)
             rows.append({"shape": shape.name, "regime": shape.regime, "impl": label, "variant": variant.key, **r})
             if progress:
