@@ -52,8 +52,8 @@ class Library:
     def launch(self, params: FmlaParams, stream: int) -> None:
         err = self._lib.fmla_launch(ctypes.byref(params), ctypes.c_void_p(stream))
         if err:
-            name = torch.cuda.cudart().cudaGetErrorString(err) if hasattr(torch.cuda, "cudart") else ""
-            raise KernelLaunchError(f"variant {self.key}: launch failed with CUDA error {err} {name}")
+            raise KernelLaunchError(f"variant {self.key}: launch failed with cudaError_t {err} "
+                                    "(see cuda_runtime_api.h; run under compute-sanitizer for details)")
 
 
 _libs: dict[str, Library] = {}
