@@ -21,8 +21,8 @@ for step in "$@"; do
             echo "pytest rc=$?"; tail -5 "$out/pytest_gpu.txt";;
     memcheck) compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$repo/bench/memcheck_cases.py" \
                 > "$out/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -5 "$out/memcheck.txt";;
-    quick) python3 "$repo/bench/quick.py" > "$out/quick.txt" 2>&1; echo "quick rc=$?"
-           head -1 "$out/quick.txt"; grep -A200 "^shape" "$out/quick.txt";;
+    quick) python3 -m flash_mla.cli bench --grid quick --out "$out" > "$out/quick.txt" 2>"$out/quick_err.txt"
+           echo "quick rc=$?"; grep -A200 "^device" "$out/quick.txt";;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

@@ -36,13 +36,18 @@ def test_schema_created_with_version(tmp_path):
         assert again.runs() == [] and again.trials() == [] and again.winners() == []
 
 
-def test_newer_schema_raises(tmp_path):
-    path = tmp_path / "t.sqlite"
+def _db_with_schema_version(path, version):
+    """A fresh database whose stored schema version is then overwritten with ``version``."""
     db.TuningDB(path).close()
     con = sqlite3.connect(path)
-    con.execute("update meta set value = '2' where key = 'schema_version'")
+    con.execute("update meta set value = ? where key = 'schema_version'", (str(version),))
     con.commit()
     con.close()
+    return path
+
+
+def test_newer_schema_raises(tmp_path):
+    path = _db_with_schema_version(tmp_path / "t.sqlite", 2)
     with pytest.raises(db.SchemaVersionError, match="schema version 2"):
         db.TuningDB(path)
     with pytest.raises(db.SchemaVersionError):
@@ -279,12 +284,7 @@ def test_merge(tmp_path):
 
 
 def test_merge_refuses_newer_source(tmp_path):
-    src = tmp_path / "new.sqlite"
-    db.TuningDB(src).close()
-    con = sqlite3.connect(src)
-    con.execute("update meta set value = '9' where key = 'schema_version'")
-    con.commit()
-    con.close()
+    src = _db_with_schema_version(tmp_path / "new.sqlite", 9)
     with pytest.raises(db.SchemaVersionError):
         db.merge([src], tmp_path / "dst.sqlite")
 
