@@ -24,6 +24,11 @@ REG_MARGIN = 60        # registers beyond the accumulators a decode kernel needs
 
 DTYPES = ("bf16", "fp16")
 PAGE_SIZES = (64, 32)
+# How split requests are merged. "separate": a plain second launch, one warp per q row walking every
+# split. "wide_pdl": both kernels use programmatic dependent launch, the merge is spread over (request,
+# row block, 64-channel slice) CTAs with the split weights computed once in shared memory.
+MERGES = ("separate", "wide_pdl")
+_MERGE_TAGS = {"separate": "sep", "wide_pdl": "wide"}
 
 
 class InvalidVariant(ValueError):
@@ -40,7 +45,8 @@ class Variant:
     stages: int = 2             # KV stages in flight
     num_warpgroups: int = 2     # warpgroups splitting S columns and output channels
     split_overhead: int = 5     # scheduler's fixed per-request cost in blocks: higher = fewer splits
-    combine_rows: int = 4       # q rows (one warp each) per combine CTA
+    combine_rows: int = 4       # q rows (one warp each) per combine CTA of the "separate" merge
+    merge: str = "separate"     # merge path of split requests, one of MERGES
 
     # -- identity -----------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -50,12 +56,13 @@ class Variant:
     def key(self) -> str:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
-                f"_o{self.split_overhead}_c{self.combine_rows}")
+                f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (split_overhead) do not change the code."""
-        return f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}_c{self.combine_rows}"
+        return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
+                f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}")
 
     def compile_knobs(self) -> dict:
         d = self.as_dict()
@@ -131,6 +138,10 @@ class Variant:
             bad("split_overhead must be >= 1")
         if self.combine_rows not in (1, 2, 4, 8):
             bad("combine_rows must be 1, 2, 4 or 8")
+        if self.merge not in MERGES:
+            bad(f"merge must be one of {MERGES}")
+        if self.merge != "separate" and self.combine_rows != 4:
+            bad("combine_rows shapes only the separate merge kernel: keep it at 4 for other merges")
         return self
 
     def is_valid(self) -> bool:
@@ -147,6 +158,7 @@ KNOBS = {
     "stages": (1, 2, 3, 4),
     "num_warpgroups": (2, 4),
     "split_overhead": (2, 5),
+    "merge": MERGES,
 }
 
 

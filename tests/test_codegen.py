@@ -28,7 +28,9 @@ def test_space_is_large_and_valid():
 
 def test_key_is_stable_and_roundtrips():
     v = Variant(dtype="fp16", page_size=32, block_n=32, stages=3, num_warpgroups=4)
-    assert v.key == "fp16_p32_n32_s3_w4_o5_c4"
+    assert v.key == "fp16_p32_n32_s3_w4_o5_c4_msep"
+    wide = Variant(**{**v.as_dict(), "merge": "wide_pdl"})
+    assert wide.key == "fp16_p32_n32_s3_w4_o5_c4_mwide" and wide.build_key != v.build_key   # merge is compiled in
     assert Variant.from_dict(v.as_dict()) == v
     assert v.digest == Variant(**v.as_dict()).digest
     assert v.build_key == Variant(**{**v.as_dict(), "split_overhead": 2}).build_key
@@ -45,6 +47,8 @@ def test_key_is_stable_and_roundtrips():
     (dict(page_size=16), "page_size"),
     (dict(stages=0), "stages"),
     (dict(split_overhead=0), "split_overhead"),
+    (dict(merge="fused_later"), "merge must be one of"),
+    (dict(merge="wide_pdl", combine_rows=8), "combine_rows shapes only the separate merge"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -79,15 +83,15 @@ ptxas info    : Used 56 registers, used 0 barriers
 # Compile-only subset: every value of every knob and trait appears at least once.
 COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=1, num_warpgroups=2),
-    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2),
-    Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4),
+    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl"),
+    Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4, merge="wide_pdl"),
     Variant(dtype="fp16", page_size=64, block_n=32, stages=4, num_warpgroups=4),
 ]
 
 
 # Ceilings pinned from nvcc 13.0's ptxas report; they may only go down. The one-stage, two-warpgroup
 # 64-token variant sits at the 255-register cap of the 64x512 fp32 accumulator design.
-SPILL_CEILING_BYTES = {"bf16_p64_n64_s1_w2_c4": 52}
+SPILL_CEILING_BYTES = {"bf16_p64_n64_s1_w2_c4_msep": 52}
 
 
 def test_compile_subset_covers_every_knob():
