@@ -126,29 +126,53 @@ def cmd_bench(args) -> int:
     from flash_mla.codegen.variant import default_variant, search_space
     from flash_mla.tuner import bench
     from flash_mla.tuner.measure import ceilings
+    from flash_mla.tuner.peers import PeerError, check_peer_dir, open_peers
+    try:
+        for d in args.peer or []:
+            check_peer_dir(d)
+    except PeerError as e:
+        raise SystemExit(str(e))
     shapes = bench.quick_grid() if args.grid == "quick" else bench.default_grid()
     impls = {f"default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
-        impls["tuned (DB winner)"] = bench.tuned_variant
+        impls[bench.TUNED] = bench.tuned_variant
     if args.all_variants:
         impls.update({v.key: v for v in search_space("bf16", 64)})
     fixed = [v for v in impls.values() if not callable(v)]
     arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
     failed = {a.variant.build_key for a in arts if not a.ok}
     impls = {k: v for k, v in impls.items() if callable(v) or v.build_key not in failed}
-    print("measuring ceilings ...", flush=True)
-    ceil = ceilings()
-    total = len(shapes) * (len(impls) + (0 if args.no_reference else 1))
-    with tqdm(total=total, desc="bench", unit="run") as bar:
-        def progress(row):
-            bar.update(1)
-            if row and row.get("ok"):
-                bar.set_postfix_str(f"{row['shape']} {row['impl'][:20]} {row['us']:.0f}us")
-        rows = bench.run(shapes, impls, include_reference=not args.no_reference, seed=args.seed, progress=progress)
+    try:
+        peers = open_peers(args.peer or [], log_dir=args.out)
+    except PeerError as e:
+        raise SystemExit(str(e))
+    for p in peers:
+        print(f"peer {p.label}: {p.module}", flush=True)
+    try:
+        print("measuring ceilings ...", flush=True)
+        ceil = ceilings()
+        per_shape = len(impls) + len(peers) + (1 if peers else 0) + (0 if args.no_reference else 1)
+        with tqdm(total=len(shapes) * per_shape, desc="bench", unit="run") as bar:
+            def progress(row):
+                bar.update(1)
+                if row and row.get("ok"):
+                    bar.set_postfix_str(f"{row['shape']} {row['impl'][:20]} {row['us']:.0f}us")
+            rows = bench.run(shapes, impls, include_reference=not args.no_reference, seed=args.seed,
+                             progress=progress, peers=peers, ceil=ceil)
+    finally:
+        for p in peers:
+            p.close()
     rows = [bench.with_ceilings(r, ceil) for r in rows]
-    paths = bench.write_reports(rows, ceil, args.out)
+    summary = bench.peer_summary(rows) if peers else None
+    paths = bench.write_reports(rows, ceil, args.out, summary=summary)
     print(f"reports: {', '.join(str(p) for p in paths.values())}")
     print(bench.format_table(rows, ceil))
+    for r in rows:
+        if not r.get("ok"):
+            print(f"FAILED {r['shape']} {r['impl']}: {str(r.get('error'))[-600:]}")
+    if summary:
+        print()
+        print(bench.format_peer_table(summary, ceil))
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
@@ -275,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--all-variants", action="store_true", help="also every bf16 / page-64 variant of the space")
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference baseline")
     p.add_argument("--no-tuned", action="store_true", help="skip the tuned selection (DB winners)")
+    p.add_argument("--peer", action="append", metavar="DIR",
+                   help="a folder holding a package 'flash_mla' with FlashMLA's classic API, checked and timed "
+                        "beside ours in its own process (repeatable); adds the per-shape floor and ours / best peer")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.json, bench.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")

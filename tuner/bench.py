@@ -48,15 +48,26 @@ def tuned_variant(problem):
     return Variant.from_dict(sel.variant) if sel.variant else None
 
 
-def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: int = 0, progress=None) -> list[dict]:
+def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: int = 0, progress=None,
+        peers=(), ceil: dict | None = None) -> list[dict]:
     """Measure every implementation on every shape.
 
     ``impls`` maps a label to a Variant, or to a function of the problem returning a Variant (or None
     to skip that shape, e.g. :func:`tuned_variant` without a DB entry). Inputs are drawn once per shape
-    and shared by all implementations.
+    and shared by all implementations. ``peers`` (:class:`flash_mla.tuner.peers.Peer`) run on the same
+    inputs, checked and timed the same way; with peers, each shape also gets a ``floor`` row (needs
+    ``ceil``, the ceilings measured in this run).
     """
-    from .measure import make_problem, measure_reference, measure_variant
+    from .measure import floor_us, make_problem, measure_reference, measure_variant, read_floor_us
+    from .peers import measure_peer
     rows = []
+
+    def add(shape, impl, variant, r):
+        rows.append({"shape": shape.name, "regime": shape.regime, "b": shape.b, "s_q": shape.s_q, "h_q": shape.h_q,
+                     "impl": impl, "variant": variant, **r})
+        if progress:
+            progress(rows[-1])
+
     for i, shape in enumerate(shapes):
         problem = make_problem(shape, "bf16", 64, seed + i)
         for label, impl in impls.items():
@@ -65,17 +76,88 @@ def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: 
                 if progress:
                     progress(None)
                 continue
-            r = measure_variant(variant, problem)
-            rows.append({"shape": shape.name, "regime": shape.regime, "impl": label, "variant": variant.key, **r})
-            if progress:
-                progress(rows[-1])
+            add(shape, label, variant.key, measure_variant(variant, problem))
+        for peer in peers:
+            add(shape, f"peer {peer.label}", "", measure_peer(peer, problem))
+        if peers:
+            read_us = read_floor_us(problem.nbytes)
+            us = floor_us(read_us, problem.nflop, ceil["gemm_tflops"])
+            add(shape, FLOOR, "", {"ok": True, "us": us, "read_us": read_us, "gbs": problem.nbytes / us / 1e3,
+                                   "tflops": problem.nflop / us / 1e6})
         if include_reference:
-            r = measure_reference(problem)
-            rows.append({"shape": shape.name, "regime": shape.regime, "impl": "torch reference", "variant": "", **r})
-            if progress:
-                progress(rows[-1])
+            add(shape, "torch reference", "", measure_reference(problem))
         del problem
     return rows
+
+
+FLOOR = "floor"
+TUNED = "tuned (DB winner)"
+
+
+def peer_summary(rows: list[dict]) -> list[dict]:
+    """Per shape: ours (the tuned selection: the DB winner, else the default), each peer, the best peer,
+    the floor, ``vs_best`` = best peer time / our time (>= 1: we are at least as fast) and time / floor."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        rs = [r for r in rows if r["shape"] == shape]
+        by = {r["impl"]: r for r in rs}
+        ours = by.get(TUNED) or next((r for r in rs if r["impl"].startswith("default")), None)
+        peers = {r["impl"][len("peer "):]: (r["us"] if r.get("ok") else None) for r in rs if r["impl"].startswith("peer ")}
+        timed = {k: v for k, v in peers.items() if v}
+        best = min(timed, key=timed.get) if timed else None
+        fl = by.get(FLOOR, {}).get("us")
+        ours_us = ours["us"] if ours and ours.get("ok") else None
+        out.append({
+            "shape": shape, "regime": rs[0]["regime"], "b": rs[0].get("b"), "s_q": rs[0].get("s_q"),
+            "h_q": rs[0].get("h_q"), "ours_impl": ours["impl"] if ours else None, "ours_us": ours_us,
+            "ours_variant": ours.get("variant") if ours else None, "peers": peers, "best_peer": best,
+            "best_us": timed.get(best), "floor_us": fl,
+            "vs_best": (timed[best] / ours_us) if (best and ours_us) else None,
+            "ours_over_floor": (ours_us / fl) if (ours_us and fl) else None,
+            "best_over_floor": (timed[best] / fl) if (best and fl) else None,
+        })
+    return out
+
+
+def _geomean(xs):
+    import math
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+PEER_GROUPS = {
+    "b <= 8": lambda s: s["b"] <= 8,
+    "memory-bound (h_q <= 32)": lambda s: s["h_q"] <= 32,
+    "h_q >= 64": lambda s: s["h_q"] >= 64,
+    "all": lambda s: True,
+}
+
+
+def format_peer_table(summary: list[dict], ceil: dict) -> str:
+    labels = list(dict.fromkeys(k for s in summary for k in s["peers"]))
+    head = (f"device {ceil.get('device', '?')}: copy {ceil['copy_gbs']:.0f} GB/s, bf16 GEMM "
+            f"{ceil['gemm_tflops']:.0f} TFLOPS (measured in this run); ours = tuned selection; "
+            f"vs best = best peer us / ours us (>= 1.00: ours at least as fast)\n")
+    cols = (f"{'shape':30} {'ours us':>8} " + " ".join(f"{l[:14]:>14}" for l in labels)
+            + f" {'floor us':>8} {'vs best':>7} {'ours/floor':>10} {'best/floor':>10}")
+    lines = [head + cols, "-" * len(cols)]
+
+    def f(x, w, d=1):
+        return f"{x:{w}.{d}f}" if x is not None else f"{'-':>{w}}"
+    for s in summary:
+        lines.append(f"{s['shape']:30} {f(s['ours_us'], 8)} "
+                     + " ".join(f(s["peers"].get(l), 14) for l in labels)
+                     + f" {f(s['floor_us'], 8)} {f(s['vs_best'], 7, 2)} {f(s['ours_over_floor'], 10, 2)}"
+                     f" {f(s['best_over_floor'], 10, 2)}")
+    lines.append("")
+    for name, pred in PEER_GROUPS.items():
+        grp = [s for s in summary if pred(s) and s["vs_best"]]
+        if not grp:
+            continue
+        wins = sum(1 for s in grp if s["vs_best"] >= 1.0)
+        lines.append(f"{name:26} shapes {len(grp):3}  ours >= best peer on {wins:3}  geomean vs best "
+                     f"{_geomean(s['vs_best'] for s in grp):.3f}  worst {min(s['vs_best'] for s in grp):.2f}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], ceil: dict) -> str:
@@ -92,10 +174,10 @@ def format_table(rows: list[dict], ceil: dict) -> str:
     return "\n".join(lines)
 
 
-FIELDS = ["shape", "regime", "impl", "variant", "ok", "us", "gbs", "tflops", "pct_copy", "pct_gemm"]
+FIELDS = ["shape", "regime", "impl", "variant", "ok", "us", "gbs", "tflops", "pct_copy", "pct_gemm", "read_us"]
 
 
-def write_reports(rows: list[dict], ceil: dict, outdir: Path, stem: str = "bench") -> dict:
+def write_reports(rows: list[dict], ceil: dict, outdir: Path, stem: str = "bench", summary=None) -> dict:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": outdir / f"{stem}.csv", "json": outdir / f"{stem}.json", "png": outdir / f"{stem}.png"}
@@ -105,7 +187,8 @@ def write_reports(rows: list[dict], ceil: dict, outdir: Path, stem: str = "bench
         for r in rows:
             w.writerow(r)
     with open(paths["json"], "w") as f:
-        json.dump({"ceilings": ceil, "rows": rows}, f, indent=1, default=str)
+        json.dump({"ceilings": ceil, "rows": rows, **({"peer_summary": summary} if summary else {})}, f,
+                  indent=1, default=str)
     plot(rows, paths["png"])
     return paths
 

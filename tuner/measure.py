@@ -96,6 +96,21 @@ def graph_time_us(fn, rep_ms: int = 200) -> float:
     return _do_bench(graph.replay, rep_ms) * 1e3
 
 
+def read_floor_us(nbytes: int, rep_ms: int = 100) -> float:
+    """Time of a graph-replayed ``torch.sum`` over ``nbytes`` bytes of random bf16: the read floor of a shape."""
+    import torch
+    buf = torch.empty(max(nbytes // 2, 1), dtype=torch.bfloat16, device="cuda").uniform_(-1, 1)
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    us = graph_time_us(lambda: torch.sum(buf, dtype=torch.float32, out=out), rep_ms)
+    del buf
+    return us
+
+
+def floor_us(read_us: float, nflop: int, gemm_tflops: float) -> float:
+    """What no kernel can beat on this device: the read floor or the FLOPs at the measured GEMM rate."""
+    return max(read_us, nflop / (gemm_tflops * 1e6))
+
+
 @dataclass
 class Problem:
     """Fresh random inputs of one shape on the GPU, with the reference answer computed once."""
