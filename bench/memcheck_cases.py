@@ -1,18 +1,32 @@
-"""Small decode calls for ``compute-sanitizer --tool memcheck``: zero-length requests, h_q = 3,
-page size 32, causal MTP. Exits non-zero if an output disagrees with the reference."""
+"""Small decode calls for ``compute-sanitizer`` (memcheck, racecheck, synccheck): zero-length requests,
+h_q = 3, page size 32, causal MTP, split requests, more requests than partitions. Exits non-zero if an
+output disagrees with the reference.
 
+Usage: python bench/memcheck_cases.py [VARIANT_KEY]   (default: the variant the API selects; a key runs
+that variant's knobs at each case's page size)
+"""
+
+import dataclasses
 import sys
 
 import torch
 
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata
 from flash_mla.reference import mla_decode_reference
+from flash_mla.codegen.variant import full_space
 from flash_mla.testing import compare, make_paged_kv
+
+variant = None
+if len(sys.argv) > 1:
+    variant = next((v for v in full_space() if v.key == sys.argv[1]), None)
+    if variant is None:
+        sys.exit(f"unknown variant key {sys.argv[1]}")
 
 CASES = [  # b, s_q, h_q, h_kv, seqlens, page_size, causal
     (3, 1, 16, 1, [0, 130, 0], 64, False),
     (2, 2, 3, 1, [77, 300], 64, True),
     (4, 4, 64, 2, [5, 0, 1000, 64], 32, True),
+    (20, 4, 128, 1, [1 + 37 * i for i in range(20)], 64, True),     # 8 m-blocks: 16 partitions < 20 requests
 ]
 
 ok = True
@@ -20,10 +34,12 @@ for i, (b, s_q, h_q, h_kv, lens, page, causal) in enumerate(CASES):
     g = torch.Generator(device="cuda").manual_seed(i)
     q, k, bt, sl = make_paged_kv(b, s_q, h_q, h_kv, lens, page, torch.bfloat16, "cuda", g)
     meta, splits = get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
-    out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, meta, splits, causal=causal)
+    v = dataclasses.replace(variant, page_size=page) if variant else None
+    out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, meta, splits, causal=causal, variant=v)
     torch.cuda.synchronize()
     ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, 512, causal=causal)
     m = compare(out, ref_out, lse, ref_lse, torch.bfloat16)
-    print(f"case {i}: b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} lens={lens} page={page} ok={m['ok']}")
+    print(f"case {i}: b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} splits={int(splits[-1])} page={page} "
+          f"variant={v.key if v else 'selected'} ok={m['ok']}")
     ok &= m["ok"]
 sys.exit(0 if ok else 1)

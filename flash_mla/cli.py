@@ -9,19 +9,23 @@ import sys
 import time
 
 
+def _variants_by_key(spec: str):
+    from flash_mla.codegen.variant import full_space
+    keys = set(spec.split(","))
+    vs = [v for v in full_space() if v.key in keys]
+    missing = keys - {v.key for v in vs}
+    if missing:
+        raise SystemExit(f"unknown variant keys: {sorted(missing)}")
+    return vs
+
+
 def _variants(args):
-    from flash_mla.codegen.variant import Variant, default_variant, full_space, search_space
+    from flash_mla.codegen.variant import default_variant, search_space
     if args.variants == "default":
         return [default_variant(d, ps) for d in args.dtypes for ps in args.page_sizes]
     if args.variants == "all":
-        vs = [v for d in args.dtypes for ps in args.page_sizes for v in search_space(d, ps)]
-    else:
-        keys = set(args.variants.split(","))
-        vs = [v for v in full_space() if v.key in keys]
-        missing = keys - {v.key for v in vs}
-        if missing:
-            raise SystemExit(f"unknown variant keys: {sorted(missing)}")
-    return vs
+        return [v for d in args.dtypes for ps in args.page_sizes for v in search_space(d, ps)]
+    return _variants_by_key(args.variants)
 
 
 def _unique_builds(variants):
@@ -132,12 +136,14 @@ def cmd_bench(args) -> int:
             check_peer_dir(d)
     except PeerError as e:
         raise SystemExit(str(e))
-    shapes = bench.quick_grid() if args.grid == "quick" else bench.default_grid()
+    shapes = bench.GRIDS[args.grid]()
     impls = {f"default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
         impls[bench.TUNED] = bench.tuned_variant
     if args.all_variants:
         impls.update({v.key: v for v in search_space("bf16", 64)})
+    if args.variants:
+        impls.update({v.key: v for v in _variants_by_key(args.variants) if (v.dtype, v.page_size) == ("bf16", 64)})
     fixed = [v for v in impls.values() if not callable(v)]
     arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
     failed = {a.variant.build_key for a in arts if not a.ok}
@@ -295,7 +301,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="time implementations over a shape grid against measured ceilings (SM90 GPU)")
-    p.add_argument("--grid", choices=["default", "quick"], default="default")
+    p.add_argument("--grid", choices=["default", "quick", "latency"], default="default",
+                   help="default: memory-bound, compute-bound, MTP and fixed-length shapes; latency: its b <= 8 "
+                        "shapes; quick: one shape per regime")
+    p.add_argument("--variants", default=None, help="also these bf16 / page-64 variants (comma-separated keys)")
     p.add_argument("--all-variants", action="store_true", help="also every bf16 / page-64 variant of the space")
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference baseline")
     p.add_argument("--no-tuned", action="store_true", help="skip the tuned selection (DB winners)")

@@ -16,13 +16,22 @@ MEMORY_BOUND = [Shape(b, 1, h, sk) for b in (1, 8, 32, 128) for h in (16, 32) fo
 COMPUTE_BOUND = ([Shape(128, 1, 128, sk) for sk in (4096, 8192, 16384, 32768)]
                  + [Shape(128, 2, 128, sk, causal=c) for sk in (4096, 8192, 16384, 32768) for c in (False, True)])
 MTP = [Shape(b, 4, h, sk, causal=True) for b in (64, 128) for h in (16, 64) for sk in (2048, 8192)]
-PEER_POINTS = [Shape(1, 1, 128, 32768, varlen=False), Shape(16, 1, 128, 32768, varlen=False),
+PEER_POINTS = [Shape(1, 1, 128, 4096, varlen=False), Shape(16, 1, 128, 4096, varlen=False),
+               Shape(1, 1, 128, 32768, varlen=False), Shape(16, 1, 128, 32768, varlen=False),
                Shape(132, 1, 128, 6000, varlen=False)]
 
 
 def default_grid() -> list[Shape]:
     """Memory-bound, compute-bound (causal only matters for s_q > 1), MTP, and the peers' fixed-length points."""
     return MEMORY_BOUND + COMPUTE_BOUND + MTP + PEER_POINTS
+
+
+def latency_grid() -> list[Shape]:
+    """The small-batch (b <= 8) shapes of the default grid: where fixed per-call costs dominate."""
+    return [s for s in default_grid() if s.b <= 8]
+
+
+GRIDS = {"default": default_grid, "quick": lambda: quick_grid(), "latency": latency_grid}
 
 
 def quick_grid() -> list[Shape]:
