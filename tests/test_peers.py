@@ -12,7 +12,7 @@ import torch
 from flash_mla.reference import mla_decode_reference
 from flash_mla.testing import make_paged_kv
 from flash_mla.tuner import bench
-from flash_mla.tuner.measure import SCALE, Problem, Shape, floor_us
+from flash_mla.tuner.measure import SCALE, Problem, Shape, floor_us, read_all
 from flash_mla.tuner.peers import Peer, PeerError, check_peer_dir, measure_peer, open_peers
 
 # A stand-alone MLA decode in plain torch (a peer cannot import this project: it has the same name).
@@ -116,6 +116,13 @@ def test_peers_get_unique_labels(tmp_path):
         for p in peers:
             p.close()
     assert (tmp_path / "logs" / "peer-fake_good_2.log").exists()
+
+
+def test_read_floor_pass_reads_everything_into_its_output():
+    buf = torch.tensor([1.5, -0.5, 2.0], dtype=torch.bfloat16)
+    out = torch.empty((), dtype=torch.float32)
+    read_all(buf, out)
+    assert out.item() == 3.0
 
 
 def test_floor_is_the_larger_of_read_and_compute():
