@@ -6,7 +6,7 @@
 #   bash bench/device_peers.sh OUTDIR STEP...
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
-# with the three peers; KEYS = extra variants). Logs go to OUTDIR; each step prints its table.
+# with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
 repo=$(pwd)
@@ -33,6 +33,9 @@ for step in "$@"; do
     memcheck|racecheck|synccheck) compute-sanitizer --tool $step --error-exitcode 9 python3 \
                  "$repo/bench/memcheck_cases.py" "$(echo "$wide_defaults" | cut -d, -f2)" > "$out/$step.txt" 2>&1
                echo "$step rc=$?"; tail -6 "$out/$step.txt";;
+    profile:*) IFS=: read -r _ keys <<< "$step"
+               python3 "$repo/bench/profile_kernels.py" "$keys" 1,1,32,1024 1,1,16,16384 1,1,128,4096,fixed \
+                 8,1,16,4096 128,1,16,16384 > "$out/profile.txt" 2>&1; echo "profile rc=$?"; cat "$out/profile.txt";;
     bench:*) IFS=: read -r _ grid keys <<< "$step"
              echo "waiting for FlashMLA's build ..."; wait $PEERS_BUILD_PID; tail -2 /tmp/peer-flashmla-build.log
              python3 -m flash_mla.cli bench --grid "$grid" --no-reference --jobs 8 ${keys:+--variants "$keys"} \
