@@ -6,18 +6,25 @@
 #   bash bench/device_peers.sh OUTDIR STEP...
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
-# with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants). Logs go to OUTDIR; each step prints its table.
+# with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants),
+# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
 repo=$(pwd)
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 bash scripts/stage_site.sh /tmp/fmla-site
-source .peers/device_setup.sh                      # starts FlashMLA's build in the background
-export PYTHONPATH=/tmp/fmla-site:/tmp/site:$PYTHONPATH
+if [[ " $* " == *" bench:"* ]]; then
+  source .peers/device_setup.sh                    # peers; starts FlashMLA's build in the background
+else
+  python3 -m zipfile -e .peers/whl/nvidia_cutlass-*.whl /tmp/peer-cutlass
+fi
+export PYTHONPATH=/tmp/fmla-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export FLASH_MLA_CUTLASS_INCLUDE=/tmp/peer-cutlass/cutlass_library/source/include
 export FLASH_MLA_CACHE_DIR=$repo/.cache/flash_mla FLASHINFER_JIT_DIR=/tmp/fi-jit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+final=$out; out=$final/logs; mkdir -p "$out"         # everything but the bench tables goes into one archive
+trap 'cp "$out"/bench-*.txt "$out"/bench.json "$final"/ 2>/dev/null; tar czf "$final/logs.tgz" -C "$out" .' EXIT
 cd "$(mktemp -d)"                                   # flash_mla must come from /tmp/fmla-site
 wide_defaults=$(python3 -c "
 import dataclasses
@@ -34,8 +41,14 @@ for step in "$@"; do
                  "$repo/bench/memcheck_cases.py" "$(echo "$wide_defaults" | cut -d, -f2)" > "$out/$step.txt" 2>&1
                echo "$step rc=$?"; tail -6 "$out/$step.txt";;
     profile:*) IFS=: read -r _ keys <<< "$step"
-               python3 "$repo/bench/profile_kernels.py" "$keys" 1,1,32,1024 1,1,16,16384 1,1,128,4096,fixed \
-                 8,1,16,4096 128,1,16,16384 > "$out/profile.txt" 2>&1; echo "profile rc=$?"; cat "$out/profile.txt";;
+               python3 "$repo/bench/profile_kernels.py" "$keys" 1,1,32,1024 1,1,16,4096 1,1,16,16384 \
+                 1,1,128,4096,fixed 8,1,16,4096 > "$out/profile.txt" 2>&1; echo "profile rc=$?"; cat "$out/profile.txt";;
+    ncu:*) IFS=: read -r _ key shape <<< "$step"
+           ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+             --section SchedulerStats --section MemoryWorkloadAnalysis -k regex:decode_kernel -c 1 \
+             --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+             python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncu-$shape.txt" 2>&1
+           echo "ncu rc=$?"; grep -E "Duration|Elapsed Cycles|stalled_.* [1-9]|Stall|Warp Cycles|Issued|Throughput|Registers|Block Size|Grid Size|Waves|Dynamic Shared|Hit Rate|One or More|No Eligible" "$out/ncu-$shape.txt" | head -60;;
     bench:*) IFS=: read -r _ grid keys <<< "$step"
              echo "waiting for FlashMLA's build ..."; wait $PEERS_BUILD_PID; tail -2 /tmp/peer-flashmla-build.log
              python3 -m flash_mla.cli bench --grid "$grid" --no-reference --jobs 8 ${keys:+--variants "$keys"} \

@@ -1,7 +1,8 @@
 """Per-kernel GPU time of chosen variants on chosen shapes (torch.profiler / CUPTI), beside the graph time.
 
-Usage: python bench/profile_kernels.py KEY[,KEY...] "b,s_q,h_q,sk[,fixed][,causal]" ...
+Usage: python bench/profile_kernels.py [--once] KEY[,KEY...] "b,s_q,h_q,sk[,fixed][,causal]" ...
 Prints, per (shape, variant): the CUDA-graph time and the mean duration of each kernel over 20 replays.
+``--once``: only one checked call per (shape, variant), for ``ncu`` to profile.
 """
 
 import sys
@@ -12,14 +13,19 @@ import torch
 from flash_mla.codegen.variant import full_space
 from flash_mla.tuner.measure import Shape, check, graph_time_us, make_problem
 
-keys = sys.argv[1].split(",")
+once = sys.argv[1] == "--once"
+args = sys.argv[2:] if once else sys.argv[1:]
+keys = args[0].split(",")
 variants = [v for k in keys for v in full_space() if v.key == k]
 shapes = []
-for spec in sys.argv[2:]:
+for spec in args[1:]:
     parts = spec.split(",")
     b, s_q, h_q, sk = (int(x) for x in parts[:4])
     shapes.append(Shape(b, s_q, h_q, sk, causal="causal" in parts, varlen="fixed" not in parts))
 
+if not once:
+    one = torch.zeros(1, device="cuda")
+    print(f"graph replay of a one-element add: {graph_time_us(lambda: one.add_(1)):.1f} us")
 print(f"{'shape':28} {'variant':34} {'graph us':>8}  kernels (mean us)")
 for i, shape in enumerate(shapes):
     problem = make_problem(shape, "bf16", 64, i)
@@ -27,6 +33,9 @@ for i, shape in enumerate(shapes):
         verdict, call = check(v, problem)
         if not verdict["ok"]:
             print(f"{shape.name:28} {v.key:34} FAILED check")
+            continue
+        if once:
+            print(f"{shape.name:28} {v.key:34} checked", flush=True)
             continue
         us = graph_time_us(call)
         g = torch.cuda.CUDAGraph()
@@ -40,9 +49,14 @@ for i, shape in enumerate(shapes):
                 g.replay()
             torch.cuda.synchronize()
         dur = defaultdict(list)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                dur[e.name.split("(")[0].split("::")[-1]].append(e.device_time)
+        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        for e in evs:
+            dur[e.name.split("(")[0].split("::")[-1]].append(e.device_time)
         ks = "  ".join(f"{n} {sum(t) / len(t):.1f}" for n, t in dur.items())
         print(f"{shape.name:28} {v.key:34} {us:8.1f}  {ks}", flush=True)
+        # timeline of the last replay: start offset and duration of each kernel (launch gaps show here)
+        last = sorted(evs, key=lambda e: e.time_range.start)[-len(dur):]
+        t0 = last[0].time_range.start
+        print(" " * 30 + "last replay: " + "  ".join(
+            f"{e.name.split('(')[0].split('::')[-1]} @{e.time_range.start - t0:.1f}+{e.device_time:.1f}" for e in last))
     del problem
