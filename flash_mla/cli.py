@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="Optuna search of the variant space per workload; winners into the tuning DB")
-    p.add_argument("--suite", action="append", help="named suite: dsv3-tp1, dsv3-tp8, dsv3-mtp (repeatable)")
+    p.add_argument("--suite", action="append", help="named suite: dsv3-tp1, dsv3-tp8, dsv3-mtp, dsv3-small (repeatable)")
     p.add_argument("--workload", action="append",
                    help="h_q=..,s_q=..,batch=..,mean_sk=..[,h_kv=..,causal=1,dtype=bf16,page_size=64] (repeatable)")
     p.add_argument("--trials", type=int, default=16, help="new measurements per workload")
