@@ -7,7 +7,8 @@
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants),
-# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite). Logs go to OUTDIR; each step prints its table.
+# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
+# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
 repo=$(pwd)
@@ -49,12 +50,18 @@ for step in "$@"; do
              --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncu-$shape.txt" 2>&1
            echo "ncu rc=$?"; grep -E "Duration|Elapsed Cycles|stalled_.* [1-9]|Stall|Warp Cycles|Issued|Throughput|Registers|Block Size|Grid Size|Waves|Dynamic Shared|Hit Rate|One or More|No Eligible" "$out/ncu-$shape.txt" | head -60;;
+    flashmla-tests) for dt in bf16 fp16; do    # FlashMLA's own test file against this package (48 cases each)
+                      python3 "$repo/.peers/flashmla-9edee0c/tests/test_flash_mla.py" --dtype $dt > "$out/fmla-test-$dt.txt" 2>&1
+                      echo "FlashMLA tests/test_flash_mla.py --dtype $dt: rc=$?, $(grep -c "TFLOPS" "$out/fmla-test-$dt.txt") cases passed"
+                    done;;
     tune:*) IFS=: read -r _ suites trials <<< "$step"
             python3 -m flash_mla.cli tune $(for x in ${suites//,/ }; do echo --suite $x; done) --trials "$trials" \
               --db "$final/tuned.sqlite" --storage "$out/studies.journal" --jobs 16 > "$out/tune.txt" 2>&1
             echo "tune rc=$?"; grep -A60 "^workload" "$out/tune.txt";;
     bench:*) IFS=: read -r _ grid keys <<< "$step"
-             echo "waiting for FlashMLA's build ..."; wait $PEERS_BUILD_PID; tail -2 /tmp/peer-flashmla-build.log
+             python3 -m flash_mla.cli build --from-db /tmp/fmla-site/flash_mla/tuning_db/flash_mla.sqlite --jobs 8 \
+               > "$out/build.txt" 2>&1; tail -1 "$out/build.txt"   # the tuned selection's binaries, beside FlashMLA's build
+             echo "waiting for FlashMLA's build ..."; wait $PEERS_BUILD_PID; tail -1 /tmp/peer-flashmla-build.log
              python3 -m flash_mla.cli bench --grid "$grid" --no-reference --jobs 8 ${keys:+--variants "$keys"} \
                --peer "$PEER_FLASHMLA_DIR" --peer "$PEER_FLASHINFER_DIR" --peer "$PEER_FA3MLA_DIR" \
                --out "$out" > "$out/bench-$grid.txt" 2> "$out/bench-$grid.err"
