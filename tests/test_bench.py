@@ -44,6 +44,13 @@ def test_grid_covers_the_issue_shapes():
     assert Shape(128, 1, 16, 16384).regime == "memory" and Shape(128, 2, 128, 8192).regime == "compute"
 
 
+def test_latency_grid_is_the_small_batch_part_of_the_default_grid():
+    lat = bench.GRIDS["latency"]()
+    assert lat and all(s.b <= 8 for s in lat)
+    assert set(lat) == {s for s in bench.default_grid() if s.b <= 8}
+    assert set(bench.GRIDS) == {"default", "quick", "latency"}
+
+
 def _rows():
     ceil = {"copy_gbs": 3000.0, "gemm_tflops": 700.0, "device": "test"}
     rows = [

@@ -31,12 +31,12 @@ def latency_grid() -> list[Shape]:
     return [s for s in default_grid() if s.b <= 8]
 
 
-GRIDS = {"default": default_grid, "quick": lambda: quick_grid(), "latency": latency_grid}
-
-
 def quick_grid() -> list[Shape]:
     """One shape per regime, for smoke runs."""
     return [Shape(128, 1, 16, 16384), Shape(8, 1, 16, 16384), Shape(128, 2, 128, 8192), Shape(64, 4, 64, 2048, causal=True)]
+
+
+GRIDS = {"default": default_grid, "quick": quick_grid, "latency": latency_grid}
 
 
 def with_ceilings(row: dict, ceil: dict) -> dict:
