@@ -8,7 +8,7 @@
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
-# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16). Logs go to OUTDIR; each step prints its table.
+# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
 repo=$(pwd)
@@ -50,6 +50,8 @@ for step in "$@"; do
              --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncu-$shape.txt" 2>&1
            echo "ncu rc=$?"; grep -E "Duration|Elapsed Cycles|stalled_.* [1-9]|Stall|Warp Cycles|Issued|Throughput|Registers|Block Size|Grid Size|Waves|Dynamic Shared|Hit Rate|One or More|No Eligible" "$out/ncu-$shape.txt" | head -60;;
+    pytest) python3 -m pytest -q -m gpu "$repo/tests" -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1
+            echo "pytest -m gpu rc=$?"; tail -3 "$out/pytest_gpu.txt";;
     flashmla-tests) for dt in bf16 fp16; do    # FlashMLA's own test file against this package (48 cases each)
                       python3 "$repo/.peers/flashmla-9edee0c/tests/test_flash_mla.py" --dtype $dt > "$out/fmla-test-$dt.txt" 2>&1
                       echo "FlashMLA tests/test_flash_mla.py --dtype $dt: rc=$?, $(grep -c "TFLOPS" "$out/fmla-test-$dt.txt") cases passed"
