@@ -4,15 +4,27 @@ Each variant becomes ``<cache>/<key>-<hash>/variant.so`` with its source and ptx
 The hash covers the rendered source, the static headers, the nvcc version, the flags and the CUTLASS
 version, so a changed template or compiler never reuses a stale binary. The cache root is
 ``$FLASH_MLA_CACHE_DIR`` (default ``~/.cache/flash_mla``). No GPU is needed to build.
+
+Nothing half-written is ever taken as built. nvcc writes ``variant.so.part``; the library is then
+loaded in a separate process and its ABI version checked, renamed to ``variant.so`` (atomic), and only
+then is ``manifest.json`` (size and SHA-256 of the library) written, by rename too. A variant counts as
+built only when its library matches its manifest; anything else (a link killed half-way, a truncated or
+corrupted file) is rebuilt. A per-variant file lock makes concurrent processes (tensor-parallel ranks
+starting at once) build each variant once while the others wait for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +116,82 @@ class Artifact:
     def report_path(self) -> Path:
         return self.directory / "ptxas.log"
 
+    @property
+    def partial(self) -> Path:
+        return self.directory / "variant.so.part"
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / "manifest.json"
+
+    def is_built(self) -> bool:
+        """The library exists and matches its manifest (size and SHA-256)."""
+        try:
+            m = json.loads(self.manifest.read_text())
+            if self.library.stat().st_size != m["size"]:
+                return False
+            return _sha256(self.library) == m["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# Loads a library in a fresh process and prints its ABI version: a broken file cannot take the caller down.
+_ABI_PROBE = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL).fmla_abi_version())"
+
+
+@functools.lru_cache(maxsize=None)
+def _abi_version() -> int:
+    """FMLA_ABI_VERSION of templates/params.h: what every library built from it must report."""
+    m = re.search(r"#define\s+FMLA_ABI_VERSION\s+(\d+)", static_headers()["params.h"])
+    if not m:
+        raise BuildError("templates/params.h defines no FMLA_ABI_VERSION")
+    return int(m.group(1))
+
+
+def _finish(a: Artifact) -> str:
+    """Verify ``a.partial`` and publish it as the library; returns an error text ('' on success)."""
+    if not a.partial.is_file() or a.partial.stat().st_size == 0:
+        return "the compiler left no library"
+    probe = subprocess.run([sys.executable, "-c", _ABI_PROBE, str(a.partial)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"the built library does not load: {probe.stderr.strip()[-2000:]}"
+    if probe.stdout.strip() != str(_abi_version()):
+        return f"the built library has ABI version {probe.stdout.strip()}, the runtime expects {_abi_version()}"
+    size, digest = a.partial.stat().st_size, _sha256(a.partial)
+    os.replace(a.partial, a.library)
+    _write_atomic(a.manifest, json.dumps({"size": size, "sha256": digest, "abi": _abi_version()}))
+    return ""
+
+
+@contextlib.contextmanager
+def _locked(artifacts: list[Artifact]):
+    """Hold every artifact's build lock (taken in a fixed order, so two builders cannot deadlock)."""
+    files = []
+    try:
+        for a in sorted(artifacts, key=lambda x: str(x.directory)):
+            f = open(a.directory / "build.lock", "a")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            files.append(f)
+        yield
+    finally:
+        for f in files:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
 
 def _content_hash(source: str, headers: dict[str, str]) -> str:
     h = hashlib.sha256()
@@ -123,7 +211,7 @@ def prepare(v: Variant) -> Artifact:
     for name, text in {"variant.cu": source, **headers}.items():
         p = d / name
         if not p.exists() or p.read_text() != text:
-            p.write_text(text)
+            _write_atomic(p, text)
     return Artifact(variant=v, directory=d)
 
 
@@ -146,14 +234,15 @@ def write_ninja(artifacts: list[Artifact], path: Path) -> None:
         f"nvcc = {nvcc_path()}",
         f"flags = {flags}",
         "rule nvcc",
-        # ptxas -v goes to stderr; keep it (and any error) in the variant's log
+        # ptxas -v goes to stderr; keep it (and any error) in the variant's log. $out is variant.so.part:
+        # the library is published by build() only after it has been verified.
         "  command = $nvcc $flags -I $dir -o $out $in > $log 2>&1 || (cat $log; exit 1)",
         "  description = nvcc $key",
         "",
     ]
     for a in artifacts:
         lines += [
-            f"build {a.library}: nvcc {a.directory / 'variant.cu'} | {a.directory / 'params.h'}",
+            f"build {a.partial}: nvcc {a.directory / 'variant.cu'} | {a.directory / 'params.h'}",
             f"  dir = {a.directory}",
             f"  log = {a.report_path}",
             f"  key = {a.variant.key}",
@@ -164,22 +253,34 @@ def write_ninja(artifacts: list[Artifact], path: Path) -> None:
 def build(variants: list[Variant], jobs: int | None = None, verbose: bool = False) -> list[Artifact]:
     """Compile every variant (in parallel, cached); returns one Artifact per variant, failures included."""
     artifacts = [prepare(v) for v in variants]
-    todo = [a for a in artifacts if not a.library.exists()]
+    errors = {}
+    todo = [a for a in artifacts if not a.is_built()]
     if todo:
-        ninja_dir = cache_dir() / "ninja"
-        ninja_dir.mkdir(parents=True, exist_ok=True)
-        tag = hashlib.sha256("".join(str(a.directory) for a in todo).encode()).hexdigest()[:12]
-        nf = ninja_dir / f"build-{tag}.ninja"
-        write_ninja(todo, nf)
-        cmd = [_ninja(), "-f", str(nf), "-k", "0", "-j", str(jobs or os.cpu_count() or 1)]
-        # failures are reported per variant from its log below; -k 0 keeps building the others
-        subprocess.run(cmd, capture_output=not verbose, text=True)
+        with _locked(todo):
+            todo = [a for a in todo if not a.is_built()]      # another process may have built them meanwhile
+            for a in todo:
+                a.partial.unlink(missing_ok=True)             # never trust what a killed build left behind
+            if todo:
+                ninja_dir = cache_dir() / "ninja"
+                ninja_dir.mkdir(parents=True, exist_ok=True)
+                tag = hashlib.sha256("".join(str(a.directory) for a in todo).encode()).hexdigest()[:12]
+                nf = ninja_dir / f"build-{tag}-{os.getpid()}.ninja"
+                write_ninja(todo, nf)
+                cmd = [_ninja(), "-f", str(nf), "-k", "0", "-j", str(jobs or os.cpu_count() or 1)]
+                # failures are reported per variant from its log below; -k 0 keeps building the others
+                subprocess.run(cmd, capture_output=not verbose, text=True)
+                nf.unlink(missing_ok=True)
+                for a in todo:
+                    if a.partial.exists():
+                        errors[a.directory] = _finish(a)
+                        a.partial.unlink(missing_ok=True)
     for a in artifacts:
-        if a.library.exists():
+        if a.is_built():
             a.ok = True
             a.resources = ptxas.parse(a.report_path.read_text()) if a.report_path.exists() else {}
         else:
-            a.error = a.report_path.read_text()[-4000:] if a.report_path.exists() else "not built"
+            a.error = (errors.get(a.directory) or
+                       (a.report_path.read_text()[-4000:] if a.report_path.exists() else "not built"))
     return artifacts
 
 
