@@ -33,7 +33,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
         int32, both on the device of ``cache_seqlens``. Computed with GPU ops: no host sync.
     """
-    check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead)
     if not cache_seqlens.is_cuda:
         raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
     parts = scheduler.num_sm_parts(_num_sms(cache_seqlens.device.index or 0), num_heads_per_head_k, num_heads_k)

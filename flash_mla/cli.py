@@ -271,7 +271,10 @@ def cmd_db(args) -> int:
             print(f"{path}:")
             print(db.format_rows(h.show()))
         else:
-            h.export(args.out, fmt=args.format)
+            try:
+                h.export(args.out, fmt=args.format)
+            except ValueError as e:
+                raise SystemExit(f"flash-mla db export: {e}")
             print(f"exported {path} to {args.out}")
     return 0
 

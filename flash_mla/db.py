@@ -194,6 +194,9 @@ def _ro_connection(path: Path) -> sqlite3.Connection:
 # the database
 # ---------------------------------------------------------------------------------------------------
 
+BUSY_TIMEOUT_MS = 60_000
+
+
 class TuningDB:
     """One tuning database file.
 
@@ -213,6 +216,10 @@ class TuningDB:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite_utils.Database(self.path)
+            # Concurrent writers (one tuner worker per GPU) wait for each other instead of failing. The
+            # journal stays the rollback kind: a WAL file could not be opened read-only from an install
+            # folder the reader cannot write, which is where a shipped database lives.
+            self.db.conn.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
         self._check_and_migrate()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -411,11 +418,23 @@ class TuningDB:
         row["causal"] = int(bool(row["causal"]))
         row["cuda_version"] = cuda_major_minor(row["cuda_version"])
         where = " and ".join(f"[{f}] = ?" for f in WORKLOAD_KEY)
-        old = list(self.db.query(f"select time_us from winners where {where}", [row[f] for f in WORKLOAD_KEY]))
-        if old and old[0]["time_us"] <= row["time_us"]:
-            return False
-        with self.db.conn:
-            self.db["winners"].insert({c: row.get(c) for c in WINNER_COLUMNS}, pk=WORKLOAD_KEY, replace=True)
+        cols = list(WINNER_COLUMNS)
+        conn = self.db.conn
+        # Read and write in one IMMEDIATE transaction: a concurrent writer cannot slip in between the
+        # comparison and the write (which would let a slower winner overwrite a faster one).
+        conn.execute("begin immediate")
+        try:
+            old = conn.execute(f"select time_us from winners where {where}", [row[f] for f in WORKLOAD_KEY]).fetchone()
+            if old is not None and old[0] <= row["time_us"]:
+                conn.execute("rollback")
+                return False
+            conn.execute(f"insert or replace into winners ({', '.join(f'[{c}]' for c in cols)}) "
+                         f"values ({', '.join('?' for _ in cols)})", [row.get(c) for c in cols])
+            conn.execute("commit")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("rollback")
+            raise
         return True
 
     # -- reading ------------------------------------------------------------------------------------
@@ -487,9 +506,17 @@ class TuningDB:
         getters = {"runs": self.runs, "trials": self.trials, "winners": self.winners}
         if hasattr(dest, "write"):
             self._export_to(dest, fmt, table, getters)
-        else:
-            with open(dest, "w", newline="" if fmt == "csv" else None, encoding="utf-8") as f:
+            return
+        dest = Path(dest)
+        if dest.exists() and dest.resolve() == self.path.resolve():
+            raise ValueError(f"refusing to export {self.path} onto itself: name another output file")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")      # written whole, then renamed
+        try:
+            with open(tmp, "w", newline="" if fmt == "csv" else None, encoding="utf-8") as f:
                 self._export_to(f, fmt, table, getters)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _export_to(f, fmt, table, getters) -> None:

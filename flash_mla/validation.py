@@ -50,13 +50,19 @@ def _require_int(name: str, v, minimum: int = 1) -> int:
     return int(v)
 
 
-def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> None:
-    """Checks of ``get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)``."""
+def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead=None) -> None:
+    """Checks of ``get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead=...)``.
+
+    ``split_overhead`` (None: the tuned policy) must be an int >= 1: the scheduler lays each request's
+    fixed cost before its blocks, and a value below 1 would drop blocks from the schedule.
+    """
     _require_tensor("cache_seqlens", cache_seqlens)
     _require_int32("cache_seqlens", cache_seqlens)
     _require_rank("cache_seqlens", cache_seqlens, 1, "(batch_size,)")
     _require_int("num_heads_per_head_k", num_heads_per_head_k)
     _require_int("num_heads_k", num_heads_k)
+    if split_overhead is not None:
+        _require_int("split_overhead", split_overhead)
 
 
 def check_decode_args(

@@ -362,3 +362,18 @@ def test_metadata_ints(name, value, exc):
     with pytest.raises(exc) as info:
         check_metadata_args(**kw)
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize("value,err", [(0, ValueError), (-3, ValueError), (-100, ValueError), (2.0, TypeError),
+                                       (True, TypeError)])
+def test_split_overhead_is_validated(value, err):
+    # -3 used to drop 3 of 16 blocks from the schedule and -100 to schedule nothing, without an error
+    with pytest.raises(err, match="split_overhead"):
+        check_metadata_args(torch.zeros(5, dtype=torch.int32), 16, 1, split_overhead=value)
+    check_metadata_args(torch.zeros(5, dtype=torch.int32), 16, 1, split_overhead=1)
+
+
+def test_get_mla_metadata_checks_split_overhead_before_the_device():
+    from flash_mla import get_mla_metadata
+    with pytest.raises(ValueError, match="split_overhead must be >= 1, got -3"):
+        get_mla_metadata(torch.full((4,), 1000, dtype=torch.int32), 16, 1, split_overhead=-3)
