@@ -45,12 +45,20 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FLASH_MLA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flash_mla")
-    return Path(root)
+    env = os.environ.get("FLASH_MLA_CACHE_DIR")
+    root = Path(env).expanduser() if env else Path(os.path.expanduser("~")) / ".cache" / "flash_mla"
+    if root.exists() and not root.is_dir():
+        raise BuildError(f"{'$FLASH_MLA_CACHE_DIR' if env else 'the build cache'} {root} is not a folder")
+    return root
 
 
 def cuda_home() -> Path | None:
-    for env in ("FLASH_MLA_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"):
+    own = os.environ.get("FLASH_MLA_CUDA_HOME")
+    if own:                                      # the project's own setting is never silently replaced
+        if not (Path(own) / "bin" / "nvcc").is_file():
+            raise BuildError(f"$FLASH_MLA_CUDA_HOME={own} has no bin/nvcc: point it at a CUDA toolkit or unset it")
+        return Path(own)
+    for env in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(env) and (Path(os.environ[env]) / "bin" / "nvcc").exists():
             return Path(os.environ[env])
     if Path("/usr/local/cuda/bin/nvcc").exists():
@@ -75,6 +83,9 @@ def nvcc_version() -> str:
 def cutlass_include() -> Path:
     env = os.environ.get("FLASH_MLA_CUTLASS_INCLUDE")
     if env:
+        if not (Path(env) / "cute" / "tensor.hpp").is_file():
+            raise BuildError(f"$FLASH_MLA_CUTLASS_INCLUDE={env} holds no cute/tensor.hpp: point it at CUTLASS's "
+                             "include folder or unset it")
         return Path(env)
     try:
         import cutlass_library

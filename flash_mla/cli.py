@@ -258,6 +258,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_db(args) -> int:
+    import sqlite3
     from flash_mla import db
     if args.action == "merge":
         stats = db.merge(args.paths, args.into)
@@ -266,7 +267,12 @@ def cmd_db(args) -> int:
     path = args.db or db.user_db_path() or db.shipped_db_path()
     if path is None:
         raise SystemExit("no database: pass --db, set FLASH_MLA_TUNING_DB, or install a package with a shipped DB")
-    with db.TuningDB(path, readonly=True) as h:
+    try:
+        h = db.TuningDB(path, readonly=True)
+        h.winners()
+    except sqlite3.DatabaseError as e:
+        raise sqlite3.DatabaseError(f"{path} cannot be read as a tuning database: {e}") from None
+    with h:
         if args.action == "show":
             print(f"{path}:")
             print(db.format_rows(h.show()))
@@ -352,7 +358,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if getattr(args, "cmd", None) == "tune" and args.db is None:
         args.db = _default_db_path()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _environment_errors() as e:
+        # A setting, file or toolchain that cannot be used: one line and exit 1 ($FLASH_MLA_DEBUG=1: traceback).
+        if os.environ.get("FLASH_MLA_DEBUG"):
+            raise
+        print(f"flash-mla {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def _environment_errors() -> tuple:
+    import sqlite3
+    from flash_mla.codegen.build import BuildError
+    from flash_mla.db import SchemaVersionError, UserDBError
+    from flash_mla.tuner.peers import PeerError
+    return (BuildError, UserDBError, SchemaVersionError, PeerError, sqlite3.DatabaseError, FileNotFoundError)
 
 
 if __name__ == "__main__":

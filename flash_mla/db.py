@@ -98,6 +98,27 @@ _WORKLOAD_FIELDS = set(_KEY_TYPES) | {"batch", "mean_sk", "capacity_tokens", "ma
 PathLike = Union[str, os.PathLike]
 
 
+class UserDBError(RuntimeError):
+    """The user tuning database that a setting names cannot be used (a folder, an unreadable file)."""
+
+
+def open_user_db(path: Path) -> Optional["TuningDB"]:
+    """Open the user database read-only; None when the file does not exist (it reads as empty).
+
+    Anything else that is unusable is one :class:`UserDBError` naming the setting and the path."""
+    origin = "flash_mla.db.set_user_db" if _user_db_override is not None else f"${ENV_USER_DB}"
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise UserDBError(f"{origin} points at {path}, which is not a file (expected a tuning database)")
+    try:
+        handle = TuningDB(path, readonly=True)
+        handle.winners()                            # sqlite reads lazily: make a damaged file fail here
+        return handle
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise UserDBError(f"{origin} points at {path}, which cannot be read as a tuning database: {e}") from None
+
+
 class SchemaVersionError(RuntimeError):
     """The database was written by a newer flash_mla with a schema this version cannot read."""
 

@@ -87,8 +87,12 @@ def _db(source: str) -> Optional[db.TuningDB]:
     """The database of ``source`` opened read-only once, or None when it does not exist."""
     if source in _dbs:
         return _dbs[source]
-    path = db.user_db_path() if source == "user" else db.shipped_db_path()
-    handle = db.TuningDB(path, readonly=True) if path is not None and path.is_file() else None
+    if source == "user":
+        path = db.user_db_path()
+        handle = db.open_user_db(path) if path is not None else None
+    else:
+        path = db.shipped_db_path()
+        handle = db.TuningDB(path, readonly=True) if path is not None and path.is_file() else None
     _dbs[source] = handle
     return handle
 
