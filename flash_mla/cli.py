@@ -261,7 +261,10 @@ def cmd_db(args) -> int:
     import sqlite3
     from flash_mla import db
     if args.action == "merge":
-        stats = db.merge(args.paths, args.into)
+        try:
+            stats = db.merge(args.paths, args.into)
+        except ValueError as e:
+            raise SystemExit(f"flash-mla db merge: {e}")
         print(f"merged into {args.into}: {stats}")
         return 0
     path = args.db or db.user_db_path() or db.shipped_db_path()

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import fcntl
 import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import sqlite3
 from importlib import resources
@@ -564,27 +566,59 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
     Runs and trials are united: each gets a fresh id in ``dst`` (trials and winners follow their run),
     and a row identical to one already in ``dst`` (every column but the ids) is not added again, so
     merging the same source twice adds nothing. For a workload key present on both sides the faster
-    winner stays. A source that is ``dst`` itself is skipped. Sources are opened read-only; a missing
-    source raises FileNotFoundError, one with a newer schema SchemaVersionError.
+    winner stays. A source that is ``dst`` itself is skipped. Every source is opened read-only and
+    checked before anything is written: a missing source raises FileNotFoundError, one with a newer
+    schema SchemaVersionError, a file that is not a tuning database (no schema of this module, or not
+    sqlite at all) ValueError naming it.
+
+    ``dst`` given as a path is never half-merged: the merge goes into a temporary copy, under a lock
+    beside ``dst``, which then replaces ``dst`` by rename; a failure or a kill leaves ``dst`` as it was.
 
     Returns counts: ``runs_added``, ``trials_added``, ``winners_written``, ``sources_skipped``.
     """
-    own = not isinstance(dst, TuningDB)
-    out = TuningDB(dst) if own else dst
+    if isinstance(dst, TuningDB):
+        return _merge_into(src_paths, dst)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.with_name(f".{dst.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.merging")
+        try:
+            if dst.exists():
+                shutil.copyfile(dst, tmp)
+            with TuningDB(tmp) as out:
+                stats = _merge_into(src_paths, out, dst_real=dst.resolve())
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return stats
+
+
+def _merge_into(src_paths: Iterable[PathLike], out: TuningDB, dst_real: Optional[Path] = None) -> dict:
     stats = {"runs_added": 0, "trials_added": 0, "winners_written": 0, "sources_skipped": 0}
+    dst_real = dst_real or out.path.resolve()
+    sources = []
     try:
-        dst_real = out.path.resolve()
-        for src_path in src_paths:
+        for src_path in src_paths:                      # check every source before writing anything
             src_path = Path(src_path)
             if src_path.resolve() == dst_real or (src_path.exists() and dst_real.exists()
                                                   and os.path.samefile(src_path, dst_real)):
                 stats["sources_skipped"] += 1
                 continue
-            with TuningDB(src_path, readonly=True) as src:
-                _merge_one(src, out, stats)
+            try:
+                src = TuningDB(src_path, readonly=True)
+                sources.append(src)
+                version = src.schema_version
+                src.winners()
+            except sqlite3.DatabaseError as e:
+                raise ValueError(f"{src_path} is not a tuning database ({e})") from None
+            if version == 0:
+                raise ValueError(f"{src_path} is not a tuning database (no schema version): nothing merged")
+        for src in sources:
+            _merge_one(src, out, stats)
     finally:
-        if own:
-            out.close()
+        for src in sources:
+            src.close()
     return stats
 
 
@@ -601,15 +635,17 @@ def _merge_one(src: TuningDB, out: TuningDB, stats: dict) -> None:
                 existing_runs[sig] = int(out.db["runs"].insert({c: r[c] for c in run_cols}).last_pk)
                 stats["runs_added"] += 1
             run_map[r["id"]] = existing_runs[sig]
+        new_trials = []
         for t in src.trials():
             row = {c: t[c] for c in trial_cols}
             row["run_id"] = run_map.get(t["run_id"], t["run_id"])
             sig = tuple(row[c] for c in trial_cols)
             if sig in existing_trials:
                 continue
-            out.db["trials"].insert(row)
+            new_trials.append(row)
             existing_trials.add(sig)
-            stats["trials_added"] += 1
+        out.db["trials"].insert_all(new_trials, batch_size=1000)    # batched, not one statement per row
+        stats["trials_added"] += len(new_trials)
     for w in src.winners():
         w = dict(w)
         if w.get("run_id") is not None:

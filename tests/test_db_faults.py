@@ -81,3 +81,62 @@ def test_cli_export_onto_itself_is_one_line_and_a_failing_exit(tmp_path, capsys)
         cli.main(["db", "export", "--db", str(path), "--out", str(path)])
     assert e.value.code != 0 and "onto itself" in str(e.value.code)
     assert path.read_bytes() == before
+
+
+def _db_with_winner(path, t=10.0):
+    with db.TuningDB(path) as tdb:
+        rid = tdb.add_run(H100)
+        tdb.record_winner(tdb.add_trial(rid, "s", Variant(), WL, "ok", time_us=t))
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign"])
+def test_merge_refuses_what_is_not_a_tuning_db_and_writes_nothing(tmp_path, kind):
+    import sqlite3
+    target, good, bad = tmp_path / "target.sqlite", tmp_path / "good.sqlite", tmp_path / "bad.sqlite"
+    _db_with_winner(target, 20.0)
+    _db_with_winner(good, 5.0)
+    if kind == "corrupt":
+        bad.write_bytes(b"garbage" * 1000)
+    else:                                           # some other program's sqlite file
+        with sqlite3.connect(bad) as c:
+            c.execute("create table foo (x)")
+    before_target, before_bad = target.read_bytes(), bad.read_bytes()
+    with pytest.raises(ValueError, match="bad.sqlite is not a tuning database"):
+        db.merge([good, bad], target)               # the good source is not merged either
+    assert target.read_bytes() == before_target and bad.read_bytes() == before_bad   # nothing stamped
+    with pytest.raises(ValueError):
+        db.merge([bad], tmp_path / "new.sqlite")
+    assert not (tmp_path / "new.sqlite").exists()  # no empty target left behind
+    assert not list(tmp_path.glob(".*.merging"))
+
+
+def test_a_merge_killed_midway_leaves_the_target_byte_identical(tmp_path, monkeypatch):
+    target, src = tmp_path / "target.sqlite", tmp_path / "src.sqlite"
+    _db_with_winner(target, 20.0)
+    _db_with_winner(src, 5.0)
+    before = target.read_bytes()
+    real = db._merge_one
+
+    def dies_halfway(s, out, stats):
+        real(s, out, stats)                          # rows written into the working copy ...
+        raise KeyboardInterrupt("killed")            # ... then the process is interrupted
+    monkeypatch.setattr(db, "_merge_one", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        db.merge([src], target)
+    assert target.read_bytes() == before
+    assert not list(tmp_path.glob(".*.merging"))
+    monkeypatch.setattr(db, "_merge_one", real)
+    stats = db.merge([src], target)
+    assert stats["winners_written"] == 1
+    with db.TuningDB(target, readonly=True) as t:
+        assert t.winners()[0]["time_us"] == 5.0
+
+
+def test_cli_merge_of_a_foreign_file_is_one_line(tmp_path):
+    from flash_mla import cli
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"garbage" * 1000)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["db", "merge", str(bad), "--into", str(tmp_path / "t.sqlite")])
+    assert "bad.sqlite is not a tuning database" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "t.sqlite").exists()
