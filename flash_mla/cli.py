@@ -183,16 +183,76 @@ def cmd_bench(args) -> int:
 
 
 def _workloads(args):
-    from flash_mla.tuner.workloads import Workload, suite
-    ws = [w for name in (args.suite or []) for w in suite(name)]
-    for spec in args.workload or []:
-        kv = dict(item.split("=", 1) for item in spec.split(","))
-        ints = {k: int(v) for k, v in kv.items() if k not in ("dtype", "causal")}
-        ws.append(Workload(**ints, causal=kv.get("causal", "0") in ("1", "true", "True"),
-                           dtype=kv.get("dtype", "bf16")))
-    if not ws:
-        raise SystemExit("name at least one --suite or --workload")
-    return ws
+    from flash_mla.tuner.workloads import suite
+    return [w for name in (args.suite or []) for w in suite(name)] + list(args.workload or [])
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line and exit 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _gpu_list(text: str) -> str:
+    """Comma-separated GPU indices (kept as text: worker processes receive it as is)."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1, got {text!r}")
+    return text
+
+
+_BOOLS = {"1": True, "true": True, "0": False, "false": False}
+
+
+def _workload_spec(text: str):
+    """``h_q=..,s_q=..,batch=..,mean_sk=..[,h_kv=..,causal=0|1,dtype=bf16|fp16,page_size=64|32]``."""
+    from flash_mla.codegen.variant import DTYPES, PAGE_SIZES
+    from flash_mla.tuner.workloads import Workload
+    bad = argparse.ArgumentTypeError
+    kv = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise bad(f"malformed workload item {item!r} in {text!r}: expected name=value")
+        k, v = (x.strip() for x in item.split("=", 1))
+        kv[k] = v
+    ints = ("h_q", "s_q", "batch", "mean_sk", "h_kv", "page_size")
+    unknown = set(kv) - set(ints) - {"causal", "dtype"}
+    if unknown:
+        raise bad(f"unknown workload fields {sorted(unknown)} in {text!r}")
+    missing = {"h_q", "s_q", "batch", "mean_sk"} - set(kv)
+    if missing:
+        raise bad(f"workload {text!r} lacks {sorted(missing)}")
+    fields = {}
+    for k in ints:
+        if k in kv:
+            try:
+                fields[k] = _positive_int(kv[k])
+            except argparse.ArgumentTypeError:
+                raise bad(f"workload field {k} must be a positive integer, got {kv[k]!r}") from None
+    if "causal" in kv:
+        if kv["causal"].lower() not in _BOOLS:
+            raise bad(f"workload field causal must be 0, 1, true or false, got {kv['causal']!r}")
+        fields["causal"] = _BOOLS[kv["causal"].lower()]
+    if "dtype" in kv:
+        if kv["dtype"] not in DTYPES:
+            raise bad(f"workload field dtype must be one of {DTYPES}, got {kv['dtype']!r}")
+        fields["dtype"] = kv["dtype"]
+    if fields.get("page_size", PAGE_SIZES[0]) not in PAGE_SIZES:
+        raise bad(f"workload field page_size must be one of {PAGE_SIZES}, got {fields['page_size']}")
+    if fields["h_q"] % fields.get("h_kv", 1):
+        raise bad(f"workload h_q={fields['h_q']} is not a multiple of h_kv={fields['h_kv']}")
+    return Workload(**fields)
 
 
 def _default_db_path():
@@ -289,14 +349,16 @@ def cmd_db(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="flash-mla", description=__doc__)
+    from flash_mla.codegen.variant import DTYPES, PAGE_SIZES
+    from flash_mla.tuner.workloads import SUITES
+    ap = _Parser(prog="flash-mla", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def common(p):
         p.add_argument("--variants", default="default", help="'default', 'all' or comma-separated variant keys")
-        p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
-        p.add_argument("--page-sizes", nargs="+", type=int, default=[64, 32])
-        p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
+        p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+        p.add_argument("--page-sizes", nargs="+", type=int, default=list(PAGE_SIZES), choices=list(PAGE_SIZES))
+        p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
 
     p = sub.add_parser("build", help="compile variants (no GPU needed) and print the ptxas report")
     common(p)
@@ -307,7 +369,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="build variants and check each against the reference on the GPU")
     common(p)
     p.add_argument("--full", action="store_true", help="the whole FlashMLA correctness matrix per variant")
-    p.add_argument("--cases", type=int, default=48, help="sampled cases per variant (without --full)")
+    p.add_argument("--cases", type=_positive_int, default=48, help="sampled cases per variant (without --full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write per-case results as JSON here")
     p.set_defaults(func=cmd_check)
@@ -325,24 +387,26 @@ def main(argv=None) -> int:
                         "beside ours in its own process (repeatable); adds the per-shape floor and ours / best peer")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.json, bench.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
+    p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="Optuna search of the variant space per workload; winners into the tuning DB")
-    p.add_argument("--suite", action="append", help="named suite: dsv3-tp1, dsv3-tp8, dsv3-mtp, dsv3-small (repeatable)")
-    p.add_argument("--workload", action="append",
+    tune_parser = p
+    p.add_argument("--suite", action="append", choices=list(SUITES), help="named suite (repeatable)")
+    p.add_argument("--workload", action="append", type=_workload_spec,
                    help="h_q=..,s_q=..,batch=..,mean_sk=..[,h_kv=..,causal=1,dtype=bf16,page_size=64] (repeatable)")
-    p.add_argument("--trials", type=int, default=16, help="new measurements per workload")
+    p.add_argument("--trials", type=_positive_int, default=16, help="new measurements per workload")
     p.add_argument("--timeout", type=float, default=None, help="seconds per workload study")
     p.add_argument("--storage", default="flash_mla_studies.journal",
                    help="Optuna storage: a journal file (default) or an RDB URL such as postgresql://...")
     p.add_argument("--db", default=None, help="tuning database to write (default: $FLASH_MLA_TUNING_DB or "
                    "./flash_mla_tuning.sqlite)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU indices: one worker process per GPU")
+    p.add_argument("--gpus", type=_gpu_list, default=None,
+                   help="comma-separated GPU indices: one worker process per GPU")
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true", help="also measure every variant and report trials-to-3%%")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
+    p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("db", help="inspect, export and merge tuning databases")
@@ -359,8 +423,13 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_db)
 
     args = ap.parse_args(argv)
-    if getattr(args, "cmd", None) == "tune" and args.db is None:
-        args.db = _default_db_path()
+    if args.cmd == "tune":
+        if not (args.suite or args.workload):
+            tune_parser.error("name at least one --suite or --workload")
+        if args.timeout is not None and args.timeout <= 0:
+            tune_parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
+        if args.db is None:
+            args.db = _default_db_path()
     try:
         return args.func(args)
     except _environment_errors() as e:

@@ -1,0 +1,41 @@
+"""Command-line usage errors: one line on stderr and exit 2, before any GPU or compiler is touched (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flash_mla import cli
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["tune", "--suite", "nope"], "invalid choice: 'nope'"),
+    (["tune", "--workload", "h_q=16,s_q=1,batch"], "malformed workload item 'batch'"),
+    (["tune", "--workload", "h_q=-5,s_q=1,batch=4,mean_sk=2048"], "h_q must be a positive integer, got '-5'"),
+    (["tune", "--workload", "h_q=16,s_q=1,batch=4,mean_sk=2048,causal=yes"], "causal must be 0, 1, true or false"),
+    (["tune", "--workload", "h_q=16,s_q=1,batch=4,mean_sk=2048,dtype=fp32"], "dtype must be one of"),
+    (["tune", "--workload", "h_q=16,s_q=1,batch=4,mean_sk=2048,page_size=16"], "page_size must be one of"),
+    (["tune", "--workload", "h_q=16,s_q=1,batch=4,mean_sk=2048,colour=3"], "unknown workload fields ['colour']"),
+    (["tune", "--workload", "h_q=16,s_q=1,batch=4"], "lacks ['mean_sk']"),
+    (["tune", "--workload", "h_q=6,s_q=1,batch=4,mean_sk=64,h_kv=4"], "not a multiple of h_kv=4"),
+    (["tune", "--suite", "dsv3-tp8", "--trials", "0"], "expected a positive integer, got '0'"),
+    (["tune", "--suite", "dsv3-tp8", "--gpus", "x,y"], "comma-separated GPU indices"),
+    (["tune", "--suite", "dsv3-tp8", "--timeout", "-1"], "--timeout must be > 0"),
+    (["tune"], "name at least one --suite or --workload"),
+    (["build", "--page-sizes", "16"], "invalid choice: 16"),
+    (["build", "--jobs", "0"], "expected a positive integer"),
+    (["check", "--cases", "-2"], "expected a positive integer"),
+    (["bench", "--grid", "huge"], "invalid choice: 'huge'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
+
+
+def test_a_valid_workload_spec_parses_strictly():
+    w = cli._workload_spec("h_q=64,s_q=2,batch=8,mean_sk=4096,h_kv=2,causal=TRUE,dtype=fp16,page_size=32")
+    assert (w.h_q, w.s_q, w.batch, w.mean_sk, w.h_kv, w.causal, w.dtype, w.page_size) == \
+        (64, 2, 8, 4096, 2, True, "fp16", 32)
+    assert cli._workload_spec("h_q=16,s_q=1,batch=4,mean_sk=2048,causal=0").causal is False
