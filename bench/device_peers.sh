@@ -8,7 +8,8 @@
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
-# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu). Logs go to OUTDIR; each step prints its table.
+# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
+# oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
 repo=$(pwd)
@@ -50,6 +51,13 @@ for step in "$@"; do
              --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncu-$shape.txt" 2>&1
            echo "ncu rc=$?"; grep -E "Duration|Elapsed Cycles|stalled_.* [1-9]|Stall|Warp Cycles|Issued|Throughput|Registers|Block Size|Grid Size|Waves|Dynamic Shared|Hit Rate|One or More|No Eligible" "$out/ncu-$shape.txt" | head -60;;
+    oob) PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 "$repo/bench/oob_demo.py" \
+           > "$out/oob-default.txt" 2>&1
+         echo "default mode: rc=$?, $(grep -c "Invalid __global__ read" "$out/oob-default.txt") invalid global reads"
+         grep -m1 -A2 "Invalid __global__ read" "$out/oob-default.txt"; grep "decode ran\|ERROR SUMMARY" "$out/oob-default.txt"
+         FLASH_MLA_CHECK_VALUES=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+           python3 "$repo/bench/oob_demo.py" > "$out/oob-checked.txt" 2>&1
+         echo "FLASH_MLA_CHECK_VALUES=1: rc=$?"; grep "value check\|ERROR SUMMARY" "$out/oob-checked.txt";;
     pytest) python3 -m pytest -q -m gpu "$repo/tests" -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1
             echo "pytest -m gpu rc=$?"; tail -3 "$out/pytest_gpu.txt";;
     flashmla-tests) for dt in bf16 fp16; do    # FlashMLA's own test file against this package (48 cases each)

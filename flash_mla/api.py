@@ -10,7 +10,7 @@ import torch
 
 from . import dispatch, runtime, scheduler
 from .codegen.variant import Variant
-from .validation import HEAD_DIM_K, check_decode_args, check_metadata_args
+from .validation import HEAD_DIM_K, check_decode_args, check_metadata_args, check_values, values_check_enabled
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +80,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                       softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
     _check_kernel_layout(q, k_cache, block_table)
+    if values_check_enabled():
+        check_values(k_cache, block_table, cache_seqlens)
     if variant is None:
         variant = dispatch.select_variant(q, k_cache, block_table, causal and q.shape[1] > 1)
     elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):

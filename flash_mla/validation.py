@@ -4,17 +4,26 @@ Each check looks only at tensor metadata (dtype, shape, strides, device), never 
 validating costs no host-device synchronisation and is safe inside CUDA-graph capture. Errors are
 ``TypeError`` for a wrong kind of object or dtype and ``ValueError`` for a wrong shape, layout, device or
 value, and every message starts with the name of the offending argument.
+
+:func:`check_values` is the one exception, and opt-in: with ``FLASH_MLA_CHECK_VALUES=1`` the decode call
+also reads the lengths and block indices (a host sync, not allowed inside CUDA-graph capture) so that a
+length past the block table's capacity or a block index outside the cache is a clear error instead of an
+out-of-bounds read. A debugging aid, off by default.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args", "check_decode_args"]
+__all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args", "check_decode_args",
+           "check_values", "values_check_enabled", "ENV_CHECK_VALUES"]
+
+ENV_CHECK_VALUES = "FLASH_MLA_CHECK_VALUES"
 
 HEAD_DIM_K = 576          # 512 latent channels + 64 rope channels
 HEAD_DIM_V = 512
@@ -186,3 +195,33 @@ def check_decode_args(
         "b": int(b), "s_q": int(s_q), "h_q": int(h_q), "h_kv": int(h_kv), "d": int(d),
         "dv": int(head_dim_v), "page_size": int(page_size), "dtype": q.dtype, "num_parts": int(num_parts),
     }
+
+
+def values_check_enabled() -> bool:
+    return os.environ.get(ENV_CHECK_VALUES, "") not in ("", "0")
+
+
+def check_values(k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
+    """Lengths within the block table's capacity and every block index a request uses inside ``k_cache``.
+
+    Reads tensor values (a host sync); called by ``flash_mla_with_kvcache`` only with ``FLASH_MLA_CHECK_VALUES=1``.
+    """
+    if torch.cuda.is_available() and cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{ENV_CHECK_VALUES}=1 reads tensor values, which cannot happen inside CUDA-graph "
+                           "capture: unset it while capturing")
+    page, num_blocks, width = k_cache.shape[1], k_cache.shape[0], block_table.shape[1]
+    lens = cache_seqlens.to(torch.int64).cpu()
+    capacity = width * page
+    over = torch.nonzero(lens > capacity)
+    if over.numel():
+        i = int(over[0])
+        raise ValueError(f"cache_seqlens[{i}] = {int(lens[i])} exceeds the block table's capacity {capacity} "
+                         f"(block_table.shape[1] = {width} pages of {page} tokens)")
+    pages = (lens.clamp_min(0) + page - 1) // page
+    used = torch.arange(width)[None, :] < pages[:, None]
+    bt = block_table.cpu().to(torch.int64)
+    bad = torch.nonzero(used & ((bt < 0) | (bt >= num_blocks)))
+    if bad.numel():
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(f"block_table[{i}, {j}] = {int(bt[i, j])} is outside k_cache's {num_blocks} blocks "
+                         f"(request {i} has length {int(lens[i])})")

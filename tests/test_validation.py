@@ -377,3 +377,46 @@ def test_get_mla_metadata_checks_split_overhead_before_the_device():
     from flash_mla import get_mla_metadata
     with pytest.raises(ValueError, match="split_overhead must be >= 1, got -3"):
         get_mla_metadata(torch.full((4,), 1000, dtype=torch.int32), 16, 1, split_overhead=-3)
+
+
+def _paged(lens, page=64, width=None, num_blocks=None):
+    from flash_mla.testing import make_paged_kv
+    q, k, bt, sl = make_paged_kv(len(lens), 1, 16, 1, lens, page, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    return k, bt, sl
+
+
+def test_value_check_accepts_valid_inputs():
+    from flash_mla.validation import check_values
+    check_values(*_paged([100, 0, 64, 300]))
+
+
+def test_value_check_names_a_length_past_the_capacity():
+    from flash_mla.validation import check_values
+    k, bt, sl = _paged([100, 300])
+    sl[1] = bt.shape[1] * 64 + 1
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = .* exceeds the block table's capacity"):
+        check_values(k, bt, sl)
+
+
+def test_value_check_names_a_block_index_outside_the_cache():
+    from flash_mla.validation import check_values
+    k, bt, sl = _paged([100, 300])
+    bt[1, 2] = k.shape[0]                      # one past the last block; request 1 uses pages 0..4
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = .* outside k_cache"):
+        check_values(k, bt, sl)
+    bt[1, 2] = -1
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = -1"):
+        check_values(k, bt, sl)
+    bt[1, 2] = 0
+    bt[0, bt.shape[1] - 1] = -7                # an unused entry (past request 0's pages) is not checked
+    check_values(k, bt, sl)
+
+
+def test_value_check_is_opt_in(monkeypatch):
+    from flash_mla.validation import values_check_enabled
+    monkeypatch.delenv("FLASH_MLA_CHECK_VALUES", raising=False)
+    assert not values_check_enabled()
+    monkeypatch.setenv("FLASH_MLA_CHECK_VALUES", "1")
+    assert values_check_enabled()
+    monkeypatch.setenv("FLASH_MLA_CHECK_VALUES", "0")
+    assert not values_check_enabled()
