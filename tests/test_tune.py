@@ -114,9 +114,11 @@ def test_study_resumes_without_remeasuring(env):
     storage2 = tune.journal_storage(str(tmp_path / "studies.journal"))
     second = SyntheticMeasurer()
     res = tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=second)
-    assert not set(first.calls) & set(second.calls) - {default_variant().key}
+    assert not set(first.calls) & set(second.calls)        # the default too: its DB row counts as measured
     assert res.best["variant"] == synthetic_best(w)
-    assert len(tune.measured_history(storage2, GPU, w)) == len(search_space())   # each measured once in the study
+    measured = [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w)) if t["state"] != "invalid"]
+    assert sorted(measured) == sorted(v.key for v in search_space())   # each variant measured exactly once
+    assert len(tune.measured_history(storage2, GPU, w)) >= len(search_space()) - 1
 
 
 def test_trials_to_within():
@@ -132,3 +134,28 @@ def test_sweep_reports_trials_to_3pct(env):
     sw = tune.sweep(w, storage, db, run_id, GPU, measurer=SyntheticMeasurer())
     assert sw["n"] == len(search_space()) and sw["best_key"] == synthetic_best(w).key
     assert 1 <= sw["trials_to_3pct"] <= len(search_space())
+
+
+def test_a_kill_between_the_db_row_and_the_tell_measures_nothing_twice(env, monkeypatch):
+    storage, db, run_id, tmp_path = env
+    w = Workload(16, 1, 4, 2048)
+    real_add = db.add_trial
+    calls = {"n": 0}
+
+    def killed_after_third_row(*a, **k):
+        tid = real_add(*a, **k)                       # the row is written ...
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")         # ... and the process dies before study.tell
+        return tid
+    monkeypatch.setattr(db, "add_trial", killed_after_third_row)
+    first = SyntheticMeasurer()
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune_workload(w, storage, db, run_id, GPU, n_trials=10, measurer=first)
+    monkeypatch.setattr(db, "add_trial", real_add)
+    storage2 = tune.journal_storage(str(tmp_path / "studies.journal"))   # a new process resumes
+    second = SyntheticMeasurer()
+    tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=second)
+    assert not set(first.calls) & set(second.calls)
+    measured = [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w)) if t["state"] != "invalid"]
+    assert len(measured) == len(set(measured)) == len(search_space())

@@ -18,10 +18,14 @@ import optuna
 
 from flash_mla.codegen.build import build
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
-from flash_mla.db import TuningDB
+from flash_mla.db import TRIAL_STATES, TuningDB
 
 from .worker import Worker
 from .workloads import Workload
+
+
+#: Trial states that mean "measured and not usable" (the variant is never measured again in its study).
+MEASURED_FAILURES = tuple(s for s in TRIAL_STATES if s not in ("ok", "invalid"))
 
 
 def journal_storage(path: str):
@@ -84,6 +88,13 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             known[k] = t.value
         elif k and t.state == optuna.trial.TrialState.FAIL:
             known.setdefault(k, None)
+    # The DB row of a measurement is written before Optuna is told; a process killed in between leaves
+    # the row without the tell. Rows of this study count as measured too, so nothing is measured twice.
+    for t in db.trials(study=name):
+        if t["state"] == "ok":
+            known[t["variant_key"]] = min(t["time_us"], known.get(t["variant_key"]) or float("inf"))
+        elif t["state"] in MEASURED_FAILURES:
+            known.setdefault(t["variant_key"], None)
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
     history, measured, t0 = [], 0, time.time()
     try:
