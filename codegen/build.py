@@ -265,10 +265,12 @@ def build(variants: list[Variant], jobs: int | None = None, verbose: bool = Fals
     """Compile every variant (in parallel, cached); returns one Artifact per variant, failures included."""
     artifacts = [prepare(v) for v in variants]
     errors = {}
-    todo = [a for a in artifacts if not a.is_built()]
+    built = {a.directory for a in artifacts if a.is_built()}   # each library is hashed once per call
+    todo = [a for a in artifacts if a.directory not in built]
     if todo:
         with _locked(todo):
-            todo = [a for a in todo if not a.is_built()]      # another process may have built them meanwhile
+            built |= {a.directory for a in todo if a.is_built()}  # another process may have built them meanwhile
+            todo = [a for a in todo if a.directory not in built]
             for a in todo:
                 a.partial.unlink(missing_ok=True)             # never trust what a killed build left behind
             if todo:
@@ -285,8 +287,10 @@ def build(variants: list[Variant], jobs: int | None = None, verbose: bool = Fals
                     if a.partial.exists():
                         errors[a.directory] = _finish(a)
                         a.partial.unlink(missing_ok=True)
+                        if not errors[a.directory]:
+                            built.add(a.directory)
     for a in artifacts:
-        if a.is_built():
+        if a.directory in built:
             a.ok = True
             a.resources = ptxas.parse(a.report_path.read_text()) if a.report_path.exists() else {}
         else:

@@ -130,12 +130,7 @@ def cmd_bench(args) -> int:
     from flash_mla.codegen.variant import default_variant, search_space
     from flash_mla.tuner import bench
     from flash_mla.tuner.measure import ceilings
-    from flash_mla.tuner.peers import PeerError, check_peer_dir, open_peers
-    try:
-        for d in args.peer or []:
-            check_peer_dir(d)
-    except PeerError as e:
-        raise SystemExit(str(e))
+    from flash_mla.tuner.peers import open_peers
     shapes = bench.GRIDS[args.grid]()
     impls = {f"default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
@@ -144,17 +139,15 @@ def cmd_bench(args) -> int:
         impls.update({v.key: v for v in search_space("bf16", 64)})
     if args.variants:
         impls.update({v.key: v for v in _variants_by_key(args.variants) if (v.dtype, v.page_size) == ("bf16", 64)})
-    fixed = [v for v in impls.values() if not callable(v)]
-    arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
-    failed = {a.variant.build_key for a in arts if not a.ok}
-    impls = {k: v for k, v in impls.items() if callable(v) or v.build_key not in failed}
-    try:
-        peers = open_peers(args.peer or [], log_dir=args.out)
-    except PeerError as e:
-        raise SystemExit(str(e))
+    # Peers first: a bad folder is one error (PeerError, reported by main) before anything is built.
+    peers = open_peers(args.peer or [], log_dir=args.out)
     for p in peers:
         print(f"peer {p.label}: {p.module}", flush=True)
     try:
+        fixed = [v for v in impls.values() if not callable(v)]
+        arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
+        failed = {a.variant.build_key for a in arts if not a.ok}
+        impls = {k: v for k, v in impls.items() if callable(v) or v.build_key not in failed}
         print("measuring ceilings ...", flush=True)
         ceil = ceilings()
         per_shape = len(impls) + len(peers) + (1 if peers else 0) + (0 if args.no_reference else 1)

@@ -113,11 +113,14 @@ def open_user_db(path: Path) -> Optional["TuningDB"]:
         return None
     if not path.is_file():
         raise UserDBError(f"{origin} points at {path}, which is not a file (expected a tuning database)")
+    handle = None
     try:
         handle = TuningDB(path, readonly=True)
         handle.winners()                            # sqlite reads lazily: make a damaged file fail here
         return handle
     except (sqlite3.DatabaseError, OSError) as e:
+        if handle is not None:
+            handle.close()
         raise UserDBError(f"{origin} points at {path}, which cannot be read as a tuning database: {e}") from None
 
 

@@ -101,9 +101,7 @@ def read_floor_us(nbytes: int, rep_ms: int = 100) -> float:
     import torch
     buf = torch.empty(max(nbytes // 2, 1), dtype=torch.bfloat16, device="cuda").uniform_(-1, 1)
     out = torch.empty((), dtype=torch.float32, device="cuda")
-    us = graph_time_us(lambda: read_all(buf, out), rep_ms)
-    del buf
-    return us
+    return graph_time_us(lambda: read_all(buf, out), rep_ms)
 
 
 def read_all(buf, out):
