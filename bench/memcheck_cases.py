@@ -13,14 +13,10 @@ import torch
 
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata
 from flash_mla.reference import mla_decode_reference
-from flash_mla.codegen.variant import full_space
+from flash_mla.codegen.variant import variants_by_key
 from flash_mla.testing import compare, make_paged_kv
 
-variant = None
-if len(sys.argv) > 1:
-    variant = next((v for v in full_space() if v.key == sys.argv[1]), None)
-    if variant is None:
-        sys.exit(f"unknown variant key {sys.argv[1]}")
+variant = variants_by_key(sys.argv[1:2])[0] if len(sys.argv) > 1 else None
 
 CASES = [  # b, s_q, h_q, h_kv, seqlens, page_size, causal
     (3, 1, 16, 1, [0, 130, 0], 64, False),

@@ -10,13 +10,12 @@ from collections import defaultdict
 
 import torch
 
-from flash_mla.codegen.variant import full_space
+from flash_mla.codegen.variant import variants_by_key
 from flash_mla.tuner.measure import Shape, check, graph_time_us, make_problem
 
 once = sys.argv[1] == "--once"
 args = sys.argv[2:] if once else sys.argv[1:]
-keys = args[0].split(",")
-variants = [v for k in keys for v in full_space() if v.key == k]
+variants = variants_by_key(args[0].split(","))
 shapes = []
 for spec in args[1:]:
     parts = spec.split(",")

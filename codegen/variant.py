@@ -179,6 +179,15 @@ def full_space() -> list[Variant]:
     return [v for d in DTYPES for ps in PAGE_SIZES for v in search_space(d, ps)]
 
 
+def variants_by_key(keys) -> list[Variant]:
+    """The variants of the full space with these keys, in the given order; ValueError names unknown keys."""
+    by_key = {v.key: v for v in full_space()}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise ValueError(f"unknown variant keys: {missing}")
+    return [by_key[k] for k in keys]
+
+
 def default_variant(dtype: str = "bf16", page_size: int = 64) -> Variant:
     """The variant used where the tuning database has no entry for this GPU and shape.
 

@@ -10,13 +10,11 @@ import time
 
 
 def _variants_by_key(spec: str):
-    from flash_mla.codegen.variant import full_space
-    keys = set(spec.split(","))
-    vs = [v for v in full_space() if v.key in keys]
-    missing = keys - {v.key for v in vs}
-    if missing:
-        raise SystemExit(f"unknown variant keys: {sorted(missing)}")
-    return vs
+    from flash_mla.codegen.variant import variants_by_key
+    try:
+        return variants_by_key(list(dict.fromkeys(spec.split(","))))
+    except ValueError as e:
+        raise SystemExit(str(e))
 
 
 def _variants(args):

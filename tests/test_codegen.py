@@ -141,3 +141,11 @@ def test_compile_subset_resources(tmp_path_factory):
             assert "UTMALDG" in sass, f"{a.variant.key}: no TMA load in SASS"
     if not cuobjdump:
         pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump): SASS not inspected")
+
+
+def test_variants_by_key_keeps_order_and_names_unknown_keys():
+    from flash_mla.codegen.variant import variants_by_key
+    a, b = full_space()[3], full_space()[0]
+    assert variants_by_key([a.key, b.key]) == [a, b]
+    with pytest.raises(ValueError, match="unknown variant keys: \\['nope'\\]"):
+        variants_by_key([a.key, "nope"])
