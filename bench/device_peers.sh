@@ -4,10 +4,10 @@
 #   pip download the runtime wheels the GPU image lacks into .whl/ (sqlite-utils, optuna and their needs)
 # then run, carrying .peers, .whl (and .cache to reuse binaries built here):
 #   bash bench/device_peers.sh OUTDIR STEP...
-# Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), full-wide (whole
+# Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), check:KEYS, full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
-# with the three peers; KEYS = extra variants), profile:KEYS (per-kernel times of those variants),
-# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
+# with the three peers; KEYS = extra variants), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
+# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
@@ -42,15 +42,24 @@ for step in "$@"; do
     memcheck|racecheck|synccheck) compute-sanitizer --tool $step --error-exitcode 9 python3 \
                  "$repo/bench/memcheck_cases.py" "$(echo "$wide_defaults" | cut -d, -f2)" > "$out/$step.txt" 2>&1
                echo "$step rc=$?"; tail -6 "$out/$step.txt";;
-    profile:*) IFS=: read -r _ keys <<< "$step"
-               python3 "$repo/bench/profile_kernels.py" "$keys" 1,1,32,1024 1,1,16,4096 1,1,16,16384 \
-                 1,1,128,4096,fixed 8,1,16,4096 > "$out/profile.txt" 2>&1; echo "profile rc=$?"; cat "$out/profile.txt";;
+    check:*) IFS=: read -r _ keys <<< "$step"
+             python3 -m flash_mla.cli check --variants "$keys" --jobs 8 > "$out/check-keys.txt" 2>&1
+             echo "check rc=$?"; grep -A20 "^variant " "$out/check-keys.txt";;
+    profile:*) IFS=: read -r _ keys shapes <<< "$step"
+               python3 "$repo/bench/profile_kernels.py" "$keys" ${shapes:-1,1,32,1024 1,1,16,4096 1,1,16,16384 \
+                 1,1,128,4096,fixed 8,1,16,4096} > "$out/profile.txt" 2>&1; echo "profile rc=$?"; cat "$out/profile.txt";;
     ncu:*) IFS=: read -r _ key shape <<< "$step"
            ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
              --section SchedulerStats --section MemoryWorkloadAnalysis -k regex:decode_kernel -c 1 \
              --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncu-$shape.txt" 2>&1
            echo "ncu rc=$?"; grep -E "Duration|Elapsed Cycles|stalled_.* [1-9]|Stall|Warp Cycles|Issued|Throughput|Registers|Block Size|Grid Size|Waves|Dynamic Shared|Hit Rate|One or More|No Eligible" "$out/ncu-$shape.txt" | head -60;;
+    ncusrc:*) IFS=: read -r _ key shape <<< "$step"     # per-SASS-instruction stall samples of one decode launch
+           tag=$(echo "$key-$shape" | tr -c 'A-Za-z0-9_\n-' '_')
+           ncu --section WarpStateStats --section SourceCounters -k regex:decode_kernel -c 1 -o "$out/src-$tag" \
+             python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncusrc-$tag.log" 2>&1
+           echo "ncu rc=$?"; ncu -i "$out/src-$tag.ncu-rep" --page source --csv --print-source sass \
+             > "$final/sass-$tag.csv" 2>> "$out/ncusrc-$tag.log"; echo "source page rc=$?"; wc -c "$final/sass-$tag.csv";;
     oob) PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 "$repo/bench/oob_demo.py" \
            > "$out/oob-default.txt" 2>&1
          echo "default mode: rc=$?, $(grep -c "Invalid __global__ read" "$out/oob-default.txt") invalid global reads"

@@ -55,3 +55,12 @@ def parse(report: str) -> dict[str, KernelResources]:
                 spill_loads=spill[2], static_smem=int(m.group(3) or 0))
             current, spill = None, (0, 0, 0)
     return out
+
+
+_SERIALISED = re.compile(r"\((C75\d\d)\) Potential Performance Loss: (wgmma[^']*?) in the function")
+
+
+def serialised_wgmma(report: str) -> list[str]:
+    """ptxas's "wgmma ... serialized" notes (code and reason): each one means that every wgmma of the kernel
+    waits for the previous one, which removes the overlap the pipeline is built for."""
+    return [f"{m.group(1)}: {m.group(2).strip()}" for m in _SERIALISED.finditer(report)]

@@ -29,6 +29,13 @@ PAGE_SIZES = (64, 32)
 # row block, 64-channel slice) CTAs with the split weights computed once in shared memory.
 MERGES = ("separate", "wide_pdl")
 _MERGE_TAGS = {"separate": "sep", "wide_pdl": "wide"}
+# Who computes S = Q K^T. "nsplit": every warpgroup computes block_n / num_warpgroups columns (wgmma N = 32,
+# 16 or 8: each re-reads Q from shared memory), exchanging row maxima through shared memory. "full_wg":
+# warpgroup 0 computes all block_n columns and the softmax, P goes into the stage's rope chunk, both
+# warpgroups accumulate half of the output channels, on mbarriers (P V of tile j issued before Q K^T of
+# tile j+1). "full_wg_ahead": the same with Q K^T of tile j+1 issued first, so its softmax overlaps P V.
+QKS = ("nsplit", "full_wg", "full_wg_ahead")
+_QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa"}
 
 
 class InvalidVariant(ValueError):
@@ -47,6 +54,7 @@ class Variant:
     split_overhead: int = 5     # scheduler's fixed per-request cost in blocks: higher = fewer splits
     combine_rows: int = 4       # q rows (one warp each) per combine CTA of the "separate" merge
     merge: str = "separate"     # merge path of split requests, one of MERGES
+    qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
 
     # -- identity -----------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -56,13 +64,15 @@ class Variant:
     def key(self) -> str:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
-                f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}")
+                f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
+                f"{_QK_TAGS.get(self.qk, '_q' + self.qk)}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (split_overhead) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
-                f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}")
+                f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
+                f"{_QK_TAGS.get(self.qk, '_q' + self.qk)}")
 
     def compile_knobs(self) -> dict:
         d = self.as_dict()
@@ -92,15 +102,19 @@ class Variant:
         el = 2
         q = BLOCK_M * HEAD_DIM * el
         k = self.stages * self.block_n * HEAD_DIM * el
-        p = BLOCK_M * self.block_n * el
-        tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
+        if self.qk == "nsplit":
+            p = BLOCK_M * self.block_n * el
+            tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
+        else:                                   # P lives in each stage's rope chunk
+            p = 0
+            tail = (self.stages + 1) * BLOCK_M * 4 + 3 * 8 * self.stages
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 
     def accumulator_regs(self) -> int:
         """fp32 registers per thread held by the O and S accumulators."""
         o = BLOCK_M * (HEAD_DIM_V // self.num_warpgroups) // 128
-        s = BLOCK_M * (self.block_n // self.num_warpgroups) // 128
+        s = BLOCK_M * (self.block_n // (1 if self.qk != "nsplit" else self.num_warpgroups)) // 128
         return o + s
 
     # -- validity -------------------------------------------------------------------------------
@@ -123,7 +137,13 @@ class Variant:
             bad("num_warpgroups must be 1, 2 or 4")
         if self.num_warpgroups == 1:
             bad("one warpgroup would hold a 64x512 fp32 accumulator (256 registers/thread)")
-        if (self.block_n // self.num_warpgroups) % 8:
+        if self.qk not in QKS:
+            bad(f"qk must be one of {QKS}")
+        if self.qk != "nsplit" and self.num_warpgroups != 2:
+            bad(f"qk={self.qk} has warpgroup 0 compute S and two warpgroups share the output: num_warpgroups must be 2")
+        if self.qk != "nsplit" and self.stages < 2:
+            bad(f"qk={self.qk} keeps two tiles in use at once (P V of one, Q K^T of the next): stages must be >= 2")
+        if self.qk == "nsplit" and (self.block_n // self.num_warpgroups) % 8:
             bad("S columns per warpgroup (block_n / num_warpgroups) must be a multiple of 8 (wgmma N)")
         if self.stages < 1:
             bad("stages must be >= 1")
@@ -159,6 +179,7 @@ KNOBS = {
     "num_warpgroups": (2, 4),
     "split_overhead": (2, 5),
     "merge": MERGES,
+    "qk": QKS,
 }
 
 

@@ -69,6 +69,11 @@ def cmd_build(args) -> int:
         regs, spills = _resource_cols(a)
         print(f"{a.variant.build_key:34} {'yes' if a.ok else 'NO':>3} {regs:>5} {spills:>8} {a.variant.smem_bytes():>7}")
     failed = [a for a in arts if not a.ok]
+    for a in arts:
+        if a.ok and a.report_path.exists():
+            from flash_mla.codegen.ptxas import serialised_wgmma
+            for note in serialised_wgmma(a.report_path.read_text()):
+                print(f"note: {a.variant.build_key}: {note}")
     for a in failed:
         print(f"--- {a.variant.build_key} failed:\n{a.error}", file=sys.stderr)
     print(f"{len(arts) - len(failed)}/{len(arts)} built in {time.time() - t0:.0f} s")

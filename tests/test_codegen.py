@@ -83,15 +83,25 @@ ptxas info    : Used 56 registers, used 0 barriers
 # Compile-only subset: every value of every knob and trait appears at least once.
 COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=1, num_warpgroups=2),
-    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl"),
+    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="full_wg"),
     Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4, merge="wide_pdl"),
     Variant(dtype="fp16", page_size=64, block_n=32, stages=4, num_warpgroups=4),
+    Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead"),
 ]
 
 
 # Ceilings pinned from nvcc 13.0's ptxas report; they may only go down. The one-stage, two-warpgroup
 # 64-token variant sits at the 255-register cap of the 64x512 fp32 accumulator design.
 SPILL_CEILING_BYTES = {"bf16_p64_n64_s1_w2_c4_msep": 52}
+
+
+def test_serialised_wgmma_notes_are_found():
+    report = ("ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+              "to program dependence on compiler-inserted WG.DP in divergent path in the function '_Z3fooi'\n"
+              "ptxas info    : Used 255 registers, used 10 barriers\n")
+    assert ptxas.serialised_wgmma(report) == ["C7518: wgmma.mma_async instructions are serialized due to program "
+                                        "dependence on compiler-inserted WG.DP in divergent path"]
+    assert ptxas.serialised_wgmma("ptxas info    : Used 128 registers\n") == []
 
 
 def test_compile_subset_covers_every_knob():
@@ -132,6 +142,7 @@ def test_compile_subset_resources(tmp_path_factory):
         assert a.variant.smem_bytes() <= SMEM_LIMIT
         assert dec.registers <= min(255, 65536 // a.variant.threads)
         assert a.resources["combine_kernel"].spills == 0
+        assert not ptxas.serialised_wgmma(a.report_path.read_text()), (a.variant.key, ptxas.serialised_wgmma(a.report_path.read_text()))
         if cuobjdump:
             env = {**os.environ, "PATH": os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", "")}
             proc = subprocess.run([cuobjdump, "-sass", str(a.library)], capture_output=True, text=True, env=env)

@@ -34,7 +34,8 @@ class SyntheticMeasurer:
         if v.key == self.failing_key:
             return {"state": "failed_check", "error": "synthetic mismatch"}
         us = 100.0 + 7 * abs(v.block_n - 64) / 32 + 3 * abs(v.stages - 2) + 5 * (v.num_warpgroups - 2) \
-            + 0.5 * v.split_overhead + (0.0 if v.merge == "wide_pdl" else 2.0)
+            + 0.5 * v.split_overhead + (0.0 if v.merge == "wide_pdl" else 2.0) \
+            + {"nsplit": 1.0, "full_wg": 0.0, "full_wg_ahead": 1.5}[v.qk]
         return {"state": "ok", "us": us, "gbs": 1.0, "tflops": 1.0}
 
     def stop(self):
