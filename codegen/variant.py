@@ -13,8 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
-HEAD_DIM = 576          # q/k head dim: 512 latent + 64 rope
-HEAD_DIM_V = 512
+from ..workload_key import HEAD_DIM, HEAD_DIM_V  # noqa: E402  (one home of 576 / 512)
 BLOCK_M = 64            # q rows per CTA (wgmma M)
 SCHED_BLOCK_N = 64      # scheduler block, flash_mla/scheduler.py
 SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90

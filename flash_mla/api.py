@@ -10,6 +10,7 @@ import torch
 
 from . import dispatch, runtime, scheduler
 from .codegen.variant import Variant
+from .workload_key import mean_seqlen_hint
 from .validation import HEAD_DIM_K, check_decode_args, check_metadata_args, check_values, values_check_enabled
 
 
@@ -18,8 +19,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Attribute of the returned tile_scheduler_metadata tensor that carries the length hint to the decode calls.
+_HINT_ATTR = "_flash_mla_mean_seqlen"
+
+
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int,
-                     *, split_overhead: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     *, split_overhead: Optional[int] = None, seqlens_hint=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Split-KV schedule for a decode step.
 
     Args:
@@ -28,6 +33,13 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
         num_heads_k: ``h_kv``.
         split_overhead: per-request cost (in 64-token blocks) the scheduler charges; defaults to the
             tuned winner's policy for this head configuration, else the default variant's.
+        seqlens_hint: the step's KV lengths as the host already knows them (a CPU tensor or list of the
+            lengths, or one number: their mean), or None. Not read from ``cache_seqlens`` (that would be a
+            host sync). The returned metadata carries it, so every ``flash_mla_with_kvcache`` call of the
+            step that gets this metadata selects the kernel tuned for that length
+            (:class:`flash_mla.workload_key.WorkloadKey`); without it, the winner tuned for calls of
+            unknown length. A copy of the metadata into another tensor (e.g. a CUDA-graph buffer) does
+            not carry the hint.
 
     Returns:
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
@@ -36,10 +48,13 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
     check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead)
     if not cache_seqlens.is_cuda:
         raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
+    mean_seqlen = mean_seqlen_hint(seqlens_hint)
     parts = scheduler.num_sm_parts(_num_sms(cache_seqlens.device.index or 0), num_heads_per_head_k, num_heads_k)
     overhead = split_overhead if split_overhead is not None else dispatch.split_overhead_for(
-        cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k, cache_seqlens.shape[0])
-    return scheduler.schedule(cache_seqlens, parts, overhead=overhead)
+        cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k, cache_seqlens.shape[0], mean_seqlen)
+    meta, splits = scheduler.schedule(cache_seqlens, parts, overhead=overhead)
+    setattr(meta, _HINT_ATTR, mean_seqlen)
+    return meta, splits
 
 
 def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor) -> None:
@@ -66,7 +81,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         block_table: ``(batch_size, max_num_blocks_per_seq)`` int32.
         cache_seqlens: ``(batch_size,)`` int32.
         head_dim_v: 512.
-        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`.
+        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata` (the metadata carries its
+            length hint, which picks the tuned kernel).
         softmax_scale: defaults to ``1 / sqrt(576)``.
         causal: causal mask aligned to the end of each sequence (matters when ``seqlen_q > 1``).
         variant: run this kernel variant instead of the selected one (benchmarks, tuning).
@@ -83,7 +99,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if values_check_enabled():
         check_values(k_cache, block_table, cache_seqlens)
     if variant is None:
-        variant = dispatch.select_variant(q, k_cache, block_table, causal and q.shape[1] > 1)
+        variant = dispatch.select_variant(q, k_cache, causal and q.shape[1] > 1,
+                                          getattr(tile_scheduler_metadata, _HINT_ATTR, None))
     elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):
         raise ValueError(f"variant {variant.key} is built for {variant.dtype} with page size {variant.page_size}, "
                          f"got {q.dtype} with page size {k_cache.shape[1]}")

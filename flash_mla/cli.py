@@ -297,6 +297,8 @@ def cmd_tune(args) -> int:
             if args.sweep:
                 res.sweep = tune.sweep(w, storage, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
                                        build_failed=frozenset(failed))
+        # Calls without a length hint: one winner per group of workloads that differ only in length.
+        no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed)
     print(f"\n{'workload':44} {'best variant':28} {'tuned us':>9} {'default us':>10} {'speedup':>8}")
     for r in summary:
         if r.best is None:
@@ -309,6 +311,13 @@ def cmd_tune(args) -> int:
         if sw and sw["best_key"]:
             print(f"    exhaustive sweep: best {sw['best_key']} {sw['best_us']:.1f} us over {sw['n']} variants; "
                   f"study within 3% after {sw['trials_to_3pct']} measured trials")
+    if no_hint:
+        print(f"\nwithout a length hint (geometric mean over the tuned lengths of each group):")
+        print(f"{'workload':44} {'variant':28} {'us':>9} {'default us':>10} {'vs best':>8}")
+        for g in no_hint:
+            d = g["default_us"]
+            print(f"{g['key'].canonical:44} {g['variant'].key:28} {g['us']:9.1f} "
+                  f"{d if d is None else round(d, 1)!s:>10} {g['score']:7.3f}x")
     print(f"results in {args.db}; studies in {args.storage}")
     return 0
 

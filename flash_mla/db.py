@@ -29,11 +29,10 @@ Typical use by a tuner::
     tid = tdb.add_trial(run_id, "study-1", variant.as_dict(), wl, "ok", time_us=41.0)
     tdb.record_winner(tid, default_variant_key=..., default_time_us=..., n_trials=...)
 
-Buckets. ``batch_bucket = bucket_batch(batch)`` (smallest power of two >= batch) and
-``seqlen_bucket = bucket_seqlen(capacity)`` (smallest power of two >= capacity, clamped to
-[64, 131072]), where *capacity* is what the runtime can see without a host sync: the width of the block
-table times the page size. A trial's workload therefore names ``capacity_tokens`` when it knows it
-(else ``max_sk``, else ``mean_sk`` is bucketed); an explicit ``seqlen_bucket`` / ``batch_bucket`` wins.
+Buckets (:mod:`flash_mla.workload_key`, their one home): ``batch_bucket = bucket_batch(batch)`` and
+``seqlen_bucket = bucket_seqlen(mean KV length)``, or ``NO_HINT`` (0) for the winners of calls whose
+caller gives no length hint. A trial's workload names ``mean_sk`` (else ``max_sk``, else
+``capacity_tokens`` is bucketed); an explicit ``seqlen_bucket`` / ``batch_bucket`` wins.
 """
 
 from __future__ import annotations
@@ -54,6 +53,9 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import sqlite_utils
 
+from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, SEQLEN_BUCKET_MAX, SEQLEN_BUCKET_MIN,  # noqa: F401
+                           bucket_batch, bucket_seqlen)
+
 SCHEMA_VERSION = 1
 
 #: Environment variable naming the user tuning database.
@@ -61,10 +63,6 @@ ENV_USER_DB = "FLASH_MLA_TUNING_DB"
 #: File name of the shipped database inside the ``flash_mla.tuning_db`` package.
 SHIPPED_DB_NAME = "flash_mla.sqlite"
 
-HEAD_DIM = 576
-HEAD_DIM_V = 512
-SEQLEN_BUCKET_MIN = 64
-SEQLEN_BUCKET_MAX = 131072
 
 TRIAL_STATES = ("ok", "failed_check", "build_failed", "invalid", "crashed", "timeout")
 
@@ -131,21 +129,6 @@ class SchemaVersionError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-
-def bucket_batch(b: int) -> int:
-    """Smallest power of two >= ``b`` (``b = 0`` -> 1)."""
-    b = int(b)
-    if b < 0:
-        raise ValueError(f"batch must be >= 0, got {b}")
-    return 1 if b <= 1 else 1 << (b - 1).bit_length()
-
-
-def bucket_seqlen(s: int) -> int:
-    """Smallest power of two >= ``max(s, 1)``, clamped to [64, 131072]."""
-    s = max(int(s), 1)
-    p = 1 << (s - 1).bit_length()
-    return min(max(p, SEQLEN_BUCKET_MIN), SEQLEN_BUCKET_MAX)
-
 
 def cuda_major_minor(version: Optional[str]) -> Optional[str]:
     """``"12.8.1"`` -> ``"12.8"``; ``None`` stays ``None``. The DB keys CUDA by major.minor."""
@@ -329,8 +312,8 @@ class TuningDB:
             variant: a ``Variant`` or the dict of its fields.
             workload: ``dtype`` (default: the variant's), ``h_q``, ``h_kv``, ``s_q``, ``page_size``
                 (default: the variant's), ``causal``, ``batch``, ``mean_sk``; optionally ``head_dim`` (576),
-                ``head_dim_v`` (512), ``capacity_tokens`` or ``max_sk`` (bucketed into ``seqlen_bucket``
-                instead of ``mean_sk``), explicit ``batch_bucket`` / ``seqlen_bucket``, and
+                ``head_dim_v`` (512), ``max_sk`` or ``capacity_tokens`` (bucketed into ``seqlen_bucket``
+                when ``mean_sk`` is absent), explicit ``batch_bucket`` / ``seqlen_bucket``, and
                 ``gpu_name`` / ``sm_count`` / ``cuda_version`` to override the run's.
             state: one of :data:`TRIAL_STATES`.
             time_us, gbs, tflops: the measurement; ``time_us`` is required for, and only kept for, ``'ok'``.
@@ -388,7 +371,7 @@ class TuningDB:
         if wl.get("batch_bucket") is None and wl.get("batch") is not None:
             wl["batch_bucket"] = bucket_batch(wl["batch"])
         if wl.get("seqlen_bucket") is None:
-            for src in ("capacity_tokens", "max_sk", "mean_sk"):
+            for src in ("mean_sk", "max_sk", "capacity_tokens"):
                 if wl.get(src) is not None:
                     wl["seqlen_bucket"] = bucket_seqlen(int(-(-float(wl[src]) // 1)))
                     break

@@ -1,7 +1,8 @@
 """Choose the variant for a call and hand back its loaded library.
 
 The tuning databases (user DB over shipped DB) pick the winner for the current GPU and the call's
-shape by the nearest-bucket rule of :mod:`flash_mla.selection`; with no entry the documented default
+workload key (shape and, when the caller gave one, length hint) by the rule of
+:mod:`flash_mla.selection`; with no entry the documented default
 variant runs and one warning says so. Lookups are cached per shape and read no tensor values, so the
 CUDA-graph path stays a dict lookup.
 """
@@ -9,10 +10,12 @@ CUDA-graph path stays a dict lookup.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 from . import runtime, selection
 from .codegen.build import build_one
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
+from .workload_key import NO_HINT, bucket_seqlen
 
 SUPPORTED_PAGE_SIZES = PAGE_SIZES
 _DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
@@ -33,16 +36,18 @@ def _from_dict(items: tuple) -> Variant:
     return Variant.from_dict(dict(items)).validate()
 
 
-def select_variant(q, k_cache, block_table, causal: bool) -> Variant:
-    """The tuned winner for this call's GPU and shape, else the default variant."""
-    sel = selection.select_for_tensors(q, k_cache, block_table, causal)
+def select_variant(q, k_cache, causal: bool, mean_seqlen: Optional[float] = None) -> Variant:
+    """The tuned winner for this call's GPU, shape and length hint, else the default variant."""
+    sel = selection.select_for_tensors(q, k_cache, causal, mean_seqlen)
     if sel.variant is None:
         return default_variant(dtype_name(q.dtype), k_cache.shape[1])
     return _from_dict(tuple(sorted(sel.variant.items())))
 
 
-def split_overhead_for(device_index: int, num_heads_per_head_k: int, num_heads_k: int, batch: int) -> int:
+def split_overhead_for(device_index: int, num_heads_per_head_k: int, num_heads_k: int, batch: int,
+                       mean_seqlen: Optional[float] = None) -> int:
     """The scheduler policy of the tuned winner for this head configuration, else the default's."""
     gpu, sms, cuda = selection.device_info(device_index)
-    tuned = selection.split_policy(gpu, sms, cuda, num_heads_per_head_k, num_heads_k, batch)
+    sk = NO_HINT if mean_seqlen is None else bucket_seqlen(mean_seqlen)
+    tuned = selection.split_policy(gpu, sms, cuda, num_heads_per_head_k, num_heads_k, batch, sk)
     return tuned if tuned is not None else Variant().split_overhead

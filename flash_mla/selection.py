@@ -8,15 +8,20 @@ Selection rule
 2. **User before shipped.** If the user database (``$FLASH_MLA_TUNING_DB`` or
    :func:`flash_mla.db.set_user_db`) has any candidate row, only its rows are considered; otherwise the
    rows of the database shipped with the package.
-3. **Nearest bucket.** Among the candidates the row with the smallest
-   ``|log2(batch_bucket) - log2(bucket_batch(batch))| + |log2(seqlen_bucket) - log2(bucket_seqlen(capacity_tokens))|``
-   wins; ties go to the larger sequence-length bucket, then to the larger batch bucket.
-   ``capacity_tokens`` is ``block_table.shape[1] * page_size``: the KV lengths themselves live on the
-   GPU and reading them would be a host sync.
+3. **The call's workload key** (:class:`flash_mla.workload_key.WorkloadKey`, the same key the tuner
+   stores winners under). *With a length hint* (``seqlens_hint`` of :func:`flash_mla.get_mla_metadata`,
+   carried by its result to every layer of the step) the candidates are the rows tuned for a known
+   length, and the row with the smallest
+   ``|log2(batch_bucket) - log2(call batch bucket)| + |log2(seqlen_bucket) - log2(call seqlen bucket)|``
+   wins; ties go to the larger sequence-length bucket, then to the larger batch bucket. *Without a hint*
+   the candidates are the rows stored for calls without one (``seqlen_bucket = NO_HINT``: the variant
+   with the best geometric-mean time over the tuned lengths of that batch bucket), nearest batch bucket
+   first, ties to the larger. The block table's width is not used: in serving engines it is
+   ``max_model_len / page_size`` whatever the lengths.
 4. **Default.** Without a candidate the call runs the default variant
    (:func:`flash_mla.codegen.variant.default_variant` for its dtype and page size), and a
    :class:`NoTunedVariantWarning` says so once per (GPU, CUDA version, dtype, h_q, h_kv, s_q,
-   page size, causal).
+   page size, causal, with or without a hint).
 
 Cost. Every input is a host-side integer or string (tensor shapes and device properties), so selection
 never synchronises with the GPU. Results are cached in a dict keyed by the arguments after bucketing:
@@ -39,10 +44,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import db
-from .db import HEAD_DIM, HEAD_DIM_V, bucket_batch, bucket_seqlen, cuda_major_minor, set_user_db
+from .db import cuda_major_minor, set_user_db
+from .workload_key import HEAD_DIM, HEAD_DIM_V, NO_HINT, WorkloadKey, bucket_batch
 
 SOURCES = ("user", "shipped")
-DTYPES = ("bf16", "fp16")
 
 
 class NoTunedVariantWarning(UserWarning):
@@ -128,68 +133,63 @@ def _matching_rows(source: str, where: dict) -> list[tuple[dict, dict]]:
     return out
 
 
-def _bucket_distance(row: dict, batch_bucket: int, seqlen_bucket: int) -> float:
-    return (abs(math.log2(row["batch_bucket"]) - math.log2(batch_bucket))
-            + abs(math.log2(row["seqlen_bucket"]) - math.log2(seqlen_bucket)))
-
-
-def select(gpu_name: Optional[str], sm_count: Optional[int], cuda_version: Optional[str], dtype: str,
-           h_q: int, h_kv: int, s_q: int, page_size: int, causal: bool, batch: int,
-           capacity_tokens: int) -> Selection:
+def select(gpu_name: Optional[str], sm_count: Optional[int], cuda_version: Optional[str],
+           key: WorkloadKey) -> Selection:
     """The variant for one decode call (see the module docstring for the rule).
 
     Args:
         gpu_name, sm_count: as ``torch.cuda.get_device_properties`` reports them.
         cuda_version: ``torch.version.cuda`` (compared as major.minor).
-        dtype: ``'bf16'`` or ``'fp16'``.
-        h_q, h_kv, s_q, page_size, causal: the call's problem.
-        batch: ``q.shape[0]``.
-        capacity_tokens: ``block_table.shape[1] * page_size``.
+        key: the call's :class:`WorkloadKey` (:meth:`WorkloadKey.for_call`).
     """
-    key = (gpu_name, sm_count, cuda_version, dtype, h_q, h_kv, s_q, page_size, bool(causal),
-           bucket_batch(batch), bucket_seqlen(capacity_tokens))
-    hit = _cache.get(key)
+    ckey = (gpu_name, sm_count, cuda_version, key)
+    hit = _cache.get(ckey)
     if hit is not None:
         return hit
     with _lock:
-        hit = _cache.get(key)
+        hit = _cache.get(ckey)
         if hit is None:
-            hit = _select_uncached(*key)
-            _cache[key] = hit
+            hit = _select_uncached(gpu_name, sm_count, cuda_version, key)
+            _cache[ckey] = hit
     return hit
 
 
-def _select_uncached(gpu_name, sm_count, cuda_version, dtype, h_q, h_kv, s_q, page_size, causal,
-                     batch_bucket, seqlen_bucket) -> Selection:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+def _rank(row: dict, key: WorkloadKey) -> tuple:
+    batch = abs(math.log2(row["batch_bucket"]) - math.log2(key.batch_bucket))
+    if not key.has_hint:
+        return (batch, -row["batch_bucket"])
+    dist = batch + abs(math.log2(row["seqlen_bucket"]) - math.log2(key.seqlen_bucket))
+    return (dist, -row["seqlen_bucket"], -row["batch_bucket"])
+
+
+def _select_uncached(gpu_name, sm_count, cuda_version, key: WorkloadKey) -> Selection:
     cuda = cuda_major_minor(cuda_version)
-    where = dict(gpu_name=gpu_name, sm_count=sm_count, cuda_version=cuda, dtype=dtype, h_q=int(h_q),
-                 h_kv=int(h_kv), s_q=int(s_q), head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V,
-                 page_size=int(page_size), causal=int(causal))
+    where = {k: v for k, v in key.db_fields().items() if k not in ("batch_bucket", "seqlen_bucket")}
+    where.update(gpu_name=gpu_name, sm_count=sm_count, cuda_version=cuda)
     if gpu_name is not None and sm_count is not None and cuda is not None:
         for source in SOURCES:
-            rows = _matching_rows(source, where)
+            rows = [(r, f) for r, f in _matching_rows(source, where)
+                    if (r["seqlen_bucket"] != NO_HINT) == key.has_hint]
             if rows:
-                row, fields = min(rows, key=lambda rf: (_bucket_distance(rf[0], batch_bucket, seqlen_bucket),
-                                                        -rf[0]["seqlen_bucket"], -rf[0]["batch_bucket"]))
-                dist = _bucket_distance(row, batch_bucket, seqlen_bucket)
-                reason = (f"{source} DB {db_path(source)}: {row['variant_key']} tuned for batch bucket "
-                          f"{row['batch_bucket']}, seqlen bucket {row['seqlen_bucket']} "
-                          f"(call: {batch_bucket}, {seqlen_bucket}; distance {dist:g})")
+                row, fields = min(rows, key=lambda rf: _rank(rf[0], key))
+                tuned = WorkloadKey.from_row(row).canonical
+                reason = (f"{source} DB {db_path(source)}: {row['variant_key']} tuned for {tuned} "
+                          f"(call: {key.canonical})")
                 return Selection(fields, source, reason)
-    shape = (f"dtype={dtype}, h_q={h_q}, h_kv={h_kv}, s_q={s_q}, page_size={page_size}, "
-             f"causal={bool(causal)}")
+    shape = (f"dtype={key.dtype}, h_q={key.h_q}, h_kv={key.h_kv}, s_q={key.s_q}, page_size={key.page_size}, "
+             f"causal={key.causal}, {'with' if key.has_hint else 'without'} a length hint")
     reason = (f"no tuning DB entry for GPU {gpu_name!r} ({sm_count} SMs) with CUDA {cuda} and {shape}; "
               f"default variant")
-    wkey = (gpu_name, cuda, dtype, h_q, h_kv, s_q, page_size, bool(causal))
+    wkey = (gpu_name, cuda, key.dtype, key.h_q, key.h_kv, key.s_q, key.page_size, key.causal, key.has_hint)
     if wkey not in _warned:
         _warned.add(wkey)
+        hint = ("" if key.has_hint else " Calls that pass seqlens_hint= to get_mla_metadata use the winners "
+                "tuned for their length.")
         warnings.warn(
             f"flash_mla: the tuning database has no entry for GPU {gpu_name!r} ({sm_count} SMs) with "
-            f"CUDA {cuda} for {shape}; using the default variant {_default_key(dtype, page_size)}. "
+            f"CUDA {cuda} for {shape}; using the default variant {_default_key(key.dtype, key.page_size)}. "
             f"Tune this GPU and CUDA version with `flash-mla tune` and point {db.ENV_USER_DB} at the "
-            f"resulting database (or call flash_mla.db.set_user_db).",
+            f"resulting database (or call flash_mla.db.set_user_db).{hint}",
             NoTunedVariantWarning, stacklevel=3)
     return Selection(None, "default", reason)
 
@@ -203,16 +203,20 @@ def _default_key(dtype: str, page_size: int) -> str:
 
 
 def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version: Optional[str],
-                 num_heads_per_head_k: int, num_heads_k: int, batch: int) -> Optional[int]:
+                 num_heads_per_head_k: int, num_heads_k: int, batch: int,
+                 seqlen_bucket: int = NO_HINT) -> Optional[int]:
     """``split_overhead`` for :func:`flash_mla.get_mla_metadata`, or None when no winner fits.
 
     Candidates: winners for this GPU, SM count and CUDA version (major.minor) with ``h_kv == num_heads_k``
     and ``h_q * s_q / h_kv == num_heads_per_head_k`` (user DB rows if it has any, else shipped rows).
     The metadata does not know dtype, page size or causality, so the preference is bf16, then page
-    size 64, then the nearest batch bucket; remaining ties go to the larger seqlen bucket, then the
-    larger batch bucket. Cached per arguments after bucketing ``batch``.
+    size 64, then rows of the same kind as the call (tuned for a length, or for calls without a length
+    hint, ``seqlen_bucket`` as in :class:`WorkloadKey`), then the nearest batch bucket, then the nearest
+    seqlen bucket; remaining ties go to the larger seqlen bucket, then the larger batch bucket. Cached per
+    arguments after bucketing ``batch``.
     """
-    key = (gpu_name, sm_count, cuda_version, num_heads_per_head_k, num_heads_k, bucket_batch(batch))
+    key = (gpu_name, sm_count, cuda_version, num_heads_per_head_k, num_heads_k, bucket_batch(batch),
+           int(seqlen_bucket))
     try:
         return _split_cache[key]
     except KeyError:
@@ -223,7 +227,8 @@ def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version:
         return _split_cache[key]
 
 
-def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_bucket) -> Optional[int]:
+def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_bucket,
+                           seqlen_bucket) -> Optional[int]:
     cuda = cuda_major_minor(cuda_version)
     if gpu_name is None or sm_count is None or cuda is None:
         return None
@@ -235,8 +240,11 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
         if rows:
             def rank(rf):
                 r = rf[0]
-                return (r["dtype"] != "bf16", r["page_size"] != 64,
-                        abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)),
+                hinted = seqlen_bucket != NO_HINT
+                sk = (abs(math.log2(r["seqlen_bucket"]) - math.log2(seqlen_bucket))
+                      if hinted and r["seqlen_bucket"] != NO_HINT else 0.0)
+                return (r["dtype"] != "bf16", r["page_size"] != 64, (r["seqlen_bucket"] != NO_HINT) != hinted,
+                        abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)), sk,
                         -r["seqlen_bucket"], -r["batch_bucket"], r["causal"], r["s_q"], r["variant_key"])
             return int(min(rows, key=rank)[1]["split_overhead"])
     return None
@@ -250,15 +258,20 @@ def device_info(device_index: int) -> tuple[str, int, Optional[str]]:
     return props.name, int(props.multi_processor_count), torch.version.cuda
 
 
-def select_for_tensors(q: Any, k_cache: Any, block_table: Any, causal: bool) -> Selection:
-    """:func:`select` for ``flash_mla_with_kvcache``'s tensors, from their shapes only (no host sync)."""
+def key_for_tensors(q: Any, k_cache: Any, causal: bool, mean_seqlen: Optional[float] = None) -> WorkloadKey:
+    """The :class:`WorkloadKey` of ``flash_mla_with_kvcache``'s tensors, from their shapes (no host sync)."""
     dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(q.dtype)]
-    gpu_name, sm_count, cuda = device_info(q.device.index or 0)
     b, s_q, h_q, _ = q.shape
     page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
-    return select(gpu_name, sm_count, cuda, dtype, h_q, h_kv, s_q, page_size, causal, b,
-                  block_table.shape[1] * page_size)
+    return WorkloadKey.for_call(dtype=dtype, h_q=h_q, h_kv=h_kv, s_q=s_q, page_size=page_size, causal=causal,
+                                batch=b, mean_seqlen=mean_seqlen)
+
+
+def select_for_tensors(q: Any, k_cache: Any, causal: bool, mean_seqlen: Optional[float] = None) -> Selection:
+    """:func:`select` for ``flash_mla_with_kvcache``'s tensors and the length hint of its metadata."""
+    gpu_name, sm_count, cuda = device_info(q.device.index or 0)
+    return select(gpu_name, sm_count, cuda, key_for_tensors(q, k_cache, causal, mean_seqlen))
 
 
 __all__ = ["Selection", "NoTunedVariantWarning", "select", "split_policy", "clear_cache", "set_user_db",
-           "select_for_tensors", "device_info"]
+           "select_for_tensors", "key_for_tensors", "device_info"]

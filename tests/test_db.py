@@ -123,9 +123,13 @@ def test_seqlen_bucket_sources(tmp_path):
         base = {k: WL[k] for k in ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal", "batch")}
         ids = [tdb.add_trial(rid, None, Variant(), {**base, "mean_sk": 1000}, "ok", time_us=1.0),
                tdb.add_trial(rid, None, Variant(), {**base, "mean_sk": 1000, "max_sk": 3000}, "ok", time_us=1.0),
+               tdb.add_trial(rid, None, Variant(), {**base, "max_sk": 3000}, "ok", time_us=1.0),
                tdb.add_trial(rid, None, Variant(), {**base, "mean_sk": 1000, "seqlen_bucket": 64}, "ok",
+                             time_us=1.0),
+               tdb.add_trial(rid, None, Variant(), {**base, "mean_sk": 1000, "seqlen_bucket": db.NO_HINT}, "ok",
                              time_us=1.0)]
-        assert [t["seqlen_bucket"] for t in tdb.trials(id=ids)] == [1024, 4096, 64]
+        # the key buckets the mean length (max_sk only without one); an explicit bucket wins, NO_HINT too
+        assert [t["seqlen_bucket"] for t in tdb.trials(id=ids)] == [1024, 1024, 4096, 64, db.NO_HINT]
 
 
 def test_add_trial_validation(tmp_path):
@@ -295,8 +299,9 @@ def test_buckets():
     assert [db.bucket_batch(b) for b in (0, 1, 2, 3, 4, 5, 64, 65, 128)] == [1, 1, 2, 4, 4, 8, 64, 128, 128]
     with pytest.raises(ValueError):
         db.bucket_batch(-1)
-    assert [db.bucket_seqlen(s) for s in (-5, 0, 1, 63, 64, 65, 1000, 4096, 4097)] == \
-        [64, 64, 64, 64, 64, 128, 1024, 4096, 8192]
+    # nearest power of two in log scale: 4096's bucket is [2897, 5793)
+    assert [db.bucket_seqlen(s) for s in (-5, 0, 1, 63, 64, 90, 91, 1000, 2896, 2897, 4096, 5792, 5793)] == \
+        [64, 64, 64, 64, 64, 64, 128, 1024, 2048, 4096, 4096, 4096, 8192]
     assert db.bucket_seqlen(131072) == 131072 and db.bucket_seqlen(10 ** 7) == 131072
     assert db.cuda_major_minor("12.8.1") == "12.8" and db.cuda_major_minor("13.0") == "13.0"
     assert db.cuda_major_minor(None) is None

@@ -86,13 +86,15 @@ def test_shipped_db_winner_is_selected_and_correct():
     gpu, sms, cuda = selection.device_info(0)
     selection.clear_cache()
     q, k_cache, block_table, seqlens = _inputs(4, 1, 16, 1, 2048, seed=5)
-    sel = selection.select_for_tensors(q, k_cache, block_table, False)
+    mean = float(seqlens.double().mean())                   # the host copy an engine passes as the hint
+    sel = selection.select_for_tensors(q, k_cache, False, mean)
     if sel.source != "shipped":
         pytest.skip(f"shipped DB has no entry for {gpu} / CUDA {cuda}: {sel.reason}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", selection.NoTunedVariantWarning)
-        chosen = dispatch.select_variant(q, k_cache, block_table, False)
-        meta, splits = get_mla_metadata(seqlens, 16, 1)
+        chosen = dispatch.select_variant(q, k_cache, False, mean)
+        meta, splits = get_mla_metadata(seqlens, 16, 1, seqlens_hint=seqlens.cpu())
+        assert getattr(meta, "_flash_mla_mean_seqlen") == pytest.approx(mean)     # carried to the decode call
         out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
     assert chosen == Variant.from_dict(sel.variant)
     ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512)

@@ -9,6 +9,7 @@ import pytest
 
 from flash_mla import db, selection
 from flash_mla.codegen.variant import Variant
+from flash_mla.workload_key import NO_HINT, WorkloadKey
 
 GPU, SMS, CUDA = "NVIDIA H100 80GB HBM3", 132, "12.8"
 SHAPE = {"dtype": "bf16", "h_q": 128, "h_kv": 1, "s_q": 1, "page_size": 64, "causal": False}
@@ -42,10 +43,10 @@ def add_winner(path, batch_bucket, seqlen_bucket, variant=None, *, gpu=GPU, sms=
     return variant
 
 
-def sel(batch=64, capacity=4096, *, gpu=GPU, sms=SMS, cuda=CUDA, **shape):
-    s = {**SHAPE, **shape}
-    return selection.select(gpu, sms, cuda, s["dtype"], s["h_q"], s["h_kv"], s["s_q"], s["page_size"],
-                            s["causal"], batch, capacity)
+def sel(batch=64, seqlen=4096, *, gpu=GPU, sms=SMS, cuda=CUDA, **shape):
+    """Selection for a call of ``batch`` requests whose mean KV length (the hint) is ``seqlen``; None: no hint."""
+    key = WorkloadKey.for_call(**{**SHAPE, **shape}, batch=batch, mean_seqlen=seqlen)
+    return selection.select(gpu, sms, cuda, key)
 
 
 V = [Variant(block_n=32, stages=s, num_warpgroups=w) for s in (1, 2, 3, 4) for w in (2, 4)]
@@ -58,13 +59,13 @@ def test_exact_bucket_and_nearest_rule(dbs):
     add_winner(dbs.shipped, 8, 8192, V[3])
     got = sel(64, 4096)
     assert (got.source, got.variant) == ("shipped", V[1].as_dict())
-    assert "distance 0" in got.reason
+    assert "tuned for bf16_p64_hq128_hkv1_sq1_b64_sk4096" in got.reason
     assert sel(2, 1000).variant == V[0].as_dict()              # (2, 1024): (1, 1024) is 1 away
     # (64, 16384) is 2 away from both (64, 4096) and (64, 65536): the larger seqlen bucket wins
     assert sel(64, 16384).variant == V[2].as_dict()
     # (16, 8192): (8, 8192) is 1 away, (64, 4096) 3
     assert sel(16, 8192).variant == V[3].as_dict()
-    # capacity is bucketed: 5000 tokens -> 8192; (64, 8192) is 1 from (64, 4096), 3 from (64, 65536), 3 from (8, 8192)
+    # the hint is bucketed: 5000 tokens -> 8192; (64, 8192) is 1 from (64, 4096), 3 from (64, 65536), 3 from (8, 8192)
     assert sel(50, 5000).variant == V[1].as_dict()
 
 
@@ -80,7 +81,7 @@ def test_cuda_compared_as_major_minor(dbs):
 
 
 @pytest.mark.parametrize("miss", [{"gpu": "NVIDIA H200"}, {"sms": 114}, {"cuda": "13.0"}, {"dtype": "fp16"},
-                                  {"h_q": 64}, {"s_q": 2}, {"page_size": 32}, {"causal": True}])
+                                  {"h_q": 64}, {"s_q": 2}, {"page_size": 32}, {"causal": True, "s_q": 2}])
 def test_key_mismatch_gives_default_and_one_warning(dbs, miss):
     add_winner(dbs.shipped, 64, 4096, V[1])
     add_winner(dbs.user, 64, 4096, V[2])
@@ -120,8 +121,9 @@ def test_user_db_beats_shipped(dbs):
     assert (got.source, got.variant) == ("user", V[2].as_dict())
     assert str(dbs.user) in got.reason
     # another key: the user DB has no row for it, the shipped one does
-    add_winner(dbs.shipped, 64, 4096, V[3], causal=True)
-    assert (sel(64, 4096, causal=True).source, sel(64, 4096, causal=True).variant) == ("shipped", V[3].as_dict())
+    add_winner(dbs.shipped, 64, 4096, V[3], causal=True, s_q=2)
+    got = sel(64, 4096, causal=True, s_q=2)
+    assert (got.source, got.variant) == ("shipped", V[3].as_dict())
 
 
 def test_env_var_names_user_db(dbs, monkeypatch):
@@ -142,7 +144,7 @@ def test_cache_hits_do_not_query(dbs, monkeypatch):
     first = sel(64, 4096)
     n = len(calls)
     assert n >= 1
-    for batch, cap in ((64, 4096), (33, 4000), (60, 2049)):     # same buckets: (64, 4096)
+    for batch, cap in ((64, 4096), (33, 3000), (60, 5700)):     # same buckets: (64, 4096)
         assert sel(batch, cap) is first
     assert len(calls) == n
     sel(65, 4096)                                                # a new bucket is looked up once
@@ -223,12 +225,43 @@ def test_split_policy(dbs, monkeypatch):
     assert calls == []
 
 
-def test_select_for_tensors_reads_shapes_only(dbs, monkeypatch):
+def test_select_for_tensors_reads_shapes_and_the_hint_only(dbs, monkeypatch):
     torch = pytest.importorskip("torch")
     add_winner(dbs.shipped, 8, 2048, V[5])
+    add_winner(dbs.shipped, 8, NO_HINT, V[6])
     monkeypatch.setattr(selection, "device_info", lambda index: (GPU, SMS, CUDA))
     q = torch.empty(8, 1, 128, 576, dtype=torch.bfloat16, device="meta")
     k = torch.empty(100, 64, 1, 576, dtype=torch.bfloat16, device="meta")
-    bt = torch.empty(8, 32, dtype=torch.int32, device="meta")                   # 32 pages * 64 = 2048
-    got = selection.select_for_tensors(q, k, bt, causal=False)
+    got = selection.select_for_tensors(q, k, causal=False, mean_seqlen=1900.0)
     assert (got.source, got.variant) == ("shipped", V[5].as_dict())
+    got = selection.select_for_tensors(q, k, causal=False)
+    assert (got.source, got.variant) == ("shipped", V[6].as_dict())
+
+
+def test_rows_with_and_without_a_hint_never_mix(dbs):
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    add_winner(dbs.shipped, 64, NO_HINT, V[2])
+    add_winner(dbs.shipped, 8, NO_HINT, V[3])
+    assert sel(64, 4096).variant == V[1].as_dict()
+    assert sel(64, 131072).variant == V[1].as_dict()               # far length: still a hinted row
+    assert sel(64, None).variant == V[2].as_dict()
+    assert sel(16, None).variant == V[3].as_dict()                 # nearest batch bucket (8 is 1, 64 is 2)
+    assert sel(32, None).variant == V[2].as_dict()                 # tie (8 and 128 would be...): 64 is 1, 8 is 2
+    assert "tuned for bf16_p64_hq128_hkv1_sq1_b64_sknohint" in sel(64, None).reason
+
+
+def test_no_hint_without_its_rows_is_the_default_and_says_how_to_pass_one(dbs):
+    add_winner(dbs.shipped, 64, 4096, V[1])
+    with pytest.warns(selection.NoTunedVariantWarning, match="seqlens_hint"):
+        got = sel(64, None)
+    assert got.source == "default" and "without a length hint" in got.reason
+    assert sel(64, 4096).variant == V[1].as_dict()
+
+
+def test_split_policy_prefers_rows_of_the_calls_kind(dbs):
+    add_winner(dbs.shipped, 64, 4096, Variant(split_overhead=2))
+    add_winner(dbs.shipped, 64, NO_HINT, Variant(split_overhead=5, block_n=32))
+    add_winner(dbs.shipped, 64, 32768, Variant(split_overhead=7, block_n=32, stages=3))
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 5                 # no hint
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 4096) == 2
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 16384) == 7          # nearest seqlen bucket

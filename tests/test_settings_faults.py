@@ -6,8 +6,11 @@ import pytest
 
 from flash_mla import db, selection
 from flash_mla.codegen import build as B
+from flash_mla.workload_key import WorkloadKey
 
-ARGS = ("NVIDIA H100 80GB HBM3", 132, "13.0", "bf16", 16, 1, 1, 64, False, 8, 4096)
+ARGS = ("NVIDIA H100 80GB HBM3", 132, "13.0",
+        WorkloadKey.for_call(dtype="bf16", h_q=16, h_kv=1, s_q=1, page_size=64, causal=False, batch=8,
+                             mean_seqlen=4096))
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ a variant that fails the reference check is recorded as failed and can never win
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Optional
 
@@ -207,3 +208,74 @@ def sweep(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, gpu
     best_key = min(times, key=times.get)
     return {"n": len(times), "best_key": best_key, "best_us": times[best_key],
             "trials_to_3pct": trials_to_within(measured_history(storage, gpu_name, w), times[best_key])}
+
+
+def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, gpu: Optional[int] = None,
+                    seed: int = 0, trial_timeout_s: float = 120.0, measurer=None) -> list[dict]:
+    """Winners for calls without a length hint (``seqlen_bucket = NO_HINT``, see flash_mla.workload_key).
+
+    The tuned workloads are grouped by their key without the length. In each group the candidates are the
+    group's winners and the default variant; every (candidate, workload) time the DB lacks is measured
+    (and recorded in that workload's study), and the candidate with the smallest geometric mean of
+    ``time / best time of that workload`` wins (ties: the default, then the key). Its row holds the
+    geometric-mean time over the group's workloads, the default's likewise.
+    Returns one dict per group: ``key`` (the hint-free WorkloadKey), ``variant``, ``us``, ``default_us``,
+    ``score`` (the winner's geometric-mean ratio to the per-workload best) and ``workloads``.
+    """
+    groups: dict = {}
+    for res in results:
+        if res.best is not None:
+            groups.setdefault(res.workload.workload_key.without_hint(), []).append(res)
+    out = []
+    if not groups:
+        return out
+    worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
+    try:
+        for key, members in groups.items():
+            dv = default_variant(key.dtype, key.page_size)
+            cands = {dv.key: dv}
+            for res in members:
+                cands.setdefault(res.best["variant"].key, res.best["variant"])
+            times: dict = {}                       # (variant key, workload key) -> us or None (failed)
+            for res in members:
+                w = res.workload
+                name = study_name(gpu_name, w)
+                for t in db.trials(study=name, state="ok"):
+                    k = (t["variant_key"], w.key)
+                    times[k] = min(t["time_us"], times.get(k) or float("inf"))
+                for vk, v in cands.items():
+                    if (vk, w.key) in times:
+                        continue
+                    r = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
+                    db.add_trial(run_id, name, v, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
+                                 tflops=r.get("tflops"), error=r.get("error"))
+                    times[(vk, w.key)] = r["us"] if r["state"] == "ok" else None
+
+            def geomean(xs):
+                return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+            best_of = {res.workload.key: min(times[(vk, res.workload.key)] for vk in cands
+                                             if times.get((vk, res.workload.key)) is not None)
+                       for res in members}
+            scored = []
+            for vk in cands:
+                ts = [times.get((vk, res.workload.key)) for res in members]
+                if any(t is None for t in ts):
+                    continue                           # failed somewhere in the group: not a candidate
+                score = geomean([t / best_of[res.workload.key] for t, res in zip(ts, members)])
+                scored.append((score, vk != dv.key, vk, geomean(ts)))
+            if not scored:
+                continue
+            score, _, vk, us = min(scored)
+            d_ts = [times.get((dv.key, res.workload.key)) for res in members]
+            d_us = geomean(d_ts) if all(t is not None for t in d_ts) else None
+            wl = {**{k: v for k, v in key.db_fields().items() if k not in ("head_dim", "head_dim_v")}}
+            name = f"{gpu_name.replace(' ', '_')}:{key.canonical}"
+            tid = db.add_trial(run_id, name, cands[vk], wl, "ok", time_us=us)
+            db.record_winner(tid, default_variant_key=dv.key, default_time_us=d_us,
+                             n_trials=sum(len(res.history) for res in members))
+            out.append({"key": key, "variant": cands[vk], "us": us, "default_us": d_us, "score": score,
+                        "workloads": [res.workload.key for res in members]})
+    finally:
+        worker.stop()
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from flash_mla.db import bucket_batch, bucket_seqlen
+from flash_mla.workload_key import WorkloadKey
 
 from .measure import Shape
 
@@ -22,9 +22,15 @@ class Workload:
     page_size: int = 64
 
     @property
+    def workload_key(self) -> WorkloadKey:
+        """The key its winner is stored under: the key of a call of this batch with its lengths as the hint."""
+        return WorkloadKey.for_call(dtype=self.dtype, h_q=self.h_q, h_kv=self.h_kv, s_q=self.s_q,
+                                    page_size=self.page_size, causal=self.causal, batch=self.batch,
+                                    mean_seqlen=self.mean_sk)
+
+    @property
     def key(self) -> str:
-        return (f"{self.dtype}_p{self.page_size}_hq{self.h_q}_hkv{self.h_kv}_sq{self.s_q}"
-                f"{'_causal' if self.causal else ''}_b{bucket_batch(self.batch)}_sk{bucket_seqlen(self.mean_sk)}")
+        return self.workload_key.canonical
 
     @property
     def shape(self) -> Shape:
@@ -32,12 +38,12 @@ class Workload:
 
     def db_fields(self) -> dict:
         """The workload part of the tuning-DB key (flash_mla.db)."""
-        return {"dtype": self.dtype, "h_q": self.h_q, "h_kv": self.h_kv, "s_q": self.s_q, "head_dim": 576,
-                "head_dim_v": 512, "page_size": self.page_size, "causal": int(self.causal),
-                "batch_bucket": bucket_batch(self.batch), "seqlen_bucket": bucket_seqlen(self.mean_sk)}
+        return self.workload_key.db_fields()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Fields for a trial row: the measured batch and mean length, and the key's buckets."""
+        k = self.workload_key
+        return {**asdict(self), "batch_bucket": k.batch_bucket, "seqlen_bucket": k.seqlen_bucket}
 
 
 BATCHES = (4, 32, 128)
