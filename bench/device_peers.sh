@@ -5,7 +5,7 @@
 # then run, carrying .peers, .whl (and .cache to reuse binaries built here):
 #   bash bench/device_peers.sh OUTDIR STEP...
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), check:KEYS, full-wide (whole
-# matrix, bf16 / page 64 default wide_pdl variant), memcheck, racecheck, bench:GRID[:KEYS] (flash-mla bench
+# matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
@@ -39,9 +39,10 @@ for step in "$@"; do
                   > "$out/check.txt" 2>&1; echo "check rc=$?"; grep -A20 "^variant " "$out/check.txt";;
     full-wide) python3 -m flash_mla.cli check --variants "$(echo "$wide_defaults" | cut -d, -f2)" --full \
                  > "$out/full.txt" 2>&1; echo "full rc=$?"; tail -3 "$out/full.txt";;
-    memcheck|racecheck|synccheck) compute-sanitizer --tool $step --error-exitcode 9 python3 \
-                 "$repo/bench/memcheck_cases.py" "$(echo "$wide_defaults" | cut -d, -f2)" > "$out/$step.txt" 2>&1
-               echo "$step rc=$?"; tail -6 "$out/$step.txt";;
+    memcheck*|racecheck*|synccheck*) IFS=: read -r tool key <<< "$step"   # TOOL[:KEY], default: the wide default
+               compute-sanitizer --tool $tool --error-exitcode 9 python3 "$repo/bench/memcheck_cases.py" \
+                 "${key:-$(echo "$wide_defaults" | cut -d, -f2)}" > "$out/$tool-${key:-default}.txt" 2>&1
+               echo "$step rc=$?"; tail -6 "$out/$tool-${key:-default}.txt";;
     check:*) IFS=: read -r _ keys <<< "$step"
              python3 -m flash_mla.cli check --variants "$keys" --jobs 8 > "$out/check-keys.txt" 2>&1
              echo "check rc=$?"; grep -A20 "^variant " "$out/check-keys.txt";;

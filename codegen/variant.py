@@ -106,7 +106,7 @@ class Variant:
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
         else:                                   # P lives in each stage's rope chunk
             p = 0
-            tail = (self.stages + 1) * BLOCK_M * 4 + 3 * 8 * self.stages
+            tail = (self.stages + 2) * BLOCK_M * 4 + 3 * 8 * self.stages
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 
@@ -178,7 +178,11 @@ KNOBS = {
     "num_warpgroups": (2, 4),
     "split_overhead": (2, 5),
     "merge": MERGES,
-    "qk": QKS,
+    # The full_wg paths pass the reference check on the sampled matrix (H100), but compute-sanitizer's
+    # racecheck still reports a hazard on their row_inv exchange (write by warpgroup 0, read by warpgroup 1
+    # after a __syncthreads) that is not understood yet: until it is, the tuner does not search them and
+    # they run only when named (--variants, variant=).
+    "qk": ("nsplit",),
 }
 
 
@@ -194,14 +198,19 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
     return out
 
 
-def full_space() -> list[Variant]:
-    """Every valid variant over every supported dtype and page size."""
-    return [v for d in DTYPES for ps in PAGE_SIZES for v in search_space(d, ps)]
+# Every knob value a variant may take, searched or not (variants_by_key resolves all of them).
+ALL_KNOBS = {**KNOBS, "qk": QKS}
+
+
+def full_space(knobs: dict | None = None) -> list[Variant]:
+    """Every valid variant the tuner searches (``knobs=ALL_KNOBS``: every valid variant) over every
+    supported dtype and page size."""
+    return [v for d in DTYPES for ps in PAGE_SIZES for v in search_space(d, ps, knobs)]
 
 
 def variants_by_key(keys) -> list[Variant]:
     """The variants of the full space with these keys, in the given order; ValueError names unknown keys."""
-    by_key = {v.key: v for v in full_space()}
+    by_key = {v.key: v for v in full_space(ALL_KNOBS)}
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise ValueError(f"unknown variant keys: {missing}")

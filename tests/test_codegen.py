@@ -11,19 +11,21 @@ import pytest
 
 from flash_mla.codegen import ptxas
 from flash_mla.codegen.render import render
-from flash_mla.codegen.variant import (KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
+from flash_mla.codegen.variant import (ALL_KNOBS, KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
                                        search_space)
 
 
 def test_space_is_large_and_valid():
-    space = full_space()
+    space = full_space(ALL_KNOBS)
     assert len(space) >= 16
     assert len({v.key for v in space}) == len(space)
     for v in space:
         v.validate()
         assert v.smem_bytes() <= SMEM_LIMIT
-    for knob, values in KNOBS.items():   # every knob keeps >= 2 buildable values
+    for knob, values in ALL_KNOBS.items():   # every knob keeps >= 2 buildable values
         assert len({getattr(v, knob) for v in space}) >= 2, knob
+    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit"}   # what the tuner searches
+    assert {v for v in full_space()} < set(space)
 
 
 def test_key_is_stable_and_roundtrips():
@@ -105,7 +107,7 @@ def test_serialised_wgmma_notes_are_found():
 
 
 def test_compile_subset_covers_every_knob():
-    for knob, values in {**KNOBS, "dtype": ("bf16", "fp16"), "page_size": (64, 32)}.items():
+    for knob, values in {**ALL_KNOBS, "dtype": ("bf16", "fp16"), "page_size": (64, 32)}.items():
         if knob == "split_overhead":     # launch-time knob: no code difference
             continue
         assert {getattr(v, knob) for v in COMPILE_SUBSET} >= set(values), knob
