@@ -64,14 +64,18 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{_QK_TAGS.get(self.qk, '_q' + self.qk)}")
+                f"{self._qk_tag}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (split_overhead) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{_QK_TAGS.get(self.qk, '_q' + self.qk)}")
+                f"{self._qk_tag}")
+
+    @property
+    def _qk_tag(self) -> str:
+        return _QK_TAGS.get(self.qk, "_q" + self.qk)
 
     def compile_knobs(self) -> dict:
         d = self.as_dict()

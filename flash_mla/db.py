@@ -373,7 +373,7 @@ class TuningDB:
         if wl.get("seqlen_bucket") is None:
             for src in ("mean_sk", "max_sk", "capacity_tokens"):
                 if wl.get(src) is not None:
-                    wl["seqlen_bucket"] = bucket_seqlen(int(-(-float(wl[src]) // 1)))
+                    wl["seqlen_bucket"] = bucket_seqlen(float(wl[src]))
                     break
         missing = [f for f in ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal", "batch_bucket",
                                "seqlen_bucket") if wl.get(f) is None]

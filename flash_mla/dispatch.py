@@ -15,14 +15,11 @@ from typing import Optional
 from . import runtime, selection
 from .codegen.build import build_one
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
-from .workload_key import NO_HINT, bucket_seqlen
+from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, bucket_seqlen
 
 SUPPORTED_PAGE_SIZES = PAGE_SIZES
-_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
-
-
 def dtype_name(dtype) -> str:
-    return _DTYPE_NAMES[str(dtype)]
+    return TORCH_DTYPE_NAMES[str(dtype)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,7 +45,8 @@ from typing import Any, Optional
 
 from . import db
 from .db import cuda_major_minor, set_user_db
-from .workload_key import HEAD_DIM, HEAD_DIM_V, NO_HINT, WorkloadKey, bucket_batch
+from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, TORCH_DTYPE_NAMES, WorkloadKey, bucket_batch,
+                           bucket_seqlen)
 
 SOURCES = ("user", "shipped")
 
@@ -238,9 +239,10 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
         rows = [(r, f) for r, f in _matching_rows(source, where)
                 if r["h_q"] * r["s_q"] == nhphk * r["h_kv"] and f.get("split_overhead") is not None]
         if rows:
+            hinted = seqlen_bucket != NO_HINT
+
             def rank(rf):
                 r = rf[0]
-                hinted = seqlen_bucket != NO_HINT
                 sk = (abs(math.log2(r["seqlen_bucket"]) - math.log2(seqlen_bucket))
                       if hinted and r["seqlen_bucket"] != NO_HINT else 0.0)
                 return (r["dtype"] != "bf16", r["page_size"] != 64, (r["seqlen_bucket"] != NO_HINT) != hinted,
@@ -258,13 +260,22 @@ def device_info(device_index: int) -> tuple[str, int, Optional[str]]:
     return props.name, int(props.multi_processor_count), torch.version.cuda
 
 
+@functools.lru_cache(maxsize=4096)
+def _call_key(dtype: str, h_q: int, h_kv: int, s_q: int, page_size: int, causal: bool, batch_bucket: int,
+              seqlen_bucket: int) -> WorkloadKey:
+    return WorkloadKey(dtype, h_q, h_kv, s_q, page_size, causal, batch_bucket, seqlen_bucket)
+
+
 def key_for_tensors(q: Any, k_cache: Any, causal: bool, mean_seqlen: Optional[float] = None) -> WorkloadKey:
-    """The :class:`WorkloadKey` of ``flash_mla_with_kvcache``'s tensors, from their shapes (no host sync)."""
-    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(q.dtype)]
+    """The :class:`WorkloadKey` of ``flash_mla_with_kvcache``'s tensors, from their shapes (no host sync).
+
+    The same key as :meth:`WorkloadKey.for_call`, built once per bucketed shape: a repeated call costs a
+    cache lookup, not a validated dataclass."""
     b, s_q, h_q, _ = q.shape
     page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
-    return WorkloadKey.for_call(dtype=dtype, h_q=h_q, h_kv=h_kv, s_q=s_q, page_size=page_size, causal=causal,
-                                batch=b, mean_seqlen=mean_seqlen)
+    return _call_key(TORCH_DTYPE_NAMES[str(q.dtype)], int(h_q), int(h_kv), int(s_q), int(page_size),
+                     bool(causal) and int(s_q) > 1, bucket_batch(b),
+                     NO_HINT if mean_seqlen is None else bucket_seqlen(mean_seqlen))
 
 
 def select_for_tensors(q: Any, k_cache: Any, causal: bool, mean_seqlen: Optional[float] = None) -> Selection:

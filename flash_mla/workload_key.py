@@ -33,6 +33,8 @@ SEQLEN_BUCKET_MAX = 131072
 #: ``seqlen_bucket`` of a call without a length hint, and of the winners stored for such calls.
 NO_HINT = 0
 DTYPES = ("bf16", "fp16")
+#: ``str(tensor.dtype)`` -> the dtype name of keys and variants.
+TORCH_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
 def bucket_batch(b: int) -> int:
@@ -153,5 +155,5 @@ class WorkloadKey:
         return self.canonical
 
 
-__all__ = ["WorkloadKey", "NO_HINT", "bucket_batch", "bucket_seqlen", "mean_seqlen_hint", "HEAD_DIM",
+__all__ = ["WorkloadKey", "NO_HINT", "TORCH_DTYPE_NAMES", "bucket_batch", "bucket_seqlen", "mean_seqlen_hint", "HEAD_DIM",
            "HEAD_DIM_V", "SEQLEN_BUCKET_MIN", "SEQLEN_BUCKET_MAX"]

@@ -155,3 +155,12 @@ def test_no_hint_winner_is_the_best_geometric_mean_over_the_groups_lengths(tmp_p
         rows = tdb.winners(seqlen_bucket=NO_HINT)
     assert [r["variant_key"] for r in rows] == [expect]
     assert rows[0]["time_us"] == pytest.approx(math.sqrt(t[(expect, 2048)] * t[(expect, 8192)]))
+
+
+def test_runtime_key_of_tensors_equals_the_call_key():
+    torch = pytest.importorskip("torch")
+    for b, s_q, h_q, causal, mean in ((1, 1, 16, True, None), (20, 2, 128, True, 3000.5), (7, 4, 64, False, 90.0)):
+        q = torch.empty(b, s_q, h_q, 576, dtype=torch.float16, device="meta")
+        k = torch.empty(10, 32, 1, 576, dtype=torch.float16, device="meta")
+        assert selection.key_for_tensors(q, k, causal, mean) == WorkloadKey.for_call(
+            dtype="fp16", h_q=h_q, h_kv=1, s_q=s_q, page_size=32, causal=causal, batch=b, mean_seqlen=mean)

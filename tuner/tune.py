@@ -210,6 +210,10 @@ def sweep(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, gpu
             "trials_to_3pct": trials_to_within(measured_history(storage, gpu_name, w), times[best_key])}
 
 
+def _geomean(xs) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
 def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, gpu: Optional[int] = None,
                     seed: int = 0, trial_timeout_s: float = 120.0, measurer=None) -> list[dict]:
     """Winners for calls without a length hint (``seqlen_bucket = NO_HINT``, see flash_mla.workload_key).
@@ -250,10 +254,6 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
                     db.add_trial(run_id, name, v, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
                                  tflops=r.get("tflops"), error=r.get("error"))
                     times[(vk, w.key)] = r["us"] if r["state"] == "ok" else None
-
-            def geomean(xs):
-                return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
             best_of = {res.workload.key: min(times[(vk, res.workload.key)] for vk in cands
                                              if times.get((vk, res.workload.key)) is not None)
                        for res in members}
@@ -262,14 +262,14 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
                 ts = [times.get((vk, res.workload.key)) for res in members]
                 if any(t is None for t in ts):
                     continue                           # failed somewhere in the group: not a candidate
-                score = geomean([t / best_of[res.workload.key] for t, res in zip(ts, members)])
-                scored.append((score, vk != dv.key, vk, geomean(ts)))
+                score = _geomean([t / best_of[res.workload.key] for t, res in zip(ts, members)])
+                scored.append((score, vk != dv.key, vk, _geomean(ts)))
             if not scored:
                 continue
             score, _, vk, us = min(scored)
             d_ts = [times.get((dv.key, res.workload.key)) for res in members]
-            d_us = geomean(d_ts) if all(t is not None for t in d_ts) else None
-            wl = {**{k: v for k, v in key.db_fields().items() if k not in ("head_dim", "head_dim_v")}}
+            d_us = _geomean(d_ts) if all(t is not None for t in d_ts) else None
+            wl = {k: v for k, v in key.db_fields().items() if k not in ("head_dim", "head_dim_v")}
             name = f"{gpu_name.replace(' ', '_')}:{key.canonical}"
             tid = db.add_trial(run_id, name, cands[vk], wl, "ok", time_us=us)
             db.record_winner(tid, default_variant_key=dv.key, default_time_us=d_us,
