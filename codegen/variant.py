@@ -13,6 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
+from ..scheduler import FIXED_OVERHEAD_BLOCKS, SplitPolicy
 from ..workload_key import HEAD_DIM, HEAD_DIM_V  # noqa: E402  (one home of 576 / 512)
 BLOCK_M = 64            # q rows per CTA (wgmma M)
 SCHED_BLOCK_N = 64      # scheduler block, flash_mla/scheduler.py
@@ -50,7 +51,8 @@ class Variant:
     block_n: int = 64           # KV tokens per pipeline stage (independent of page size)
     stages: int = 2             # KV stages in flight
     num_warpgroups: int = 2     # warpgroups splitting S columns and output channels
-    split_overhead: int = 5     # scheduler's fixed per-request cost in blocks: higher = fewer splits
+    split_overhead: int = FIXED_OVERHEAD_BLOCKS  # scheduler's fixed per-request cost in blocks: higher = fewer splits
+    split_min_blocks: int = 1   # fewest work units (64-token blocks) a partition takes: higher = fewer splits
     combine_rows: int = 4       # q rows (one warp each) per combine CTA of the "separate" merge
     merge: str = "separate"     # merge path of split requests, one of MERGES
     qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
@@ -64,11 +66,11 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}")
+                f"{self._qk_tag}{self._min_blocks_tag}")
 
     @property
     def build_key(self) -> str:
-        """Name of the compiled binary: launch-time knobs (split_overhead) do not change the code."""
+        """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
                 f"{self._qk_tag}")
@@ -77,9 +79,19 @@ class Variant:
     def _qk_tag(self) -> str:
         return _QK_TAGS.get(self.qk, "_q" + self.qk)
 
+    @property
+    def _min_blocks_tag(self) -> str:
+        return "" if self.split_min_blocks == 1 else f"_b{self.split_min_blocks}"
+
+    @property
+    def split_policy(self) -> SplitPolicy:
+        """What ``get_mla_metadata`` needs from this variant: the scheduler's launch-time knobs."""
+        return SplitPolicy(self.split_overhead, self.split_min_blocks)
+
     def compile_knobs(self) -> dict:
         d = self.as_dict()
         d.pop("split_overhead")
+        d.pop("split_min_blocks")
         return d
 
     @property
@@ -159,6 +171,8 @@ class Variant:
             bad(f"accumulators need {self.accumulator_regs()} regs/thread, cap is {reg_cap}")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")
+        if self.split_min_blocks < 1:
+            bad("split_min_blocks must be >= 1")
         if self.combine_rows not in (1, 2, 4, 8):
             bad("combine_rows must be 1, 2, 4 or 8")
         if self.merge not in MERGES:
@@ -181,6 +195,7 @@ KNOBS = {
     "stages": (1, 2, 3, 4),
     "num_warpgroups": (2, 4),
     "split_overhead": (2, 5),
+    "split_min_blocks": (1, 4, 16),
     "merge": MERGES,
     # The full_wg paths pass the reference check on the sampled matrix (H100), but compute-sanitizer's
     # racecheck still reports a hazard on their row_inv exchange (write by warpgroup 0, read by warpgroup 1

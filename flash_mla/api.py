@@ -24,15 +24,18 @@ _HINT_ATTR = "_flash_mla_mean_seqlen"
 
 
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int,
-                     *, split_overhead: Optional[int] = None, seqlens_hint=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     *, split_overhead: Optional[int] = None, split_min_blocks: Optional[int] = None,
+                     seqlens_hint=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Split-KV schedule for a decode step.
 
     Args:
         cache_seqlens: ``(batch_size,)`` int32 CUDA tensor of KV lengths.
         num_heads_per_head_k: ``s_q * h_q // h_kv``, the q rows sharing one KV head.
         num_heads_k: ``h_kv``.
-        split_overhead: per-request cost (in 64-token blocks) the scheduler charges; defaults to the
-            tuned winner's policy for this head configuration, else the default variant's.
+        split_overhead: per-request cost (in 64-token blocks) the scheduler charges.
+        split_min_blocks: fewest work units (64-token blocks) one SM partition takes; above 1, short
+            requests are cut into fewer, longer splits. Each of the two defaults to the tuned winner's
+            policy for this head configuration and length hint, else the default variant's.
         seqlens_hint: the step's KV lengths as the host already knows them (a CPU tensor or list of the
             lengths, or one number: their mean), or None. Not read from ``cache_seqlens`` (that would be a
             host sync). The returned metadata carries it, so every ``flash_mla_with_kvcache`` call of the
@@ -45,14 +48,16 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
         int32, both on the device of ``cache_seqlens``. Computed with GPU ops: no host sync.
     """
-    check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead)
+    check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead, split_min_blocks)
     if not cache_seqlens.is_cuda:
         raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
     mean_seqlen = mean_seqlen_hint(seqlens_hint)
     parts = scheduler.num_sm_parts(_num_sms(cache_seqlens.device.index or 0), num_heads_per_head_k, num_heads_k)
-    overhead = split_overhead if split_overhead is not None else dispatch.split_overhead_for(
-        cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k, cache_seqlens.shape[0], mean_seqlen)
-    meta, splits = scheduler.schedule(cache_seqlens, parts, overhead=overhead)
+    policy = dispatch.split_policy_for(cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k,
+                                       cache_seqlens.shape[0], mean_seqlen)
+    meta, splits = scheduler.schedule(
+        cache_seqlens, parts, overhead=split_overhead if split_overhead is not None else policy.overhead,
+        min_payload=split_min_blocks if split_min_blocks is not None else policy.min_blocks)
     setattr(meta, _HINT_ATTR, mean_seqlen)
     return meta, splits
 

@@ -15,9 +15,12 @@ from typing import Optional
 from . import runtime, selection
 from .codegen.build import build_one
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
+from .scheduler import SplitPolicy
 from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, bucket_seqlen
 
 SUPPORTED_PAGE_SIZES = PAGE_SIZES
+
+
 def dtype_name(dtype) -> str:
     return TORCH_DTYPE_NAMES[str(dtype)]
 
@@ -41,10 +44,10 @@ def select_variant(q, k_cache, causal: bool, mean_seqlen: Optional[float] = None
     return _from_dict(tuple(sorted(sel.variant.items())))
 
 
-def split_overhead_for(device_index: int, num_heads_per_head_k: int, num_heads_k: int, batch: int,
-                       mean_seqlen: Optional[float] = None) -> int:
+def split_policy_for(device_index: int, num_heads_per_head_k: int, num_heads_k: int, batch: int,
+                     mean_seqlen: Optional[float] = None) -> SplitPolicy:
     """The scheduler policy of the tuned winner for this head configuration, else the default's."""
     gpu, sms, cuda = selection.device_info(device_index)
     sk = NO_HINT if mean_seqlen is None else bucket_seqlen(mean_seqlen)
     tuned = selection.split_policy(gpu, sms, cuda, num_heads_per_head_k, num_heads_k, batch, sk)
-    return tuned if tuned is not None else Variant().split_overhead
+    return tuned if tuned is not None else Variant().split_policy

@@ -8,7 +8,9 @@ Model. Request ``i`` has ``nb_i = ceil(seqlen_i / BLOCK_N)`` KV blocks and costs
 work units (the fixed per-request cost of loading Q, the epilogue and a possible combine). Requests are
 laid end to end on one work line; request ``i`` starts at ``C_i`` (exclusive prefix sum), its first
 ``overhead`` units are its fixed cost and unit ``C_i + overhead + k`` is its block ``k``. Partition ``p``
-owns the half-open work interval ``[p * payload, (p + 1) * payload)`` with ``payload = ceil(W / P)``.
+owns the half-open work interval ``[p * payload, (p + 1) * payload)`` with
+``payload = max(ceil(W / P), min_payload)``: a minimum payload above 1 leaves partitions idle so that
+short requests are cut into fewer, longer splits (fewer partials to merge).
 It processes, of request ``i``, the blocks whose units fall in its interval. A zero-length request
 (no blocks) is owned by the partition whose interval holds ``C_i``, which writes its empty output.
 
@@ -28,12 +30,20 @@ Blocks of a request ``i`` strictly between ``begin_req`` and ``end_req`` are pro
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 BLOCK_N = 64            # scheduling unit in KV tokens; independent of page size and of a variant's stage size
 BLOCK_M = 64            # q rows per CTA (wgmma M); a head group larger than this takes several CTAs
 FIXED_OVERHEAD_BLOCKS = 5
 METADATA_SIZE = 8
+
+
+class SplitPolicy(NamedTuple):
+    """The scheduler's two launch-time knobs, as a variant (and its tuning DB row) carries them."""
+    overhead: int = FIXED_OVERHEAD_BLOCKS   # fixed cost of a request in work units (blocks)
+    min_blocks: int = 1                     # fewest work units a partition takes (the minimum payload)
 
 
 def num_sm_parts(num_sms: int, num_heads_per_head_k: int, num_heads_k: int) -> int:
@@ -48,13 +58,15 @@ def max_total_splits(batch_size: int, num_parts: int) -> int:
 
 
 def schedule(cache_seqlens: torch.Tensor, num_parts: int, *,
-             block_n: int = BLOCK_N, overhead: int = FIXED_OVERHEAD_BLOCKS):
+             block_n: int = BLOCK_N, overhead: int = FIXED_OVERHEAD_BLOCKS, min_payload: int = 1):
     """Return ``(tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32)``.
 
     ``cache_seqlens`` is an int32 tensor of shape ``(b,)`` on any device; results live on the same device.
     """
     if num_parts < 1:
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    if min_payload < 1:
+        raise ValueError(f"min_payload must be >= 1, got {min_payload}")
     dev = cache_seqlens.device
     lens = cache_seqlens.to(torch.int64).clamp_min(0)
     b = lens.numel()
@@ -62,7 +74,7 @@ def schedule(cache_seqlens: torch.Tensor, num_parts: int, *,
     work = nb + overhead
     start = torch.cumsum(work, 0) - work                                  # C_i, (b,)
     total = work.sum()
-    payload = (total + num_parts - 1) // num_parts                        # 0-dim tensor, no host sync
+    payload = ((total + num_parts - 1) // num_parts).clamp_min(min_payload)   # 0-dim tensor, no host sync
     p = torch.arange(num_parts, device=dev, dtype=torch.int64)
     s = (p * payload).unsqueeze(1)                                        # (P, 1)
     e = torch.minimum((p + 1) * payload, total).unsqueeze(1)

@@ -29,8 +29,9 @@ a repeated call is one dict lookup. The database files are opened read-only on f
 :func:`clear_cache` (also run by :func:`flash_mla.db.set_user_db`) forgets the cached results, the open
 files and the warnings already given, so the next call looks again.
 
-:func:`split_policy` picks the scheduler's ``split_overhead`` for ``get_mla_metadata``, which sees only
-the head configuration and the batch size, from the same winners.
+:func:`split_policy` picks the scheduler's policy (``split_overhead``, ``split_min_blocks``) for
+``get_mla_metadata``, which sees only the head configuration, the batch size and the length hint, from
+one row of the same winners.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any, Optional
 
 from . import db
 from .db import cuda_major_minor, set_user_db
+from .scheduler import SplitPolicy
 from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, TORCH_DTYPE_NAMES, WorkloadKey, bucket_batch,
                            bucket_seqlen)
 
@@ -205,8 +207,9 @@ def _default_key(dtype: str, page_size: int) -> str:
 
 def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version: Optional[str],
                  num_heads_per_head_k: int, num_heads_k: int, batch: int,
-                 seqlen_bucket: int = NO_HINT) -> Optional[int]:
-    """``split_overhead`` for :func:`flash_mla.get_mla_metadata`, or None when no winner fits.
+                 seqlen_bucket: int = NO_HINT) -> Optional[SplitPolicy]:
+    """The scheduler's :class:`SplitPolicy` (``split_overhead``, ``split_min_blocks``) for
+    :func:`flash_mla.get_mla_metadata`, taken from one winner row, or None when no winner fits.
 
     Candidates: winners for this GPU, SM count and CUDA version (major.minor) with ``h_kv == num_heads_k``
     and ``h_q * s_q / h_kv == num_heads_per_head_k`` (user DB rows if it has any, else shipped rows).
@@ -229,7 +232,7 @@ def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version:
 
 
 def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_bucket,
-                           seqlen_bucket) -> Optional[int]:
+                           seqlen_bucket) -> Optional[SplitPolicy]:
     cuda = cuda_major_minor(cuda_version)
     if gpu_name is None or sm_count is None or cuda is None:
         return None
@@ -248,7 +251,8 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
                 return (r["dtype"] != "bf16", r["page_size"] != 64, (r["seqlen_bucket"] != NO_HINT) != hinted,
                         abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)), sk,
                         -r["seqlen_bucket"], -r["batch_bucket"], r["causal"], r["s_q"], r["variant_key"])
-            return int(min(rows, key=rank)[1]["split_overhead"])
+            f = min(rows, key=rank)[1]
+            return SplitPolicy(int(f["split_overhead"]), int(f.get("split_min_blocks", 1)))
     return None
 
 

@@ -59,11 +59,14 @@ def _require_int(name: str, v, minimum: int = 1) -> int:
     return int(v)
 
 
-def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead=None) -> None:
-    """Checks of ``get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead=...)``.
+def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead=None,
+                        split_min_blocks=None) -> None:
+    """Checks of ``get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead=...,
+    split_min_blocks=...)``.
 
     ``split_overhead`` (None: the tuned policy) must be an int >= 1: the scheduler lays each request's
     fixed cost before its blocks, and a value below 1 would drop blocks from the schedule.
+    ``split_min_blocks`` (None: the tuned policy) must be an int >= 1: a partition's payload.
     """
     _require_tensor("cache_seqlens", cache_seqlens)
     _require_int32("cache_seqlens", cache_seqlens)
@@ -72,6 +75,8 @@ def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_
     _require_int("num_heads_k", num_heads_k)
     if split_overhead is not None:
         _require_int("split_overhead", split_overhead)
+    if split_min_blocks is not None:
+        _require_int("split_min_blocks", split_min_blocks)
 
 
 def check_decode_args(

@@ -36,6 +36,9 @@ def test_key_is_stable_and_roundtrips():
     assert Variant.from_dict(v.as_dict()) == v
     assert v.digest == Variant(**v.as_dict()).digest
     assert v.build_key == Variant(**{**v.as_dict(), "split_overhead": 2}).build_key
+    fewer = Variant(**{**v.as_dict(), "split_min_blocks": 4})
+    assert fewer.key == v.key + "_b4" and fewer.build_key == v.build_key        # launch-time knob
+    assert fewer.split_policy == (5, 4) and Variant.from_dict(fewer.as_dict()) == fewer
     with pytest.raises(ValueError, match="unknown"):
         Variant.from_dict({"bogus": 1})
 
@@ -49,6 +52,7 @@ def test_key_is_stable_and_roundtrips():
     (dict(page_size=16), "page_size"),
     (dict(stages=0), "stages"),
     (dict(split_overhead=0), "split_overhead"),
+    (dict(split_min_blocks=0), "split_min_blocks"),
     (dict(merge="fused_later"), "merge must be one of"),
     (dict(merge="wide_pdl", combine_rows=8), "combine_rows shapes only the separate merge"),
 ])
@@ -108,7 +112,7 @@ def test_serialised_wgmma_notes_are_found():
 
 def test_compile_subset_covers_every_knob():
     for knob, values in {**ALL_KNOBS, "dtype": ("bf16", "fp16"), "page_size": (64, 32)}.items():
-        if knob == "split_overhead":     # launch-time knob: no code difference
+        if knob in ("split_overhead", "split_min_blocks"):     # launch-time knobs: no code difference
             continue
         assert {getattr(v, knob) for v in COMPILE_SUBSET} >= set(values), knob
 

@@ -47,9 +47,9 @@ EDGE_CASES = [
 ]
 
 
-def check_schedule(lens: list[int], parts: int):
+def check_schedule(lens: list[int], parts: int, min_payload: int = 1):
     cs = torch.tensor(lens, dtype=torch.int32)
-    meta, num_splits = schedule(cs, parts)
+    meta, num_splits = schedule(cs, parts, min_payload=min_payload)
     b = len(lens)
 
     # dtypes, shapes
@@ -70,7 +70,7 @@ def check_schedule(lens: list[int], parts: int):
         starts.append(c)
         c += n + OV
     total = c
-    payload = -(-total // parts)
+    payload = max(-(-total // parts), min_payload)
 
     covered = [[0] * n for n in nb]
     touches = [[] for _ in range(b)]                   # (partition, split slot) per request
@@ -127,6 +127,22 @@ def test_edge_cases(lens, parts):
 def test_random(seed):
     for lens, parts in _random_cases(100, 1000 + seed):
         check_schedule(lens, parts)
+
+
+@pytest.mark.parametrize("min_payload", [2, 4, 16, 1000])
+def test_minimum_payload(min_payload):
+    for lens, parts in EDGE_CASES + _random_cases(40, 77 + min_payload):
+        check_schedule(lens, parts, min_payload)
+
+
+def test_minimum_payload_cuts_a_short_request_into_fewer_splits():
+    lens = [1024]                                     # 16 blocks
+    _, few = check_schedule(lens, 132)                # payload 1: one block per split
+    _, fewer = check_schedule(lens, 132, min_payload=4)
+    assert few.tolist() == [0, 16]
+    assert fewer.tolist() == [0, 5]                   # units [4, 8) hold blocks 0..2, then 4 blocks each
+    with pytest.raises(ValueError, match="min_payload"):
+        schedule(torch.tensor(lens, dtype=torch.int32), 132, min_payload=0)
 
 
 def test_zero_length_requests():

@@ -199,23 +199,27 @@ def test_split_policy(dbs, monkeypatch):
     add_winner(dbs.shipped, 64, 4096, Variant(dtype="fp16", split_overhead=7), dtype="fp16")
     add_winner(dbs.shipped, 64, 4096, Variant(page_size=32, split_overhead=9), page_size=32)
     selection.clear_cache()
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 9              # bf16 before page size
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == (9, 1)              # bf16 before page size
     add_winner(dbs.shipped, 64, 4096, Variant(split_overhead=2))
     add_winner(dbs.shipped, 1, 4096, Variant(split_overhead=5, block_n=32))
     add_winner(dbs.shipped, 8, 4096, Variant(split_overhead=3, block_n=32), h_q=16)   # other head count
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 2              # bf16, page 64, batch 64
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 100) == 2
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 2) == 5               # nearest batch bucket: 1
-    assert selection.split_policy(GPU, SMS, CUDA, 16, 1, 8) == 3
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == (2, 1)              # bf16, page 64, batch 64
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 100) == (2, 1)
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 2) == (5, 1)               # nearest batch bucket: 1
+    assert selection.split_policy(GPU, SMS, CUDA, 16, 1, 8) == (3, 1)
     # h_q * s_q / h_kv: MTP with s_q = 2, h_q = 64 shares the 128-row head group
     add_winner(dbs.shipped, 512, 4096, Variant(split_overhead=4, block_n=32), h_q=64, s_q=2)
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 512) == 4
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 512) == (4, 1)
     assert selection.split_policy(GPU, SMS, CUDA, 128, 2, 64) is None           # h_kv differs
     assert selection.split_policy("NVIDIA H200", SMS, CUDA, 128, 1, 64) is None
     assert selection.split_policy(GPU, SMS, "13.0", 128, 1, 64) is None
     # user rows win here too
     add_winner(dbs.user, 1, 64, Variant(split_overhead=6, block_n=32, stages=3))
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 6
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == (6, 1)
+    # both knobs come from the one row (rows stored before split_min_blocks existed read as 1)
+    add_winner(dbs.user, 1, 64, Variant(split_overhead=2, split_min_blocks=16, block_n=32, stages=3), time_us=5.0)
+    selection.clear_cache()
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == (2, 16)
     # cached per bucket
     calls = []
     real = selection._matching_rows
@@ -262,6 +266,6 @@ def test_split_policy_prefers_rows_of_the_calls_kind(dbs):
     add_winner(dbs.shipped, 64, 4096, Variant(split_overhead=2))
     add_winner(dbs.shipped, 64, NO_HINT, Variant(split_overhead=5, block_n=32))
     add_winner(dbs.shipped, 64, 32768, Variant(split_overhead=7, block_n=32, stages=3))
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == 5                 # no hint
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 4096) == 2
-    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 16384) == 7          # nearest seqlen bucket
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == (5, 1)                 # no hint
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 4096) == (2, 1)
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 16384) == (7, 1)          # nearest seqlen bucket

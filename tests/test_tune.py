@@ -11,7 +11,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from flash_mla.codegen.variant import Variant, default_variant, search_space
+from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
 from flash_mla.db import TuningDB
 from flash_mla.tuner import tune
 from flash_mla.tuner.workloads import SUITES, Workload, suite
@@ -34,8 +34,8 @@ class SyntheticMeasurer:
         if v.key == self.failing_key:
             return {"state": "failed_check", "error": "synthetic mismatch"}
         us = 100.0 + 7 * abs(v.block_n - 64) / 32 + 3 * abs(v.stages - 2) + 5 * (v.num_warpgroups - 2) \
-            + 0.5 * v.split_overhead + (0.0 if v.merge == "wide_pdl" else 2.0) \
-            + {"nsplit": 1.0, "full_wg": 0.0, "full_wg_ahead": 1.5}[v.qk]
+            + 0.5 * v.split_overhead + 0.25 * abs(v.split_min_blocks - 4) / 4 \
+            + (0.0 if v.merge == "wide_pdl" else 2.0) + {"nsplit": 1.0, "full_wg": 0.0, "full_wg_ahead": 1.5}[v.qk]
         return {"state": "ok", "us": us, "gbs": 1.0, "tflops": 1.0}
 
     def stop(self):
@@ -45,6 +45,22 @@ class SyntheticMeasurer:
 def synthetic_best(w):
     m = SyntheticMeasurer()
     return min(search_space(w.dtype, w.page_size), key=lambda v: m.measure(v.as_dict(), {})["us"])
+
+
+@pytest.fixture(autouse=True)
+def smaller_space(monkeypatch):
+    """These tests exhaust the space; one value of the launch-time split_min_blocks keeps it at the size of
+    the compiled space (TPE's cost grows with the trial count). The full space is sampled in
+    test_trials_draw_every_knob."""
+    monkeypatch.setitem(KNOBS, "split_min_blocks", (1,))
+
+
+def test_trials_draw_every_knob(monkeypatch):
+    monkeypatch.undo()
+    w = Workload(128, 1, 32, 4096)
+    seen = {tune.variant_from_trial(optuna.trial.FixedTrial(
+        {k: vals[i % len(vals)] for k, vals in KNOBS.items()}), w).split_min_blocks for i in range(6)}
+    assert seen == set(KNOBS["split_min_blocks"]) and len(seen) > 1
 
 
 @pytest.fixture
@@ -69,8 +85,8 @@ def test_study_finds_the_synthetic_optimum_and_records_it(env):
     storage, db, run_id, _ = env
     w = Workload(128, 1, 32, 4096)
     m = SyntheticMeasurer()
-    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=100, measurer=m)
     space = search_space(w.dtype, w.page_size)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(space) + 10, measurer=m)
     assert len(set(m.calls)) == len(m.calls) == len(space)      # no variant measured twice, space exhausted
     assert res.best["variant"] == synthetic_best(w)
     assert res.default_us is not None

@@ -373,6 +373,13 @@ def test_split_overhead_is_validated(value, err):
     check_metadata_args(torch.zeros(5, dtype=torch.int32), 16, 1, split_overhead=1)
 
 
+@pytest.mark.parametrize("value,err", [(0, ValueError), (-1, ValueError), (4.0, TypeError), (True, TypeError)])
+def test_split_min_blocks_is_validated(value, err):
+    with pytest.raises(err, match="split_min_blocks"):
+        check_metadata_args(torch.zeros(5, dtype=torch.int32), 16, 1, split_min_blocks=value)
+    check_metadata_args(torch.zeros(5, dtype=torch.int32), 16, 1, split_min_blocks=16)
+
+
 def test_get_mla_metadata_checks_split_overhead_before_the_device():
     from flash_mla import get_mla_metadata
     with pytest.raises(ValueError, match="split_overhead must be >= 1, got -3"):

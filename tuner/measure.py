@@ -169,7 +169,8 @@ def check(variant, problem: Problem):
         raise ValueError(f"variant {variant.key} does not fit a {problem.dtype}/page {problem.page_size} problem")
     num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     parts = scheduler.num_sm_parts(num_sms, shape.s_q * shape.h_q // shape.h_kv, shape.h_kv)
-    meta, splits = scheduler.schedule(problem.cache_seqlens, parts, overhead=variant.split_overhead)
+    meta, splits = scheduler.schedule(problem.cache_seqlens, parts, overhead=variant.split_overhead,
+                                      min_payload=variant.split_min_blocks)
     lib = library_for(variant)
     out = torch.full_like(problem.ref_out, float("nan"))
     lse = torch.full_like(problem.ref_lse, float("nan"))
