@@ -195,7 +195,10 @@ KNOBS = {
     "stages": (1, 2, 3, 4),
     "num_warpgroups": (2, 4),
     "split_overhead": (2, 5),
-    "split_min_blocks": (1, 4, 16),
+    # Above 1 (4, 16) it was slower on every shape measured (H100, b1-16, h_q 16-128, s_k 1024-4096 fixed and
+    # varlen): one CTA takes ~1.8 us per 64-token tile at 64 padded rows, more than a merge of more
+    # splits costs. The knob stays (get_mla_metadata, variant keys), the search leaves it at 1.
+    "split_min_blocks": (1,),
     "merge": MERGES,
     # The full_wg paths pass the reference check on the sampled matrix (H100), but compute-sanitizer's
     # racecheck still reports a hazard on their row_inv exchange (write by warpgroup 0, read by warpgroup 1

@@ -11,7 +11,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
+from flash_mla.codegen.variant import Variant, default_variant, search_space
 from flash_mla.db import TuningDB
 from flash_mla.tuner import tune
 from flash_mla.tuner.workloads import SUITES, Workload, suite
@@ -45,22 +45,6 @@ class SyntheticMeasurer:
 def synthetic_best(w):
     m = SyntheticMeasurer()
     return min(search_space(w.dtype, w.page_size), key=lambda v: m.measure(v.as_dict(), {})["us"])
-
-
-@pytest.fixture(autouse=True)
-def smaller_space(monkeypatch):
-    """These tests exhaust the space; one value of the launch-time split_min_blocks keeps it at the size of
-    the compiled space (TPE's cost grows with the trial count). The full space is sampled in
-    test_trials_draw_every_knob."""
-    monkeypatch.setitem(KNOBS, "split_min_blocks", (1,))
-
-
-def test_trials_draw_every_knob(monkeypatch):
-    monkeypatch.undo()
-    w = Workload(128, 1, 32, 4096)
-    seen = {tune.variant_from_trial(optuna.trial.FixedTrial(
-        {k: vals[i % len(vals)] for k, vals in KNOBS.items()}), w).split_min_blocks for i in range(6)}
-    assert seen == set(KNOBS["split_min_blocks"]) and len(seen) > 1
 
 
 @pytest.fixture
