@@ -221,7 +221,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 
 
 # Every knob value a variant may take, searched or not (variants_by_key resolves all of them).
-ALL_KNOBS = {**KNOBS, "qk": QKS}
+ALL_KNOBS = {**KNOBS, "qk": QKS, "split_min_blocks": (1, 4, 16)}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:
