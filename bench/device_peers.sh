@@ -6,7 +6,7 @@
 #   bash bench/device_peers.sh OUTDIR STEP...
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), check:KEYS, full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
-# with the three peers; KEYS = extra variants), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
+# with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1). Logs go to OUTDIR; each step prints its table.
@@ -16,8 +16,11 @@ repo=$(pwd)
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 bash scripts/stage_site.sh /tmp/fmla-site
-if [[ " $* " == *" bench:"* ]]; then
+if [[ " $* " == *" bench:"* || " $* " == *" bench2:"* ]]; then
   source .peers/device_setup.sh                    # peers; starts FlashMLA's build in the background
+  if [[ " $* " != *" bench:"* ]]; then             # bench2 only: FlashMLA is not wanted, stop its build
+    kill $PEERS_BUILD_PID 2>/dev/null; pkill -f "setup.py build_ext" 2>/dev/null; pkill -x nvcc 2>/dev/null; true
+  fi
 else
   python3 -m zipfile -e .peers/whl/nvidia_cutlass-*.whl /tmp/peer-cutlass
 fi
@@ -84,6 +87,13 @@ for step in "$@"; do
              echo "waiting for FlashMLA's build ..."; wait $PEERS_BUILD_PID; tail -1 /tmp/peer-flashmla-build.log
              python3 -m flash_mla.cli bench --grid "$grid" --no-reference --jobs 8 ${keys:+--variants "$keys"} \
                --peer "$PEER_FLASHMLA_DIR" --peer "$PEER_FLASHINFER_DIR" --peer "$PEER_FA3MLA_DIR" \
+               --out "$out" > "$out/bench-$grid.txt" 2> "$out/bench-$grid.err"
+             echo "bench rc=$?"; grep -B2 -A200 "^device" "$out/bench-$grid.txt" | tail -120;;
+    bench2:*) IFS=: read -r _ grid keys <<< "$step"   # as bench, beside FlashInfer and FA3-MLA only (no FlashMLA build)
+             python3 -m flash_mla.cli build --from-db /tmp/fmla-site/flash_mla/tuning_db/flash_mla.sqlite --jobs 8 \
+               > "$out/build.txt" 2>&1; tail -1 "$out/build.txt"
+             python3 -m flash_mla.cli bench --grid "$grid" --no-reference --jobs 8 ${keys:+--variants "$keys"} \
+               --peer "$PEER_FLASHINFER_DIR" --peer "$PEER_FA3MLA_DIR" \
                --out "$out" > "$out/bench-$grid.txt" 2> "$out/bench-$grid.err"
              echo "bench rc=$?"; grep -B2 -A200 "^device" "$out/bench-$grid.txt" | tail -120;;
     *) echo "unknown step $step"; exit 2;;
