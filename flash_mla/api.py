@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from . import dispatch, runtime, scheduler
 from .codegen.variant import Variant
 from .workload_key import mean_seqlen_hint
-from .validation import HEAD_DIM_K, check_decode_args, check_metadata_args, check_values, values_check_enabled
+from .validation import (HEAD_DIM_K, _require_rank, _require_tensor, check_decode_args, check_metadata_args,
+                         check_values, values_check_enabled)
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,10 +25,51 @@ def _num_sms(device_index: int) -> int:
 _HINT_ATTR = "_flash_mla_mean_seqlen"
 
 
-def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int,
-                     *, split_overhead: Optional[int] = None, split_min_blocks: Optional[int] = None,
-                     seqlens_hint=None) -> Tuple[torch.Tensor, torch.Tensor]:
+@dataclasses.dataclass
+class FlashMLASchedMeta:
+    """The schedule object of FlashMLA's current interface: ``get_mla_metadata()`` (no arguments) returns an
+    empty one, and the first ``flash_mla_with_kvcache`` call given it computes the split-KV schedule from
+    that call's ``cache_seqlens`` and shapes (GPU ops, no host sync) and stores it here.
+
+    Later calls with the same object reuse that schedule, so one object serves every layer of a decode
+    step. Their shapes and flags must equal the first call's (checked: a mismatch is a ValueError naming
+    the field); their lengths are not checked (that would be a host sync), so make a new object whenever
+    ``cache_seqlens`` changes, as with FlashMLA.
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        b: int
+        s_q: int
+        h_q: int
+        page_block_size: int
+        h_k: int
+        causal: bool
+        is_fp8_kvcache: bool
+
+    have_initialized: bool = False
+    config: Optional[Config] = None
+    tile_scheduler_metadata: Optional[torch.Tensor] = None   # (num_sm_parts, 8) int32
+    num_splits: Optional[torch.Tensor] = None                # (batch_size + 1,) int32
+    # get_mla_metadata's keyword arguments, applied when the schedule is computed.
+    split_overhead: Optional[int] = None
+    split_min_blocks: Optional[int] = None
+    seqlens_hint: object = None
+
+
+def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per_head_k: Optional[int] = None,
+                     num_heads_k: Optional[int] = None, *, split_overhead: Optional[int] = None,
+                     split_min_blocks: Optional[int] = None, seqlens_hint=None
+                     ) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[FlashMLASchedMeta, None]]:
     """Split-KV schedule for a decode step.
+
+    Two forms, as FlashMLA has had them:
+
+    - ``get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)`` (the classic interface)
+      computes the schedule now and returns ``(tile_scheduler_metadata, num_splits)``.
+    - ``get_mla_metadata()`` (FlashMLA's current interface) returns ``(FlashMLASchedMeta(), None)``; the
+      first decode call given that object computes the schedule (the keyword arguments below are kept
+      in the object and apply then).
 
     Args:
         cache_seqlens: ``(batch_size,)`` int32 CUDA tensor of KV lengths.
@@ -48,6 +91,17 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
         int32, both on the device of ``cache_seqlens``. Computed with GPU ops: no host sync.
     """
+    given = [n for n, v in (("cache_seqlens", cache_seqlens), ("num_heads_per_head_k", num_heads_per_head_k),
+                            ("num_heads_k", num_heads_k)) if v is not None]
+    if not given:
+        check_metadata_args(torch.zeros(0, dtype=torch.int32), 1, 1, split_overhead, split_min_blocks)
+        mean_seqlen_hint(seqlens_hint)                      # a bad hint fails here, not at the first call
+        return FlashMLASchedMeta(split_overhead=split_overhead, split_min_blocks=split_min_blocks,
+                                 seqlens_hint=seqlens_hint), None
+    if len(given) != 3:
+        missing = [n for n in ("cache_seqlens", "num_heads_per_head_k", "num_heads_k") if n not in given]
+        raise TypeError(f"get_mla_metadata: {', '.join(missing)} missing; pass cache_seqlens, num_heads_per_head_k "
+                        "and num_heads_k (classic interface) or none of them (schedule object)")
     check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_overhead, split_min_blocks)
     if not cache_seqlens.is_cuda:
         raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
@@ -73,11 +127,68 @@ def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, block_table: to
         raise ValueError("block_table must be contiguous in its last dimension")
 
 
+# FlashMLA's sparse / attention-sink / batch-invariant arguments: accepted by name so that a caller of its
+# current interface gets one clear error per argument it actually uses, not a TypeError on the signature.
+_NOT_SUPPORTED = {
+    "indices": "sparse attention (indices) is not supported: this package decodes dense MLA",
+    "attn_sink": "attention sinks (attn_sink) are not supported",
+    "extra_k_cache": "an extra KV cache (extra_k_cache) is not supported: it belongs to sparse attention",
+    "extra_indices_in_kvcache": "extra_indices_in_kvcache is not supported: it belongs to sparse attention",
+    "topk_length": "topk_length is not supported: it belongs to sparse attention",
+    "extra_topk_length": "extra_topk_length is not supported: it belongs to sparse attention",
+}
+
+
+def _reject_unsupported(is_fp8_kvcache, enable_batch_invariant, **optional) -> None:
+    for name, value in optional.items():
+        if value is not None:
+            raise NotImplementedError(f"{name}: {_NOT_SUPPORTED[name]}")
+    if is_fp8_kvcache:
+        raise NotImplementedError("is_fp8_kvcache=True: an FP8 KV cache is not supported yet (bf16 and fp16 only)")
+    if enable_batch_invariant:
+        raise NotImplementedError("enable_batch_invariant=True is not supported: requests are split across SMs "
+                                  "by batch-dependent schedules")
+
+
+def _schedule_from(sched: FlashMLASchedMeta, q, k_cache, cache_seqlens, causal: bool):
+    """``(tile_scheduler_metadata, num_splits, keep)`` for a schedule object: its tensors when it is filled
+    (the call's configuration must equal the one that filled it), else a schedule computed now; ``keep()``
+    stores that in the object, called once the whole call has passed validation."""
+    _require_rank("q", _require_tensor("q", q), 4, "(batch_size, seqlen_q, num_heads_q, head_dim)")
+    _require_rank("k_cache", _require_tensor("k_cache", k_cache), 4,
+                  "(num_blocks, page_block_size, num_heads_k, head_dim)")
+    cfg = FlashMLASchedMeta.Config(b=q.shape[0], s_q=q.shape[1], h_q=q.shape[2], page_block_size=k_cache.shape[1],
+                                   h_k=k_cache.shape[2], causal=bool(causal), is_fp8_kvcache=False)
+    if sched.have_initialized:
+        if sched.config != cfg:
+            diff = [f"{f.name} {getattr(sched.config, f.name)} -> {getattr(cfg, f.name)}"
+                    for f in dataclasses.fields(cfg) if getattr(sched.config, f.name) != getattr(cfg, f.name)]
+            raise ValueError("tile_scheduler_metadata: this FlashMLASchedMeta was filled by a call with another "
+                             f"configuration ({', '.join(diff)}); use a new get_mla_metadata() object for it")
+        return sched.tile_scheduler_metadata, sched.num_splits, lambda: None
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens must be the (batch_size,) int32 KV lengths: dense decoding schedules "
+                         "from them at the first call of a FlashMLASchedMeta")
+    if cfg.h_k < 1 or cfg.h_q % cfg.h_k:
+        raise ValueError(f"q: num_heads_q ({cfg.h_q}) must be a multiple of k_cache's num_heads_k ({cfg.h_k})")
+    meta, splits = get_mla_metadata(cache_seqlens, cfg.s_q * cfg.h_q // cfg.h_k, cfg.h_k,
+                                    split_overhead=sched.split_overhead, split_min_blocks=sched.split_min_blocks,
+                                    seqlens_hint=sched.seqlens_hint)
+
+    def keep():
+        sched.tile_scheduler_metadata, sched.num_splits, sched.config = meta, splits, cfg
+        sched.have_initialized = True
+    return meta, splits, keep
+
+
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
-                           cache_seqlens: torch.Tensor, head_dim_v: int, tile_scheduler_metadata: torch.Tensor,
-                           num_splits: torch.Tensor, softmax_scale: Optional[float] = None,
-                           causal: bool = False, *, variant: Optional[Variant] = None
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+                           cache_seqlens: torch.Tensor, head_dim_v: int,
+                           tile_scheduler_metadata: Union[torch.Tensor, FlashMLASchedMeta],
+                           num_splits: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
+                           causal: bool = False, is_fp8_kvcache: bool = False, indices=None, attn_sink=None,
+                           extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
+                           extra_topk_length=None, enable_batch_invariant: bool = False,
+                           *, variant: Optional[Variant] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decoding attention.
 
     Args:
@@ -86,21 +197,41 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         block_table: ``(batch_size, max_num_blocks_per_seq)`` int32.
         cache_seqlens: ``(batch_size,)`` int32.
         head_dim_v: 512.
-        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata` (the metadata carries its
-            length hint, which picks the tuned kernel).
+        tile_scheduler_metadata, num_splits: from :func:`get_mla_metadata`: the classic pair of tensors
+            (the metadata carries its length hint, which picks the tuned kernel), or a
+            :class:`FlashMLASchedMeta` with ``num_splits=None`` (filled by its first call, see there).
         softmax_scale: defaults to ``1 / sqrt(576)``.
         causal: causal mask aligned to the end of each sequence (matters when ``seqlen_q > 1``).
+        is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
+            extra_topk_length, enable_batch_invariant: FlashMLA's arguments for FP8 and sparse decoding;
+            each raises NotImplementedError naming itself when used (not None / True).
         variant: run this kernel variant instead of the selected one (benchmarks, tuning).
 
     Returns:
         ``out`` ``(batch_size, seqlen_q, num_heads_q, 512)`` in q's dtype and ``lse``
         ``(batch_size, num_heads_q, seqlen_q)`` float32.
     """
+    _reject_unsupported(is_fp8_kvcache, enable_batch_invariant, indices=indices, attn_sink=attn_sink,
+                        extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                        topk_length=topk_length, extra_topk_length=extra_topk_length)
+    if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
+        if num_splits is not None:
+            raise ValueError("num_splits must be None when tile_scheduler_metadata is a FlashMLASchedMeta "
+                             "(the object holds the split counts)")
+        tile_scheduler_metadata, num_splits, keep = _schedule_from(tile_scheduler_metadata, q, k_cache,
+                                                                   cache_seqlens, causal)
+    elif num_splits is None:
+        raise TypeError("num_splits must be the tensor returned with tile_scheduler_metadata by "
+                        "get_mla_metadata(cache_seqlens, ...); None goes with a FlashMLASchedMeta")
+    else:
+        keep = None
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM_K)
     check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                       softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
     _check_kernel_layout(q, k_cache, block_table)
+    if keep is not None:                        # a schedule object keeps its schedule once the call is valid
+        keep()
     if values_check_enabled():
         check_values(k_cache, block_table, cache_seqlens)
     if variant is None:

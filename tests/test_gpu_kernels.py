@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+from flash_mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 from flash_mla.reference import mla_decode_reference
 from flash_mla.testing import compare, make_paged_kv, varlen_seqlens
 
@@ -26,10 +26,20 @@ def _inputs(b, s_q, h_q, h_kv, mean_sk, page_size=64, dtype=torch.bfloat16, seed
     (2, 4, 3, 1, 90, True, 32, torch.float16, False),
     (5, 1, 64, 2, 300, False, 32, torch.bfloat16, True),
 ])
-def test_api_matches_reference(b, s_q, h_q, h_kv, sk, causal, page, dtype, zero):
+@pytest.mark.parametrize("form", ["classic", "sched"])     # both FlashMLA interfaces, same cases
+def test_api_matches_reference(b, s_q, h_q, h_kv, sk, causal, page, dtype, zero, form):
     q, k_cache, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, sk, page, dtype, seed=b * 7 + s_q, zero_len=zero)
-    meta, splits = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    if form == "classic":
+        meta, splits = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    else:
+        meta, splits = get_mla_metadata()
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits, causal=causal)
+    if form == "sched":                          # filled by the first call, reused by the next (a second layer)
+        assert isinstance(meta, FlashMLASchedMeta) and meta.have_initialized
+        first = meta.tile_scheduler_metadata
+        out2, lse2 = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, None, causal=causal)
+        assert meta.tile_scheduler_metadata is first
+        assert torch.equal(out2, out) and torch.equal(lse2, lse)
     assert out.shape == (b, s_q, h_q, 512) and out.dtype == dtype
     assert lse.shape == (b, h_q, s_q) and lse.dtype == torch.float32
     ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512, causal=causal)
@@ -59,6 +69,27 @@ def test_cuda_graph_capture_and_replay():
     ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512, causal=True)
     m = compare(out, ref_out, lse, ref_lse, q.dtype)
     assert m["ok"], m
+
+
+def test_schedule_object_under_cuda_graph_capture():
+    b, s_q, h_q, h_kv = 4, 1, 16, 1
+    q, k_cache, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, 1200, seed=21)
+    sched, _ = get_mla_metadata()
+    flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched)      # fills the object, loads the kernel
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = get_mla_metadata()        # an object first used inside the capture schedules in the graph
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, captured)
+        out_b, lse_b = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched)
+    g = torch.Generator(device="cuda").manual_seed(22)
+    q.copy_(torch.randn(q.shape, generator=g, device="cuda", dtype=q.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512)
+    for o, l in ((out, lse), (out_b, lse_b)):
+        m = compare(o, ref_out, l, ref_lse, q.dtype)
+        assert m["ok"], m
 
 
 def test_cpu_tensors_rejected():
