@@ -14,9 +14,7 @@ import json
 from dataclasses import dataclass
 
 from ..scheduler import FIXED_OVERHEAD_BLOCKS, SplitPolicy
-from ..workload_key import HEAD_DIM, HEAD_DIM_V  # noqa: E402  (one home of 576 / 512)
-BLOCK_M = 64            # q rows per CTA (wgmma M)
-SCHED_BLOCK_N = 64      # scheduler block, flash_mla/scheduler.py
+from ..constants import BLOCK_M, HEAD_DIM, HEAD_DIM_V, SCHED_BLOCK_N
 SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90
 REGS_PER_SM = 64 * 1024
 MAX_REGS_PER_THREAD = 255

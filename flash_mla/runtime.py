@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 ABI_VERSION = 1
-HEAD_DIM_V = 512
+from .constants import HEAD_DIM_V
 
 
 class FmlaParams(ctypes.Structure):

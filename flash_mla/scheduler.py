@@ -34,10 +34,10 @@ from typing import NamedTuple
 
 import torch
 
-BLOCK_N = 64            # scheduling unit in KV tokens; independent of page size and of a variant's stage size
-BLOCK_M = 64            # q rows per CTA (wgmma M); a head group larger than this takes several CTAs
+from .constants import BLOCK_M, METADATA_SIZE, SCHED_BLOCK_N
+
+BLOCK_N = SCHED_BLOCK_N  # scheduling unit in KV tokens; independent of page size and of a variant's stage size
 FIXED_OVERHEAD_BLOCKS = 5
-METADATA_SIZE = 8
 
 
 class SplitPolicy(NamedTuple):

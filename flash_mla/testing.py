@@ -17,8 +17,7 @@ __all__ = [
     "make_paged_kv", "varlen_seqlens", "compare", "tolerances_for",
 ]
 
-HEAD_DIM_K = 576
-HEAD_DIM_V = 512
+from .constants import HEAD_DIM as HEAD_DIM_K, HEAD_DIM_V
 
 # Tolerances of the decode kernel against the float32 reference, read as FlashMLA's own tests read them:
 # an element passes when it is within the absolute OR the relative tolerance (|x - ref| <= abs, or

@@ -25,9 +25,7 @@ __all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args"
 
 ENV_CHECK_VALUES = "FLASH_MLA_CHECK_VALUES"
 
-HEAD_DIM_K = 576          # 512 latent channels + 64 rope channels
-HEAD_DIM_V = 512
-METADATA_COLUMNS = 8      # columns of tile_scheduler_metadata (see flash_mla.scheduler)
+from .constants import HEAD_DIM as HEAD_DIM_K, HEAD_DIM_V, METADATA_SIZE as METADATA_COLUMNS
 _INPUT_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -26,8 +26,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
-HEAD_DIM = 576          # q / k head dim: 512 latent + 64 rope
-HEAD_DIM_V = 512        # v head dim
+from .constants import HEAD_DIM, HEAD_DIM_V   # noqa: E402  (re-exported: the key's head dims)
+
 SEQLEN_BUCKET_MIN = 64
 SEQLEN_BUCKET_MAX = 131072
 #: ``seqlen_bucket`` of a call without a length hint, and of the winners stored for such calls.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HEAD_DIM, HEAD_DIM_V = 576, 512
+from flash_mla.constants import HEAD_DIM, HEAD_DIM_V
+
 SCALE = HEAD_DIM ** -0.5
 
 
