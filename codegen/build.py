@@ -166,10 +166,10 @@ _ABI_PROBE = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1], mode=ctypes.RTL
 
 @functools.lru_cache(maxsize=None)
 def _abi_version() -> int:
-    """FMLA_ABI_VERSION of templates/params.h: what every library built from it must report."""
-    m = re.search(r"#define\s+FMLA_ABI_VERSION\s+(\d+)", static_headers()["params.h"])
+    """FMLA_ABI_VERSION of templates/kernels/params.h: what every library built from it must report."""
+    m = re.search(r"#define\s+FMLA_ABI_VERSION\s+(\d+)", static_headers()["kernels/params.h"])
     if not m:
-        raise BuildError("templates/params.h defines no FMLA_ABI_VERSION")
+        raise BuildError("templates/kernels/params.h defines no FMLA_ABI_VERSION")
     return int(m.group(1))
 
 
@@ -221,6 +221,7 @@ def prepare(v: Variant) -> Artifact:
     d.mkdir(parents=True, exist_ok=True)
     for name, text in {"variant.cu": source, **headers}.items():
         p = d / name
+        p.parent.mkdir(exist_ok=True)
         if not p.exists() or p.read_text() != text:
             _write_atomic(p, text)
     return Artifact(variant=v, directory=d)
@@ -253,7 +254,8 @@ def write_ninja(artifacts: list[Artifact], path: Path) -> None:
     ]
     for a in artifacts:
         lines += [
-            f"build {a.partial}: nvcc {a.directory / 'variant.cu'} | {a.directory / 'params.h'}",
+            f"build {a.partial}: nvcc {a.directory / 'variant.cu'} | "
+            + " ".join(str(a.directory / h) for h in sorted(static_headers())),
             f"  dir = {a.directory}",
             f"  log = {a.report_path}",
             f"  key = {a.variant.key}",

@@ -43,6 +43,14 @@ def render(v: Variant) -> str:
     return _env().get_template("variant.cu.j2").render(**template_context(v))
 
 
+@functools.lru_cache(maxsize=1)
+def _static_headers() -> tuple:
+    root = templates_dir()
+    return tuple(sorted((f"kernels/{p.name}", p.read_text()) for p in (root / "kernels").iterdir()
+                        if p.suffix in (".h", ".cuh")))
+
+
 def static_headers() -> dict[str, str]:
-    """Non-templated headers the rendered source includes, by file name."""
-    return {"params.h": (templates_dir() / "params.h").read_text()}
+    """The kernel headers (templates/kernels/: bodies, constants, the C ABI) the rendered source includes,
+    by path relative to the variant's build folder."""
+    return dict(_static_headers())

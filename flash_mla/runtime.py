@@ -1,6 +1,6 @@
 """Load built variants (shared libraries with a C ABI) and launch them on torch tensors.
 
-The ABI is ``templates/params.h``; ``FmlaParams`` below mirrors it field for field. Launching reads
+The ABI is ``templates/kernels/params.h``; ``FmlaParams`` below mirrors it field for field. Launching reads
 only tensor metadata (pointers, strides, shapes) on the host: no device sync, so it is CUDA-graph safe.
 """
 

@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
-from .constants import HEAD_DIM, HEAD_DIM_V   # noqa: E402  (re-exported: the key's head dims)
+from .constants import HEAD_DIM, HEAD_DIM_V   # re-exported: the key's head dims
 
 SEQLEN_BUCKET_MIN = 64
 SEQLEN_BUCKET_MAX = 131072

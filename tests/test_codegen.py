@@ -166,3 +166,12 @@ def test_variants_by_key_keeps_order_and_names_unknown_keys():
     assert variants_by_key([a.key, b.key]) == [a, b]
     with pytest.raises(ValueError, match="unknown variant keys: \\['nope'\\]"):
         variants_by_key([a.key, "nope"])
+
+
+def test_kernel_constants_agree_with_the_python_module():
+    import re
+    from flash_mla.codegen.render import static_headers
+    from flash_mla.constants import KERNEL_CONSTANTS
+    text = static_headers()["kernels/mla_constants.h"]
+    found = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int (k\w+) = (\d+);", text)}
+    assert found == KERNEL_CONSTANTS
