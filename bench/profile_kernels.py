@@ -5,6 +5,7 @@ Prints, per (shape, variant): the CUDA-graph time and the mean duration of each 
 ``--once``: only one checked call per (shape, variant), for ``ncu`` to profile.
 """
 
+import re
 import sys
 from collections import defaultdict
 
@@ -12,6 +13,13 @@ import torch
 
 from flash_mla.codegen.variant import variants_by_key
 from flash_mla.tuner.measure import Shape, check, graph_time_us, make_problem
+
+def kernel_label(name: str) -> str:
+    """decode_kernel / combine_kernel from a demangled name such as
+    ``void fmla::decode_kernel<fmla_bf16_..::Config>(CUtensorMap_st, FmlaParams)``."""
+    m = re.search(r"(decode_kernel|combine_kernel)", name)
+    return m.group(1) if m else name.split("(")[0]
+
 
 once = sys.argv[1] == "--once"
 args = sys.argv[2:] if once else sys.argv[1:]
@@ -50,12 +58,12 @@ for i, shape in enumerate(shapes):
         dur = defaultdict(list)
         evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         for e in evs:
-            dur[e.name.split("(")[0].split("::")[-1]].append(e.device_time)
+            dur[kernel_label(e.name)].append(e.device_time)
         ks = "  ".join(f"{n} {sum(t) / len(t):.1f}" for n, t in dur.items())
         print(f"{shape.name:28} {v.key:34} {us:8.1f}  {ks}", flush=True)
         # timeline of the last replay: start offset and duration of each kernel (launch gaps show here)
         last = sorted(evs, key=lambda e: e.time_range.start)[-len(dur):]
         t0 = last[0].time_range.start
         print(" " * 30 + "last replay: " + "  ".join(
-            f"{e.name.split('(')[0].split('::')[-1]} @{e.time_range.start - t0:.1f}+{e.device_time:.1f}" for e in last))
+            f"{kernel_label(e.name)} @{e.time_range.start - t0:.1f}+{e.device_time:.1f}" for e in last))
     del problem

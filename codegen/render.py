@@ -1,4 +1,9 @@
-"""Render a Variant into one self-contained CUDA translation unit (Jinja2, StrictUndefined)."""
+"""Render a Variant into its CUDA translation unit (Jinja2, StrictUndefined).
+
+Jinja renders only the variant's configuration struct, the explicit instantiation of the kernel templates
+and the C-ABI entry points (templates/variant.cu.j2); the kernel bodies are real C++ headers under
+templates/kernels/, templated on that struct.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from .variant import SCHED_BLOCK_N, Variant
+from .variant import Variant
 
 
 def templates_dir() -> Path:
@@ -34,7 +39,8 @@ def template_context(v: Variant) -> dict:
         "ns": f"fmla_{v.build_key}",
         "knobs": v.compile_knobs(),
         "cute_type": "cutlass::bfloat16_t" if v.dtype == "bf16" else "cutlass::half_t",
-        "sched_block_n": SCHED_BLOCK_N,
+        "qk_enum": {"nsplit": "kNsplit", "full_wg": "kFullWg", "full_wg_ahead": "kFullWgAhead"}[v.qk],
+        "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
     }
 
 

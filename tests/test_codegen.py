@@ -66,8 +66,10 @@ def test_every_variant_renders():
         src = render(v)
         assert f"namespace fmla_{v.build_key}" in src
         assert "{{" not in src and "{%" not in src
-        assert f"constexpr int kBN = {v.block_n};" in src
-        assert f"constexpr int kStages = {v.stages};" in src
+        assert f"static constexpr int kBlockN = {v.block_n};" in src
+        assert f"static constexpr int kStages = {v.stages};" in src
+        assert f"static constexpr int kNumWarpgroups = {v.num_warpgroups};" in src
+        assert "__global__" not in src.split("struct Config")[0]      # bodies live in the headers only
 
 
 def test_ptxas_parser():

@@ -1,16 +1,25 @@
-{#- Combine kernel: merges the partial (out, lse) of requests split across partitions.
-    merge == "separate": one warp per q row, {{ combine_rows }} rows per CTA, each warp walks every split;
-    requests with a single split return at once.
-    merge == "wide_pdl": launched with programmatic dependent launch behind the decode kernel; one CTA per
-    (split request, kv head, block of rows, 64-channel slice), the split weights computed once per row in
-    shared memory, split loads issued independently by 8 groups of 16 threads. -#}
-namespace {{ ns }} {
+// Combine kernel: merges the partial (out, lse) of requests split across partitions.
+// merge == "separate": one warp per q row, Cfg::kCombineRows rows per CTA, each warp walks every split;
+// requests with a single split return at once.
+// merge == "wide_pdl": launched with programmatic dependent launch behind the decode kernel; one CTA per
+// (split request, kv head, block of rows, 64-channel slice), the split weights computed once per row in
+// shared memory, split loads issued independently by 8 groups of 16 threads.
+#pragma once
 
-{% if merge == "separate" %}
-constexpr int kCombineRows = {{ combine_rows }};
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
 
-__global__ void __launch_bounds__(kCombineRows * 32)
+#include "mla_constants.h"
+#include "params.h"
+
+namespace fmla {
+
+// The "separate" merge.
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kCombineRows * 32)
 combine_kernel(const __grid_constant__ FmlaParams p) {
+  using Element = typename Cfg::Element;
+  constexpr int kCombineRows = Cfg::kCombineRows;
   const int req = blockIdx.x, hk = blockIdx.y;
   const int first = p.num_splits[req];
   const int n = p.num_splits[req + 1] - first;
@@ -44,7 +53,7 @@ combine_kernel(const __grid_constant__ FmlaParams p) {
       const int64_t row = (int64_t(first + j) * p.h_kv + hk) * rows + rr;
       const float w = expf(p.lse_accum[row] - mx) / den;
       if (w == 0.f) continue;
-      const float4* src = reinterpret_cast<const float4*>(p.o_accum + row * 512);
+      const float4* src = reinterpret_cast<const float4*>(p.o_accum + row * kHeadDimV);
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) {
         const float4 x = src[v * 32 + lane];
@@ -54,7 +63,7 @@ combine_kernel(const __grid_constant__ FmlaParams p) {
     }
   }
   const int sq = rr / groups, head = hk * groups + rr % groups;
-  Element* dst = static_cast<Element*>(p.out) + ((int64_t(req) * p.s_q + sq) * p.h_q + head) * 512;
+  Element* dst = static_cast<Element*>(p.out) + ((int64_t(req) * p.s_q + sq) * p.h_q + head) * kHeadDimV;
   CUTE_UNROLL
   for (int v = 0; v < 4; ++v) {
     Element e[4] = {Element(acc[4 * v]), Element(acc[4 * v + 1]), Element(acc[4 * v + 2]), Element(acc[4 * v + 3])};
@@ -64,17 +73,19 @@ combine_kernel(const __grid_constant__ FmlaParams p) {
     p.lse[(int64_t(req) * p.h_q + head) * p.s_q + sq] = den > 0.f ? mx + logf(den) : INFINITY;
 }
 
-{% else %}
 constexpr int kWideThreads = 128;
 constexpr int kWideCols = 64;                       // channels per CTA: 16 threads x float4
 constexpr int kWideGroups = kWideThreads / 16;      // groups of 16 threads, each on its own splits
-constexpr int kWideSlices = 512 / kWideCols;
+constexpr int kWideSlices = kHeadDimV / kWideCols;
 
 // grid: x = (kv head, row block, channel slice), y = request (by_partition == 0) or partition (== 1:
 // batch > partitions; the partition holding a split request's last split merges it, which is exactly
 // one partition per split request). Dynamic shared memory: rows_per_cta * weight_stride floats.
+// The "wide_pdl" merge.
+template <class Cfg>
 __global__ void __launch_bounds__(kWideThreads)
 combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weight_stride, int by_partition) {
+  using Element = typename Cfg::Element;
   extern __shared__ float w_smem[];                 // [rows_per_cta][weight_stride] split weights
   __shared__ float4 part_sum[kWideGroups][kWideCols / 4];
   __shared__ float row_lse[kWideGroups];
@@ -88,7 +99,7 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
   // Schedule reads only: metadata and num_splits were complete before the decode kernel started.
   int req = blockIdx.y;
   if (by_partition) {
-    const int* meta = p.metadata + blockIdx.y * 8;
+    const int* meta = p.metadata + blockIdx.y * kMetadataSize;
     req = meta[0];
     if (meta[2] < req) return;                      // idle partition
     if (meta[4] != p.num_splits[req + 1] - p.num_splits[req] - 1) return;
@@ -130,9 +141,9 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   if (g < R * stride && rr < rows) {
     const float* wr = w_smem + r * weight_stride;
-    const int64_t split_stride = int64_t(p.h_kv) * rows * 512;
+    const int64_t split_stride = int64_t(p.h_kv) * rows * kHeadDimV;
     const float4* src = reinterpret_cast<const float4*>(
-        p.o_accum + ((int64_t(first) * p.h_kv + hk) * rows + rr) * 512 + slice * kWideCols) + t;
+        p.o_accum + ((int64_t(first) * p.h_kv + hk) * rows + rr) * kHeadDimV + slice * kWideCols) + t;
     int j = g / R;
     for (; j + 3 * stride < n; j += 4 * stride) {
       float4 x[4];
@@ -162,7 +173,7 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
         s.x += y.x; s.y += y.y; s.z += y.z; s.w += y.w;
       }
       const int sq = rr2 / groups, head = hk * groups + rr2 % groups;
-      Element* dst = static_cast<Element*>(p.out) + ((int64_t(req) * p.s_q + sq) * p.h_q + head) * 512 +
+      Element* dst = static_cast<Element*>(p.out) + ((int64_t(req) * p.s_q + sq) * p.h_q + head) * kHeadDimV +
                      slice * kWideCols + t * 4;
       Element e[4] = {Element(s.x), Element(s.y), Element(s.z), Element(s.w)};
       *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<uint2*>(e);
@@ -170,6 +181,5 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
     }
   }
 }
-{% endif %}
 
-}  // namespace {{ ns }}
+}  // namespace fmla

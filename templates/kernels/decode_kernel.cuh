@@ -1,0 +1,708 @@
+// Split-KV MLA decode kernel for SM90.
+// One CTA = Cfg::kNumWarpgroups warpgroups working on a 64-row tile of q rows (s_q x heads of one kv head).
+// KV tiles of BLOCK_N tokens arrive by TMA (one 4-D box per 64 channels and page slice) into a ring of
+// STAGES shared-memory buffers completing on mbarriers. Warpgroup w computes columns
+// [w*BN/NWG, (w+1)*BN/NWG) of S = Q K^T with wgmma (SS), the CTA exchanges row maxima through shared
+// memory, P goes to shared memory, and warpgroup w accumulates output channels [w*512/NWG, ...) of P V
+// with wgmma (SS, V read as the MN-major view of the same K tile).
+// qk == "full_wg" / "full_wg_ahead": warpgroup 0 computes the whole 64 x BLOCK_N S tile (wgmma N = BLOCK_N,
+// so Q is read from shared memory once per tile, not once per warpgroup) and its softmax, and writes P
+// into the stage's rope chunk (channels 512..575, which only QK reads and which has exactly P's size);
+// both warpgroups then accumulate their half of the output channels from it. The pipeline runs on
+// mbarriers instead of __syncthreads: full (TMA bytes landed), pready (P and the row rescale published
+// by warpgroup 0), empty (both warpgroups done with the stage; the producer thread of warpgroup 1 then
+// refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (the stage is released as soon as
+// P V ends); "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of
+// tile j (needs a deeper ring to keep the loads ahead).
+// The body is a template on a configuration struct (rendered per variant by codegen: see
+// templates/variant.cu.j2), the knobs selected with if constexpr.
+#pragma once
+
+#include <type_traits>
+
+#include <cuda.h>
+#include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include "mla_constants.h"
+#include "params.h"
+
+namespace fmla {
+
+using namespace cute;
+
+// Who computes S = Q K^T (codegen/variant.py, QKS) and how split requests are merged (MERGES).
+enum class Qk { kNsplit, kFullWg, kFullWgAhead };
+enum class Merge { kSeparate, kWidePdl };
+
+// Shared memory of the nsplit schedule: a P buffer and row exchanges.
+template <class Element, class LQ, class LK, class LP, int kStages, int kNWG, int kBM>
+struct alignas(1024) SharedStorageNsplit {
+  alignas(1024) Element q[cosize_v<LQ>];
+  alignas(1024) Element k[kStages][cosize_v<LK>];
+  alignas(1024) Element p[cosize_v<LP>];
+  float row_max[kNWG][kBM];
+  float row_sum[kNWG][kBM];
+  alignas(8) uint64_t full[kStages];
+};
+
+// Shared memory of the full_wg schedules: P lives in each stage's rope chunk; mbarrier pipeline.
+template <class Element, class LQ, class LK, int kStages, int kBM>
+struct alignas(1024) SharedStorageFullWg {
+  alignas(1024) Element q[cosize_v<LQ>];
+  alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK
+  float alpha[kStages][kBM];              // per-row rescale of O for the stage's tile (from warpgroup 0)
+  float row_inv[2][kBM];                  // 1 / row sum at the end of a request (from warpgroup 0), by parity
+  alignas(8) uint64_t full[kStages];      // TMA bytes landed
+  uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
+  uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
+};
+
+// Everything a variant's configuration implies: sizes, shared-memory layouts, MMAs, shared storage.
+template <class Cfg>
+struct DecodeTraits {
+  using Element = typename Cfg::Element;
+  static constexpr int kD = kHeadDim;               // q / k head dim (512 latent + 64 rope)
+  static constexpr int kDV = kHeadDimV;             // v head dim = leading channels of k
+  static constexpr int kBM = kBlockM;               // q rows per CTA (wgmma M)
+  static constexpr int kBN = Cfg::kBlockN;          // KV tokens per pipeline stage
+  static constexpr int kStages = Cfg::kStages;
+  static constexpr int kNWG = Cfg::kNumWarpgroups;
+  static constexpr int kThreads = kNWG * 128;
+  static constexpr int kPage = Cfg::kPageSize;
+  static constexpr int kSchedBlock = kSchedBlockN;  // scheduler block (tokens), flash_mla/scheduler.py
+  static constexpr int kBoxRows = kBN < kPage ? kBN : kPage;   // TMA box rows: never crosses a page
+  static constexpr int kChunks = kD / 64;           // 64-channel (128-byte) swizzle chunks per row
+  // S columns per warpgroup: a share of them (nsplit), or all of them for warpgroup 0 (full_wg).
+  static constexpr int kBNw = Cfg::kQk == Qk::kNsplit ? kBN / kNWG : kBN;
+  static constexpr int kDVw = kDV / kNWG;           // output channels per warpgroup
+  static constexpr int kProducer = 128;             // full_wg: thread that issues the TMA loads (first of wg 1)
+  static_assert(kSchedBlock % kBN == 0, "stage size must divide the scheduler block");
+  static_assert(kBN % kBoxRows == 0 && kPage % kBoxRows == 0, "page size and stage size must nest");
+  static_assert(kBNw % 8 == 0, "wgmma N must be a multiple of 8");
+  static_assert(Cfg::kQk == Qk::kNsplit || kNWG == 2,
+                "full-width QK: warpgroup 0 computes S, both accumulate half of the output");
+
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBN>, Int<kD>>{}));
+  // V^T: (channel, token) view of the same bytes as K, channel-contiguous => MN-major B operand of P V.
+  using SmemLayoutVt = decltype(composition(SmemLayoutK{},
+      make_layout(Shape<Int<kDV>, Int<kBN>>{}, Stride<Int<kBN>, _1>{})));
+  using SmemLayoutP = decltype(tile_to_shape(
+      std::conditional_t<(kBN >= 64), GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_K_SW64_Atom<Element>>{},
+      Shape<Int<kBM>, Int<kBN>>{}));
+  static_assert(Cfg::kQk == Qk::kNsplit || cosize_v<SmemLayoutP> == kBN * 64,
+                "P must fill exactly the rope chunk of a stage");
+
+  using MmaS = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<kBM>, Int<kBNw>, Int<kD>>>()));
+  using MmaO = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<kBM>, Int<kDVw>, Int<kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
+
+  using SharedStorage = std::conditional_t<Cfg::kQk == Qk::kNsplit,
+      SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
+      SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>;
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
+  static constexpr uint32_t kBoxBytes = kBoxRows * 64 * sizeof(Element);
+};
+
+// acc = A * B over every k-block of the tiled MMA (first k-block overwrites).
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void gemm_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tA); ++kb) {
+    cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+}
+
+// Same, accumulating into acc.
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void gemm_ss_acc(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tA); ++kb) cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), acc);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+}
+
+// The same pointer, opaque to the optimiser (so values derived from it are not hoisted out of loops).
+template <class T>
+__device__ __forceinline__ T* opaque_ptr(T* ptr) {
+  asm volatile("" : "+l"(ptr));
+  return ptr;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+
+// The dynamic shared memory base aligned to 1024 bytes (128-byte swizzle atoms).
+template <int kNWG>
+__device__ __forceinline__ char* aligned_smem(char* smem_raw) {
+  if constexpr (kNWG == 2) {
+    // As an offset into the shared array itself: every access stays a shared-memory instruction (an
+    // integer round trip of the address made them generic ones).
+    const uint32_t pad = (1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u)) & 1023u;
+    return smem_raw + pad;
+  } else {
+    // At the 128-register cap of four warpgroups the shared-space form above spills (88 B, nvcc 13.0): the
+    // generic form stays spill-free.
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  }
+}
+
+// P of a stage's tile in the full_wg schedules: the rope chunk (channels 512..575) of the same stage, dead
+// once Q K^T has run.
+template <class Cfg, class SharedStorage>
+__device__ __forceinline__ typename Cfg::Element* p_tile(SharedStorage& s, int stage) {
+  using T = DecodeTraits<Cfg>;
+  return s.k[stage] + (T::kDV / 64) * (T::kBN * 64);
+}
+
+// P of the nsplit schedule: its own buffer (the full_wg schedules never use this view).
+template <class Cfg, class SharedStorage>
+__device__ __forceinline__ typename Cfg::Element* p_buffer(SharedStorage& s) {
+  if constexpr (Cfg::kQk == Qk::kNsplit) return s.p;
+  else return p_tile<Cfg>(s, 0);
+}
+
+// Issue the TMA copies of one stage: tokens [tok0, tok0 + kBN) of request `req`, kv head `hk`.
+// Boxes past the sequence end are skipped (their rows are zeroed after arrival).
+template <class Cfg, class Smem>
+__device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaParams& p, Smem& s,
+                                           int stage, int req, int hk, int tok0, int seqlen) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  constexpr int kBN = T::kBN, kPage = T::kPage, kBoxRows = T::kBoxRows, kChunks = T::kChunks;
+  constexpr uint32_t kBoxBytes = T::kBoxBytes;
+  const int valid = min(kBN, seqlen - tok0);
+  const int boxes = (valid + kBoxRows - 1) / kBoxRows;
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[stage], boxes * kChunks * kBoxBytes);
+  const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride;
+  // A tile read by one CTA only is streamed (evict first); where several row blocks (gridDim.z > 1) read
+  // the same tile at about the same time, it stays in L2 for the others (evict normal).
+  const uint64_t hint = gridDim.z > 1 ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
+                                      : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+  for (int j = 0; j < boxes; ++j) {
+    const int tok = tok0 + j * kBoxRows;
+    const int page = bt[tok / kPage];
+    const int row = tok % kPage;
+    // Rolled: each TMA issue from one thread compiles to a uniform-register loop of ~20 instructions,
+    // and this function is inlined at every refill site (cold code at small batch).
+    #pragma unroll 1
+    for (int c = 0; c < kChunks; ++c) {
+      Element* dst = s.k[stage] + c * (kBN * 64) + j * (kBoxRows * 64);
+      SM90_TMA_LOAD_4D::copy(tmap, &s.full[stage], hint, dst,
+                             c * 64, hk, row, page);
+    }
+  }
+}
+
+
+// Softmax of tile t of the full_wg schedules (acc_s complete): mask, new row maxima, alpha, P into the
+// stage's rope chunk, alpha into shared memory; then publish both to warpgroup 1.
+template <class Cfg, class AccS, class CoordS, class MmaSType, class Smem>
+__device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS const& cS, MmaSType const& mma_s,
+                                             Smem& s, int iter, int tok_lo, int tok_hi,
+                                             const int (&limit)[2], int r0, int wtid, float scale_log2,
+                                             float (&m_run)[2], float (&l_run)[2], float (&alpha)[2]) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  using SmemLayoutK = typename T::SmemLayoutK;
+  using SmemLayoutP = typename T::SmemLayoutP;
+  constexpr int kDV = T::kDV, kBN = T::kBN, kStages = T::kStages;
+  warpgroup_fence_operand(acc_s);
+  const int st = (iter + t) % kStages;
+  const int tok0 = tok_lo + t * kBN;
+  float mx[2] = {-INFINITY, -INFINITY};
+  const bool need_mask = tok0 + kBN > min(limit[0], limit[1]);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_s); ++i) {
+    const int h = (get<0>(cS(i)) - r0) >= 8;
+    if (need_mask && tok0 + get<1>(cS(i)) >= limit[h]) acc_s(i) = -INFINITY;
+    mx[h] = fmaxf(mx[h], acc_s(i));
+  }
+  float base[2];
+  CUTE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const float m = fmaxf(m_run[h], quad_max(mx[h]));
+    base[h] = m == -INFINITY ? 0.f : m * scale_log2;
+    alpha[h] = m_run[h] == -INFINITY ? 0.f : exp2f(m_run[h] * scale_log2 - base[h]);
+    m_run[h] = m;
+  }
+  Tensor rP = make_tensor_like<Element>(acc_s);
+  float rs[2] = {0.f, 0.f};
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_s); ++i) {
+    const int h = (get<0>(cS(i)) - r0) >= 8;
+    // The row sum stays in fp32 (lse needs it exact); only the P V operand is rounded.
+    const float pr = exp2f(acc_s(i) * scale_log2 - base[h]);
+    rs[h] += pr;
+    rP(i) = Element(pr);
+  }
+  {
+    // P to shared memory with stmatrix: four 8x8 tiles per instruction, 32-bit shared addresses.
+    auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_s);
+    auto thr_pc = p_copy.get_thread_slice(wtid);
+    Tensor tPsP = thr_pc.partition_D(make_tensor(make_smem_ptr(p_tile<Cfg>(s, st)), SmemLayoutP{}));
+    cute::copy(p_copy, thr_pc.retile_S(rP), tPsP);
+  }
+  CUTE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] = l_run[h] * alpha[h] + rs[h];
+    if ((wtid & 3) == 0) s.alpha[st][r0 + 8 * h] = alpha[h];
+  }
+  const int valid = tok_hi - tok0;          // tokens of this tile inside the sequence
+  if (valid < kBN) {
+    // V rows past the sequence end hold NaN-poisoned page tails or stale data: zero them (channels
+    // 0..511; the rope chunk now holds P) so that 0-probability columns cannot turn P V into NaN.
+    Tensor sK = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{});
+    for (int idx = wtid; idx < (kBN - valid) * (kDV / 8); idx += 128) {
+      const int r = valid + idx / (kDV / 8), c8 = (idx % (kDV / 8)) * 8;
+      *reinterpret_cast<uint4*>(&sK(r, c8)) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  cutlass::arch::fence_view_async_shared();   // generic-proxy stores -> wgmma (async proxy) reads
+  cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
+  cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(DecodeTraits<Cfg>::kThreads, 1)
+decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ FmlaParams p) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  using SharedStorage = typename T::SharedStorage;
+  using SmemLayoutQ = typename T::SmemLayoutQ;
+  using SmemLayoutK = typename T::SmemLayoutK;
+  using SmemLayoutVt = typename T::SmemLayoutVt;
+  using SmemLayoutP = typename T::SmemLayoutP;
+  using MmaS = typename T::MmaS;
+  using MmaO = typename T::MmaO;
+  constexpr int kD = T::kD, kDV = T::kDV, kBM = T::kBM, kBN = T::kBN, kStages = T::kStages, kNWG = T::kNWG;
+  constexpr int kThreads = T::kThreads, kPage = T::kPage, kSchedBlock = T::kSchedBlock, kBNw = T::kBNw, kDVw = T::kDVw;
+  constexpr int kProducer = T::kProducer;
+  constexpr Qk kQk = Cfg::kQk;
+  (void)kProducer;                                // the full_wg schedules' producer thread
+  extern __shared__ char smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>(aligned_smem<kNWG>(smem_raw));
+  const int tid = threadIdx.x;
+  const int wg = cutlass::canonical_warp_group_idx();   // warp-uniform to the compiler
+  const int wtid = tid % 128;
+  const int part = blockIdx.x, hk = blockIdx.y, mb = blockIdx.z;
+  const int groups = p.h_q / p.h_kv;              // q heads per kv head
+  const int rows = p.s_q * groups;                // q rows of one (request, kv head)
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+  if (threadIdx.x == 0) cute::prefetch_tma_descriptor(&tmap_k);   // a kernel parameter: no dependency
+  if constexpr (Cfg::kMerge == Merge::kWidePdl) {
+    // Programmatic dependent launch: this CTA may start while the previous kernel of the stream finishes.
+    // Nothing it reads may be touched before the wait; the merge kernel behind may launch from here on
+    // (it waits for this grid's completion before reading any partial).
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+  }
+  const int* meta = p.metadata + part * kMetadataSize;
+  const int begin_req = meta[0], begin_block = meta[1], end_req = meta[2], end_block = meta[3];
+  const int begin_split = meta[4];
+  if (end_req < begin_req) return;                // idle partition
+
+  if (tid == 0) {
+    CUTE_UNROLL
+    for (int st = 0; st < kStages; ++st) {
+      cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
+      if constexpr (kQk != Qk::kNsplit) {
+        cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
+        cutlass::arch::ClusterBarrier::init(&s.empty[st], kThreads);
+      }
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(s.q), SmemLayoutQ{});
+  MmaS mma_s;
+  MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(wtid);
+  auto thr_o = mma_o.get_thread_slice(wtid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  // P of the nsplit schedule (its own buffer; unused by the full_wg ones, which keep P in each stage).
+  Tensor sP = make_tensor(make_smem_ptr(p_buffer<Cfg>(s)), SmemLayoutP{});
+  Tensor tOrP = thr_o.partition_fragment_A(sP);
+  Tensor tPsP = thr_s.partition_C(local_tile(sP, Shape<Int<kBM>, Int<kBNw>>{}, make_coord(0, wg)));
+
+  // Row / column of each accumulator element (rows: 2 per thread, r0 and r0 + 8).
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBNw>>{}));
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kDVw>>{}));
+  const int r0 = get<0>(cS(0));
+
+  int iter = 0;                                   // global stage counter: drives mbarrier phases
+  for (int req = begin_req; req <= end_req; ++req) {
+    if (tid == 0) {
+      // The first block-table entry the prologue needs, into L2 while Q and the length are on their way
+      // (a prefetch never faults, so an entry past the table's end is harmless).
+      const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
+                          (req == begin_req ? begin_block : 0) * kSchedBlock / kPage;
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
+    }
+    // Q tile: rows mb*64 .. +63 of this (request, kv head); padding rows are zero-filled. Every 16-byte
+    // piece is an asynchronous copy, all in flight at once (a blocking load per piece would chain ~18
+    // DRAM round trips per thread before the first wgmma). Issued first: it depends on the request
+    // alone, so it overlaps the loads of the schedule below.
+    {
+      // One warp per row (the row's head and query position computed once), lanes over its 72 pieces.
+      const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
+      #pragma unroll 1
+      for (int r = tid / 32; r < kBM; r += kThreads / 32) {
+        const int rr = mb * kBM + r;
+        const bool valid = rr < rows;
+        const Element* src = q_req;
+        if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
+        CUTE_UNROLL
+        for (int c8 = (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
+          const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8)));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                       :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
+        }
+      }
+    }
+    const int seqlen = max(p.cache_seqlens[req], 0);
+    const int nblk_sched = (seqlen + kSchedBlock - 1) / kSchedBlock;
+    const int blk_lo = req == begin_req ? begin_block : 0;
+    const int blk_hi = req == end_req ? end_block : nblk_sched;
+    const int tok_lo = blk_lo * kSchedBlock;
+    const int tok_hi = min(blk_hi * kSchedBlock, seqlen);
+    const int n_iter = tok_hi > tok_lo ? (tok_hi - tok_lo + kBN - 1) / kBN : 0;
+    const int split = (req == begin_req ? begin_split : 0);
+    const int n_splits = p.num_splits[req + 1] - p.num_splits[req];
+    const int slot = p.num_splits[req] + split;
+
+    Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBM>, Int<kDVw>>{});
+    float inv[2], lse[2];
+    if constexpr (kQk == Qk::kNsplit) {
+      // Prologue: fill the ring (all stages are free: the previous request ended on a barrier).
+      if (tid == 0) {
+        for (int j = 0; j < min(n_iter, kStages); ++j)
+          load_stage<Cfg>(&tmap_k, p, s, (iter + j) % kStages, req, hk, tok_lo + j * kBN, seqlen);
+      }
+
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+
+      // Per-thread row bookkeeping for rows r0 and r0 + 8.
+      int limit[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int rr = mb * kBM + r0 + 8 * h;
+        const int sq = rr / groups;
+        limit[h] = (p.causal && rr < rows) ? seqlen - (p.s_q - 1 - sq) : seqlen;
+      }
+      float m_run[2] = {-INFINITY, -INFINITY};
+      float l_run[2] = {0.f, 0.f};
+      clear(acc_o);
+
+      for (int j = 0; j < n_iter; ++j, ++iter) {
+        const int stage = iter % kStages;
+        const int tok0 = tok_lo + j * kBN;
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
+        Tensor sK = make_tensor(make_smem_ptr(s.k[stage]), SmemLayoutK{});
+        const int valid = tok_hi - tok0;            // tokens of this stage inside the sequence
+        if (valid < kBN) {
+          // Rows past the sequence end hold NaN-poisoned page tails or stale data: zero them so that
+          // 0-probability columns cannot turn P V into NaN.
+          for (int idx = tid; idx < (kBN - valid) * (kD / 8); idx += kThreads) {
+            const int r = valid + idx / (kD / 8), c8 = (idx % (kD / 8)) * 8;
+            *reinterpret_cast<uint4*>(&sK(r, c8)) = make_uint4(0, 0, 0, 0);
+          }
+          cutlass::arch::fence_view_async_shared();
+          __syncthreads();
+        }
+
+        // S = Q K^T for this warpgroup's columns.
+        Tensor tSrK = thr_s.partition_fragment_B(local_tile(sK, Shape<Int<kBNw>, Int<kD>>{}, make_coord(wg, 0)));
+        Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBM>, Int<kBNw>>{});
+        gemm_ss(mma_s, tSrQ, tSrK, acc_s);
+
+        // Mask and per-row maxima.
+        float mx[2] = {-INFINITY, -INFINITY};
+        const bool need_mask = tok0 + kBN > min(limit[0], limit[1]);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int h = (get<0>(cS(i)) - r0) >= 8;
+          if (need_mask && tok0 + wg * kBNw + get<1>(cS(i)) >= limit[h]) acc_s(i) = -INFINITY;
+          mx[h] = fmaxf(mx[h], acc_s(i));
+        }
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          mx[h] = quad_max(mx[h]);
+          if ((wtid & 3) == 0) s.row_max[wg][r0 + 8 * h] = mx[h];
+        }
+        __syncthreads();
+        float alpha[2], base[2];
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          float m = m_run[h];
+          CUTE_UNROLL
+          for (int w = 0; w < kNWG; ++w) m = fmaxf(m, s.row_max[w][r0 + 8 * h]);
+          base[h] = m == -INFINITY ? 0.f : m * scale_log2;
+          alpha[h] = m_run[h] == -INFINITY ? 0.f : exp2f(m_run[h] * scale_log2 - base[h]);
+          m_run[h] = m;
+        }
+        float rs[2] = {0.f, 0.f};
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); i += 2) {
+          const int h = (get<0>(cS(i)) - r0) >= 8;
+          // The row sum stays in fp32 (lse needs it exact); only the P V operand is rounded. Elements i and
+          // i + 1 are adjacent columns of one row: one 32-bit store.
+          const float p0 = exp2f(acc_s(i) * scale_log2 - base[h]), p1 = exp2f(acc_s(i + 1) * scale_log2 - base[h]);
+          rs[h] += p0 + p1;
+          Element pair[2] = {Element(p0), Element(p1)};
+          *reinterpret_cast<uint32_t*>(raw_pointer_cast(&tPsP(i))) = *reinterpret_cast<uint32_t*>(pair);
+        }
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + rs[h];
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[(get<0>(cO(i)) - r0) >= 8];
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+
+        // O += P V for this warpgroup's output channels.
+        Tensor sVt = make_tensor(make_smem_ptr(s.k[stage]), SmemLayoutVt{});
+        Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(wg, 0)));
+        gemm_ss_acc(mma_o, tOrP, tOrV, acc_o);
+        __syncthreads();                            // stage and P free for reuse
+
+        if (tid == 0 && j + kStages < n_iter)
+          load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
+      }
+
+      // Epilogue: full row sums across the quad and the warpgroups.
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const float ls = quad_sum(l_run[h]);
+        if ((wtid & 3) == 0) s.row_sum[wg][r0 + 8 * h] = ls;
+      }
+      __syncthreads();
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        float l = 0.f;
+        CUTE_UNROLL
+        for (int w = 0; w < kNWG; ++w) l += s.row_sum[w][r0 + 8 * h];
+        inv[h] = l > 0.f ? 1.f / l : 0.f;
+        // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
+        lse[h] = l > 0.f ? m_run[h] * p.scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
+      }
+      __syncthreads();                              // row_sum is rewritten by the next request
+    } else {
+      // Prologue: the producer fills the ring. A stage is reloaded only after both warpgroups arrived on its
+      // empty barrier for the tile it held (at a request boundary those waits pass at once).
+      if (tid == kProducer) {
+        for (int j = 0; j < min(n_iter, kStages); ++j) {
+          const int it = iter + j;
+          if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[it % kStages], (it / kStages - 1) & 1);
+          load_stage<Cfg>(&tmap_k, p, s, it % kStages, req, hk, tok_lo + j * kBN, seqlen);
+        }
+      }
+
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+
+      clear(acc_o);
+      inv[0] = inv[1] = 0.f;
+      lse[0] = lse[1] = 0.f;
+
+      // O += P V for tile t, this warpgroup's output channels; issued, not waited.
+      auto issue_pv = [&](int t) {
+        const int st = (iter + t) % kStages;
+        Tensor tOrP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(p_tile<Cfg>(s, st)), SmemLayoutP{}));
+        Tensor sVt = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutVt{});
+        Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(wg, 0)));
+        warpgroup_fence_operand(acc_o);
+        warpgroup_arrive();
+        mma_o.accumulate_ = GMMA::ScaleOut::One;
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb), acc_o);
+        warpgroup_commit_batch();
+      };
+      auto rescale_o = [&](float a0, float a1) {
+        if (a0 == 1.f && a1 == 1.f) return;         // row maxima unchanged (most tiles after the first ones)
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= (get<0>(cO(i)) - r0) >= 8 ? a1 : a0;
+      };
+
+      if (wg == 0) {
+        // Row bookkeeping for rows r0 and r0 + 8: the causal limit, running max and sum.
+        int limit[2];
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int rr = mb * kBM + r0 + 8 * h;
+          const int sq = rr / groups;
+          limit[h] = (p.causal && rr < rows) ? seqlen - (p.s_q - 1 - sq) : seqlen;
+        }
+        float m_run[2] = {-INFINITY, -INFINITY};
+        float l_run[2] = {0.f, 0.f};
+        float alpha[2] = {1.f, 1.f};
+        Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBM>, Int<kBNw>>{});
+
+        // S = Q K^T for tile t, all kBN columns; waits for the tile's bytes, issues, does not wait.
+        auto issue_qk = [&](int t) {
+          const int it = iter + t, st = it % kStages;
+          cutlass::arch::ClusterTransactionBarrier::wait(&s.full[st], (it / kStages) & 1);
+          Tensor tSrK = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{}));
+          // Q's descriptors are rebuilt from an opaque pointer per tile: otherwise all 36 are hoisted out of the
+          // tile loop and shuffled between uniform and vector registers (~250 moves per tile).
+          Tensor tSrQ = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQ{}));
+          warpgroup_fence_operand(acc_s);
+          warpgroup_arrive();
+          mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+          CUTE_UNROLL
+          for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+            cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb), acc_s);
+            mma_s.accumulate_ = GMMA::ScaleOut::One;
+          }
+          warpgroup_commit_batch();
+        };
+
+        // The last tile is peeled off so that no wgmma sits in a branch with a different wait (ptxas would
+        // serialise every wgmma of the kernel), and acc_o is rescaled before the first wgmma of each batch
+        // (touching an accumulator of an in-flight batch serialises too).
+        if (n_iter > 0) {
+          issue_qk(0);
+          warpgroup_wait<0>();
+          softmax_tile<Cfg>(0, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run, l_run,
+                            alpha);
+        }
+        for (int j = 0; j + 1 < n_iter; ++j) {
+          const int st = (iter + j) % kStages;
+          rescale_o(alpha[0], alpha[1]);
+          if constexpr (kQk == Qk::kFullWgAhead) {
+            issue_qk(j + 1);                          // tensor cores: QK(j+1), then PV(j) behind it
+            issue_pv(j);
+            warpgroup_wait<1>();                      // QK(j+1) done; its softmax overlaps PV(j)
+            softmax_tile<Cfg>(j + 1, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run,
+                              l_run, alpha);
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(acc_o);
+            cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+          } else {
+            issue_pv(j);
+            issue_qk(j + 1);                          // waits for tile j+1's bytes while PV(j) runs
+            warpgroup_wait<1>();                      // PV(j) done: release the stage at once
+            warpgroup_fence_operand(acc_o);
+            cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+            warpgroup_wait<0>();
+            softmax_tile<Cfg>(j + 1, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run,
+                              l_run, alpha);
+          }
+        }
+        if (n_iter > 0) {
+          rescale_o(alpha[0], alpha[1]);
+          issue_pv(n_iter - 1);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(acc_o);
+          cutlass::arch::ClusterBarrier::arrive(&s.empty[(iter + n_iter - 1) % kStages]);
+        }
+
+        // Full row sums across the quad; 1 / sum to warpgroup 1 through shared memory.
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const float l = quad_sum(l_run[h]);
+          inv[h] = l > 0.f ? 1.f / l : 0.f;
+          // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
+          lse[h] = l > 0.f ? m_run[h] * p.scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
+          if ((wtid & 3) == 0) s.row_inv[req & 1][r0 + 8 * h] = inv[h];
+        }
+      } else {
+        for (int j = 0; j < n_iter; ++j) {
+          const int it = iter + j, st = it % kStages;
+          cutlass::arch::ClusterBarrier::wait(&s.pready[st], (it / kStages) & 1);
+          rescale_o(s.alpha[st][r0], s.alpha[st][r0 + 8]);
+          issue_pv(j);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(acc_o);
+          cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+          if (tid == kProducer && j + kStages < n_iter) {
+            cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
+            load_stage<Cfg>(&tmap_k, p, s, st, req, hk, tok_lo + (j + kStages) * kBN, seqlen);
+          }
+        }
+      }
+      iter += n_iter;
+      __syncthreads();                              // row_inv written; every wgmma of this request done
+      if (wg == 1) {
+        inv[0] = s.row_inv[req & 1][r0];
+        inv[1] = s.row_inv[req & 1][r0 + 8];
+      }
+    }
+    // Output: each thread holds rows r0 and r0 + 8 and, per 8-column group, two adjacent columns. Row
+    // addresses are formed once; every store is then its row pointer plus a compile-time offset. (Written
+    // per element, the address arithmetic and row checks made this ~3000 instructions that each CTA runs
+    // once: at small batch the kernel waited on instruction fetch more than on anything else.)
+    const bool is_split = n_splits > 1;
+    const int c0 = wg * kDVw + get<1>(cO(0));
+    int64_t row_off[2];
+    bool row_ok[2];
+    CUTE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int rr = mb * kBM + r0 + 8 * h;
+      row_ok[h] = rr < rows;
+      row_off[h] = is_split ? ((int64_t(slot) * p.h_kv + hk) * rows + rr) * kDV + c0
+                            : ((int64_t(req) * p.s_q + rr / groups) * p.h_q + hk * groups + rr % groups) * kDV + c0;
+    }
+    if (is_split) {
+      float* dst[2] = {p.o_accum + row_off[0], p.o_accum + row_off[1]};
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_o); i += 2) {
+        const int h = (get<0>(cO(i)) - r0) >= 8;
+        const int dc = get<1>(cO(i)) - get<1>(cO(0));     // compile-time
+        if (row_ok[h])
+          *reinterpret_cast<float2*>(dst[h] + dc) = make_float2(acc_o(i) * inv[h], acc_o(i + 1) * inv[h]);
+      }
+    } else {
+      Element* dst[2] = {static_cast<Element*>(p.out) + row_off[0], static_cast<Element*>(p.out) + row_off[1]};
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_o); i += 2) {
+        const int h = (get<0>(cO(i)) - r0) >= 8;
+        const int dc = get<1>(cO(i)) - get<1>(cO(0));
+        Element pair[2] = {Element(acc_o(i) * inv[h]), Element(acc_o(i + 1) * inv[h])};
+        if (row_ok[h]) *reinterpret_cast<uint32_t*>(dst[h] + dc) = *reinterpret_cast<uint32_t*>(pair);
+      }
+    }
+    if (wg == 0 && (wtid & 3) == 0) {
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int rr = mb * kBM + r0 + 8 * h;
+        if (rr >= rows) continue;
+        if (is_split) {
+          p.lse_accum[(int64_t(slot) * p.h_kv + hk) * rows + rr] = lse[h];
+        } else {
+          const int sq = rr / groups, head = hk * groups + rr % groups;
+          p.lse[(int64_t(req) * p.h_q + head) * p.s_q + sq] = lse[h];
+        }
+      }
+    }
+  }
+}
+
+
+}  // namespace fmla

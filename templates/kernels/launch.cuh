@@ -1,0 +1,113 @@
+// Host side of a variant: the KV cache's TMA descriptor and the launch of decode + combine, templated on the
+// variant's configuration like the kernels (templates/variant.cu.j2 instantiates it behind the C ABI).
+#pragma once
+
+#include <type_traits>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "combine_kernel.cuh"
+#include "decode_kernel.cuh"
+
+namespace fmla {
+
+typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver entry point is fetched through the runtime so the library needs no -lcuda.
+inline EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = nullptr;
+  if (!fn) {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiledFn>(ptr);
+  }
+  return fn;
+}
+
+// 4-D view of the paged cache: (channel, kv head, row in page, page); OOB pages read as zeros.
+template <class Cfg>
+int make_kv_tensor_map(CUtensorMap* map, const FmlaParams& p) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  EncodeTiledFn encode = encode_tiled();
+  if (!encode) return int(cudaErrorNotSupported);
+  const cuuint64_t es = sizeof(Element);
+  cuuint64_t dims[4] = {cuuint64_t(T::kD), cuuint64_t(p.h_kv), cuuint64_t(T::kPage), cuuint64_t(p.num_blocks)};
+  cuuint64_t strides[3] = {cuuint64_t(p.k_head_stride) * es, cuuint64_t(p.k_row_stride) * es,
+                           cuuint64_t(p.k_block_stride) * es};
+  cuuint32_t box[4] = {64, 1, cuuint32_t(T::kBoxRows), 1};
+  cuuint32_t estr[4] = {1, 1, 1, 1};
+  CUresult r = encode(map, std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                      const_cast<void*>(p.k_cache), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : int(cudaErrorInvalidValue);
+}
+
+// Launches decode + combine on `stream`. Returns a cudaError_t value (0 = success). No host sync.
+template <class Cfg>
+int launch(const FmlaParams* params, void* stream) {
+  using T = DecodeTraits<Cfg>;
+  constexpr int kBM = T::kBM, kThreads = T::kThreads, kSmemBytes = T::kSmemBytes;
+  const FmlaParams& p = *params;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  static bool attr_set = false;
+  if (!attr_set) {
+    cudaError_t e = cudaFuncSetAttribute(decode_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (e != cudaSuccess) return int(e);
+    attr_set = true;
+  }
+  CUtensorMap tmap;
+  int err = make_kv_tensor_map<Cfg>(&tmap, p);
+  if (err) return err;
+  const int rows = p.s_q * (p.h_q / p.h_kv);
+  dim3 grid(p.num_parts, p.h_kv, (rows + kBM - 1) / kBM);
+  cudaError_t e;
+  if constexpr (Cfg::kMerge == Merge::kSeparate) {
+    decode_kernel<Cfg><<<grid, kThreads, kSmemBytes, st>>>(tmap, p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return int(e);
+    if (p.batch > 0) {
+      dim3 cgrid(p.batch, p.h_kv, (rows + Cfg::kCombineRows - 1) / Cfg::kCombineRows);
+      combine_kernel<Cfg><<<cgrid, Cfg::kCombineRows * 32, 0, st>>>(p);
+      e = cudaGetLastError();
+    }
+  } else {
+    cudaLaunchAttribute pdl[1];
+    pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = kSmemBytes;
+    cfg.stream = st;
+    cfg.attrs = pdl;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, decode_kernel<Cfg>, tmap, p);
+    if (e != cudaSuccess) return int(e);
+    if (p.batch > 0) {
+      // y: one CTA row per request, or per partition where there are more requests than partitions (at most
+      // one split request ends in each partition). Rows per CTA grow with the work so that the grid stays
+      // near 4096 CTAs.
+      const int by_partition = p.batch > p.num_parts;
+      const int ny = by_partition ? p.num_parts : p.batch;
+      const long long row_slices = (long long)ny * p.h_kv * rows * kWideSlices;
+      int rpc = 1;
+      while (rpc < kWideGroups && row_slices > 4096LL * rpc) rpc *= 2;
+      cfg.gridDim = dim3(p.h_kv * ((rows + rpc - 1) / rpc) * kWideSlices, ny, 1);
+      cfg.blockDim = dim3(kWideThreads);
+      cfg.dynamicSmemBytes = size_t(rpc) * p.num_parts * sizeof(float);
+      e = cudaLaunchKernelEx(&cfg, static_cast<void (*)(FmlaParams, int, int, int)>(combine_kernel<Cfg>), p, rpc,
+                             int(p.num_parts), by_partition);
+    }
+  }
+  return int(e);
+}
+
+}  // namespace fmla
