@@ -11,6 +11,10 @@ then is ``manifest.json`` (size and SHA-256 of the library) written, by rename t
 built only when its library matches its manifest; anything else (a link killed half-way, a truncated or
 corrupted file) is rebuilt. A per-variant file lock makes concurrent processes (tensor-parallel ranks
 starting at once) build each variant once while the others wait for it.
+
+Serving needs no compiler: the manifest also records the *source hash* (rendered source, kernel headers,
+flags; no toolchain), and :func:`find_built` finds a library of the variant's current source by that
+hash alone, without nvcc or CUTLASS (``flash-mla build --from-db`` prepares them on a machine with nvcc).
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class Artifact:
     ok: bool = False
     error: str = ""
     resources: dict = field(default_factory=dict)   # kernel name -> ptxas.KernelResources
+    source_hash: str = ""                           # rendered source + headers + flags, no toolchain
 
     @property
     def library(self) -> Path:
@@ -184,7 +189,9 @@ def _finish(a: Artifact) -> str:
         return f"the built library has ABI version {probe.stdout.strip()}, the runtime expects {_abi_version()}"
     size, digest = a.partial.stat().st_size, _sha256(a.partial)
     os.replace(a.partial, a.library)
-    _write_atomic(a.manifest, json.dumps({"size": size, "sha256": digest, "abi": _abi_version()}))
+    _write_atomic(a.manifest, json.dumps({"size": size, "sha256": digest, "abi": _abi_version(),
+                                          "source": a.source_hash, "nvcc": nvcc_version(),
+                                          "cutlass": _cutlass_version()}))
     return ""
 
 
@@ -202,6 +209,15 @@ def _locked(artifacts: list[Artifact]):
         for f in files:
             fcntl.flock(f, fcntl.LOCK_UN)
             f.close()
+
+
+def _source_hash(source: str, headers: dict[str, str]) -> str:
+    """What a library is built from, without the toolchain: found again by :func:`find_built`."""
+    h = hashlib.sha256()
+    for part in (source, *(headers[k] for k in sorted(headers)), " ".join(ARCH_FLAGS + NVCC_FLAGS)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def _content_hash(source: str, headers: dict[str, str]) -> str:
@@ -224,7 +240,32 @@ def prepare(v: Variant) -> Artifact:
         p.parent.mkdir(exist_ok=True)
         if not p.exists() or p.read_text() != text:
             _write_atomic(p, text)
-    return Artifact(variant=v, directory=d)
+    return Artifact(variant=v, directory=d, source_hash=_source_hash(source, headers))
+
+
+def find_built(v: Variant) -> Artifact | None:
+    """A built library of ``v``'s current source, found without nvcc or CUTLASS, or None.
+
+    Any cache entry of its build key whose manifest records the same source hash and whose library
+    matches the manifest (size, SHA-256) qualifies; among several (built by different compilers) the
+    newest wins. Entries built before the manifest recorded the source are not found here (``build``
+    still finds them)."""
+    want = _source_hash(render(v), static_headers())
+    found = []
+    for d in cache_dir().glob(f"{v.build_key}-*"):
+        a = Artifact(variant=v, directory=d, source_hash=want)
+        try:
+            if json.loads(a.manifest.read_text()).get("source") != want or not a.is_built():
+                continue
+            found.append((a.library.stat().st_mtime, str(d), a))
+        except (OSError, ValueError, AttributeError):
+            continue
+    if not found:
+        return None
+    a = max(found, key=lambda t: t[:2])[2]
+    a.ok = True
+    a.resources = ptxas.parse(a.report_path.read_text()) if a.report_path.exists() else {}
+    return a
 
 
 def _ninja() -> str:

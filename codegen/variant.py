@@ -111,7 +111,8 @@ class Variant:
         return 128 * self.num_warpgroups
 
     def smem_bytes(self) -> int:
-        """Shared memory the decode kernel asks for, mirroring SharedStorage in decode_kernel.cuh.j2."""
+        """Shared memory the decode kernel asks for, mirroring the SharedStorage structs of
+        templates/kernels/decode_kernel.cuh."""
         el = 2
         q = BLOCK_M * HEAD_DIM * el
         k = self.stages * self.block_n * HEAD_DIM * el

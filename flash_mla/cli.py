@@ -60,7 +60,12 @@ def _db_winners_all():
 
 def cmd_build(args) -> int:
     from flash_mla.codegen.build import build
-    variants = _unique_builds(_db_winners(args.from_db) if args.from_db else _variants(args))
+    if args.from_db:       # every winner, and the default of every dtype and page size (the fallback)
+        from flash_mla.codegen.variant import DTYPES, PAGE_SIZES, default_variant
+        variants = _unique_builds(_db_winners(args.from_db) + [default_variant(d, p) for d in DTYPES
+                                                               for p in PAGE_SIZES])
+    else:
+        variants = _unique_builds(_variants(args))
     t0 = time.time()
     print(f"building {len(variants)} variant binaries with {args.jobs} jobs ...", flush=True)
     arts = build(variants, jobs=args.jobs)
@@ -368,7 +373,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("build", help="compile variants (no GPU needed) and print the ptxas report")
     common(p)
     p.add_argument("--compile-only", action="store_true", help="accepted for clarity: build never needs a GPU")
-    p.add_argument("--from-db", default=None, help="prebuild every winner of this tuning database instead")
+    p.add_argument("--from-db", default=None, help="prebuild every winner of this tuning database and every default variant instead")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("check", help="build variants and check each against the reference on the GPU")

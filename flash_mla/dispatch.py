@@ -13,7 +13,7 @@ import functools
 from typing import Optional
 
 from . import runtime, selection
-from .codegen.build import build_one
+from .codegen.build import BuildError, build_one, cache_dir, find_built
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
 from .scheduler import SplitPolicy
 from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, bucket_seqlen
@@ -27,8 +27,17 @@ def dtype_name(dtype) -> str:
 
 @functools.lru_cache(maxsize=None)
 def library_for(variant: Variant) -> runtime.Library:
-    """Build (or take from the disk cache) and load the variant; cached per process."""
-    return runtime.load(build_one(variant).library)
+    """Load the variant's library; cached per process. A library built from the variant's current source
+    is taken from the disk cache without a compiler; only a missing one is built (nvcc and CUTLASS)."""
+    art = find_built(variant)
+    if art is None:
+        try:
+            art = build_one(variant)
+        except BuildError as e:
+            raise BuildError(f"variant {variant.key} has no built library in {cache_dir()} and cannot be built "
+                             f"here ({e}); build it where nvcc is (flash-mla build --from-db, or "
+                             f"--variants {variant.key}) and ship that cache") from e
+    return runtime.load(art.library)
 
 
 @functools.lru_cache(maxsize=4096)

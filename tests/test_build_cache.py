@@ -116,3 +116,31 @@ def test_concurrent_builders_compile_once_and_all_see_a_whole_library(fake_env, 
         sizes.append(int(out.split()[-1]))
     assert len(set(sizes)) == 1 and sizes[0] > 0
     assert len(_compiles(fake_env["log"])) == 1
+
+
+def test_a_built_variant_is_found_without_a_compiler(fake_env, tmp_path, monkeypatch):
+    v, other = Variant(), Variant(stages=3, block_n=32)
+    (a,) = B.build([v], jobs=1)
+    assert a.ok, a.error
+    manifest = __import__("json").loads(a.manifest.read_text())
+    assert manifest["source"] == a.source_hash and "fake" in manifest["nvcc"]
+    # serving machine: no CUDA toolkit at all
+    monkeypatch.setenv("FLASH_MLA_CUDA_HOME", str(tmp_path / "no-cuda"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    B.nvcc_version.cache_clear()
+    with pytest.raises(B.BuildError, match="FLASH_MLA_CUDA_HOME"):
+        B.nvcc_path()                                   # a compile would fail here ...
+    found = B.find_built(v)                             # ... finding the built one does not need it
+    assert found is not None and found.ok and found.library == a.library
+    assert B.find_built(other) is None                  # another variant's source: not built
+    a.library.write_bytes(a.library.read_bytes()[:100])   # a truncated library is never taken
+    assert B.find_built(v) is None
+
+
+def test_serving_without_a_compiler_names_the_missing_variant(fake_env, tmp_path, monkeypatch):
+    from flash_mla import dispatch
+    monkeypatch.setenv("FLASH_MLA_CUDA_HOME", str(tmp_path / "no-cuda"))
+    B.nvcc_version.cache_clear()
+    v = Variant(stages=3, block_n=32)
+    with pytest.raises(B.BuildError, match=f"variant {v.key} has no built library .*flash-mla build --from-db"):
+        dispatch.library_for.__wrapped__(v)
