@@ -56,6 +56,17 @@ def _static_headers() -> tuple:
                         if p.suffix in (".h", ".cuh")))
 
 
+@functools.lru_cache(maxsize=1)
+def kernel_source_digest() -> str:
+    """Short hash of every kernel source (the variant template and the kernel headers): timings taken with
+    one kernel source are never reused for another (the tuner's study names carry it)."""
+    import hashlib
+    h = hashlib.sha256((templates_dir() / "variant.cu.j2").read_bytes())
+    for name, text in _static_headers():
+        h.update(b"\0" + name.encode() + b"\0" + text.encode())
+    return h.hexdigest()[:10]
+
+
 def static_headers() -> dict[str, str]:
     """The kernel headers (templates/kernels/: bodies, constants, the C ABI) the rendered source includes,
     by path relative to the variant's build folder."""

@@ -160,3 +160,18 @@ def test_a_kill_between_the_db_row_and_the_tell_measures_nothing_twice(env, monk
     assert not set(first.calls) & set(second.calls)
     measured = [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w)) if t["state"] != "invalid"]
     assert len(measured) == len(set(measured)) == len(search_space())
+
+
+def test_a_kernel_change_starts_a_new_study(env, monkeypatch):
+    storage, db, run_id, _ = env
+    w = Workload(16, 1, 4, 2048)
+    first = SyntheticMeasurer()
+    tune.tune_workload(w, storage, db, run_id, GPU, n_trials=3, measurer=first)
+    old = tune.study_name(GPU, w)
+    from flash_mla.codegen import render
+    monkeypatch.setattr(tune, "kernel_source_digest", lambda: "changed000")
+    assert tune.study_name(GPU, w) != old and tune.study_name(GPU, w).endswith(":kchanged000")
+    second = SyntheticMeasurer()
+    tune.tune_workload(w, storage, db, run_id, GPU, n_trials=3, measurer=second)
+    assert set(first.calls) & set(second.calls)           # measured again: old timings are not reused
+    assert render.kernel_source_digest() in old

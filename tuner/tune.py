@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import optuna
 
 from flash_mla.codegen.build import build
+from flash_mla.codegen.render import kernel_source_digest
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
 from flash_mla.db import TRIAL_STATES, TuningDB
 
@@ -45,7 +46,10 @@ def open_storage(spec: str):
 
 
 def study_name(gpu_name: str, w: Workload) -> str:
-    return f"{gpu_name.replace(' ', '_')}:{w.key}"
+    """One study per GPU, workload and kernel source: a study resumed after the kernels changed starts
+    afresh instead of reusing timings of the old code (the DB's trial rows keep the name, so each
+    measurement records the kernel source it timed)."""
+    return f"{gpu_name.replace(' ', '_')}:{w.key}:k{kernel_source_digest()}"
 
 
 def variant_from_trial(trial: optuna.trial.BaseTrial, w: Workload) -> Variant:
