@@ -4,8 +4,8 @@ Importable without a GPU: the reference implementation and the code generator wo
 a kernel needs an SM90 GPU.
 """
 
-from .api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
+from .api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata, warm_up
 from .reference import mla_decode_reference
 
 __version__ = "0.1.0"
-__all__ = ["FlashMLASchedMeta", "flash_mla_with_kvcache", "get_mla_metadata", "mla_decode_reference", "__version__"]
+__all__ = ["FlashMLASchedMeta", "flash_mla_with_kvcache", "warm_up", "get_mla_metadata", "mla_decode_reference", "__version__"]

@@ -116,6 +116,52 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
     return meta, splits
 
 
+def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype: torch.dtype = torch.bfloat16,
+            page_block_size: int = 64, causal: bool = False, batch_sizes=(1,), seqlens_hint=None,
+            device=None) -> list:
+    """Select, build if needed and load the kernels that decode calls of these shapes will run, before
+    CUDA-graph capture (so that no selection, build or library load happens inside it; an engine
+    capturing one graph per batch size passes them all).
+
+    Args:
+        num_heads_q, num_heads_k, seqlen_q, dtype, page_block_size, causal: the calls' q heads, KV heads,
+            query tokens per request, dtype, page size and causality.
+        batch_sizes: the batch sizes the calls will have.
+        seqlens_hint: the length hint the calls' metadata will carry (as for :func:`get_mla_metadata`),
+            or None; calls without a hint are prepared in either case.
+        device: the CUDA device (default: the current one).
+
+    Returns:
+        The keys of the variants loaded, one per distinct variant.
+    """
+    from .validation import _require_int
+    from .workload_key import WorkloadKey
+    for name, v in (("num_heads_q", num_heads_q), ("num_heads_k", num_heads_k), ("seqlen_q", seqlen_q),
+                    ("page_block_size", page_block_size)):
+        _require_int(name, v)
+    if num_heads_q % num_heads_k:
+        raise ValueError(f"num_heads_q ({num_heads_q}) must be a multiple of num_heads_k ({num_heads_k})")
+    if str(dtype) not in dispatch.TORCH_DTYPE_NAMES:
+        raise TypeError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    if page_block_size not in dispatch.SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"page_block_size must be one of {dispatch.SUPPORTED_PAGE_SIZES}, got {page_block_size}")
+    sizes = [_require_int("batch_sizes", b) for b in batch_sizes]
+    means = [None] + ([mean_seqlen_hint(seqlens_hint)] if seqlens_hint is not None else [])
+    index = torch.device(device if device is not None else "cuda").index
+    index = torch.cuda.current_device() if index is None else index
+    loaded = {}
+    for b in sizes:
+        for mean in means:
+            key = WorkloadKey.for_call(dtype=dispatch.dtype_name(dtype), h_q=num_heads_q, h_kv=num_heads_k,
+                                       s_q=seqlen_q, page_size=page_block_size, causal=causal, batch=b,
+                                       mean_seqlen=mean)
+            v = dispatch.variant_for_key(index, key)
+            if v.key not in loaded:
+                loaded[v.key] = dispatch.library_for(v)
+            dispatch.split_policy_for(index, seqlen_q * num_heads_q // num_heads_k, num_heads_k, b, mean)
+    return list(loaded)
+
+
 def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor) -> None:
     # The kernel moves q rows with 16-byte loads and reads k_cache through a TMA descriptor, whose
     # strides must be multiples of 16 bytes.

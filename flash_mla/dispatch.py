@@ -16,7 +16,7 @@ from . import runtime, selection
 from .codegen.build import BuildError, build_one, cache_dir, find_built
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
 from .scheduler import SplitPolicy
-from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, bucket_seqlen
+from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, WorkloadKey, bucket_seqlen
 
 SUPPORTED_PAGE_SIZES = PAGE_SIZES
 
@@ -43,6 +43,15 @@ def library_for(variant: Variant) -> runtime.Library:
 @functools.lru_cache(maxsize=4096)
 def _from_dict(items: tuple) -> Variant:
     return Variant.from_dict(dict(items)).validate()
+
+
+def variant_for_key(device_index: int, key: WorkloadKey) -> Variant:
+    """The tuned winner for a workload key on this device, else the default variant (no tensors needed)."""
+    gpu, sms, cuda = selection.device_info(device_index)
+    sel = selection.select(gpu, sms, cuda, key)
+    if sel.variant is None:
+        return default_variant(key.dtype, key.page_size)
+    return _from_dict(tuple(sorted(sel.variant.items())))
 
 
 def select_variant(q, k_cache, causal: bool, mean_seqlen: Optional[float] = None) -> Variant:
