@@ -19,9 +19,9 @@ Selection rule
    first, ties to the larger. The block table's width is not used: in serving engines it is
    ``max_model_len / page_size`` whatever the lengths.
 4. **Default.** Without a candidate the call runs the default variant
-   (:func:`flash_mla.codegen.variant.default_variant` for its dtype and page size), and a
-   :class:`NoTunedVariantWarning` says so once per (GPU, CUDA version, dtype, h_q, h_kv, s_q,
-   page size, causal, with or without a hint).
+   (:func:`flash_mla.codegen.variant.default_variant` for its dtype and page size), and one WARNING
+   record of the ``flash_mla`` logger (``logging``, as serving engines collect it) says so once per (GPU,
+   CUDA version, dtype, h_q, h_kv, s_q, page size, causal, with or without a hint).
 
 Cost. Every input is a host-side integer or string (tensor shapes and device properties), so selection
 never synchronises with the GPU. Results are cached in a dict keyed by the arguments after bucketing:
@@ -39,8 +39,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import logging
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -53,8 +53,8 @@ from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, TORCH_DTYPE_NAMES, Wor
 SOURCES = ("user", "shipped")
 
 
-class NoTunedVariantWarning(UserWarning):
-    """The tuning databases have no winner for this GPU / CUDA version / shape: the default variant runs."""
+#: Where the fallback to the default variant is reported (WARNING, once per kind of call).
+log = logging.getLogger("flash_mla")
 
 
 @dataclass(frozen=True)
@@ -188,12 +188,11 @@ def _select_uncached(gpu_name, sm_count, cuda_version, key: WorkloadKey) -> Sele
         _warned.add(wkey)
         hint = ("" if key.has_hint else " Calls that pass seqlens_hint= to get_mla_metadata use the winners "
                 "tuned for their length.")
-        warnings.warn(
+        log.warning(
             f"flash_mla: the tuning database has no entry for GPU {gpu_name!r} ({sm_count} SMs) with "
             f"CUDA {cuda} for {shape}; using the default variant {_default_key(key.dtype, key.page_size)}. "
             f"Tune this GPU and CUDA version with `flash-mla tune` and point {db.ENV_USER_DB} at the "
-            f"resulting database (or call flash_mla.db.set_user_db).{hint}",
-            NoTunedVariantWarning, stacklevel=3)
+            f"resulting database (or call flash_mla.db.set_user_db).{hint}")
     return Selection(None, "default", reason)
 
 
@@ -288,5 +287,5 @@ def select_for_tensors(q: Any, k_cache: Any, causal: bool, mean_seqlen: Optional
     return select(gpu_name, sm_count, cuda, key_for_tensors(q, k_cache, causal, mean_seqlen))
 
 
-__all__ = ["Selection", "NoTunedVariantWarning", "select", "split_policy", "clear_cache", "set_user_db",
+__all__ = ["Selection", "log", "select", "split_policy", "clear_cache", "set_user_db",
            "select_for_tensors", "key_for_tensors", "device_info"]

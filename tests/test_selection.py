@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-import warnings
 
 import pytest
 
@@ -82,36 +82,37 @@ def test_cuda_compared_as_major_minor(dbs):
 
 @pytest.mark.parametrize("miss", [{"gpu": "NVIDIA H200"}, {"sms": 114}, {"cuda": "13.0"}, {"dtype": "fp16"},
                                   {"h_q": 64}, {"s_q": 2}, {"page_size": 32}, {"causal": True, "s_q": 2}])
-def test_key_mismatch_gives_default_and_one_warning(dbs, miss):
+def test_key_mismatch_gives_default_and_one_warning(dbs, miss, caplog):
     add_winner(dbs.shipped, 64, 4096, V[1])
     add_winner(dbs.user, 64, 4096, V[2])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING, logger="flash_mla"):
         results = [sel(b, cap, **miss) for b in (1, 64, 64, 3) for cap in (100, 4096, 100000)]
     assert all(r.source == "default" and r.variant is None for r in results)
-    assert len(caught) == 1, [str(w.message) for w in caught]
-    w = caught[0]
-    assert issubclass(w.category, selection.NoTunedVariantWarning)
-    text = str(w.message)
+    caught = [r for r in caplog.records if r.name == "flash_mla"]
+    assert len(caught) == 1, [r.getMessage() for r in caught]
+    assert caught[0].levelno == logging.WARNING
+    text = caught[0].getMessage()
     assert miss.get("gpu", GPU) in text and f"CUDA {miss.get('cuda', CUDA)}" in text
     assert "flash-mla tune" in text and "default variant" in text
     assert "no tuning DB entry" in results[0].reason
 
 
-def test_no_database_at_all(dbs):
-    with pytest.warns(selection.NoTunedVariantWarning, match="flash-mla tune"):
+def test_no_database_at_all(dbs, caplog):
+    with caplog.at_level(logging.WARNING, logger="flash_mla"):
         got = sel()
-    assert got.source == "default"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                      # the second call stays silent
+    assert got.source == "default" and "flash-mla tune" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flash_mla"):
         assert sel(batch=3).source == "default"
+    assert caplog.records == []                             # the second call stays silent
     assert not dbs.shipped.exists() and not dbs.user.exists()
 
 
-def test_cpu_torch_without_gpu_identity_is_default(dbs):
+def test_cpu_torch_without_gpu_identity_is_default(dbs, caplog):
     add_winner(dbs.shipped, 64, 4096, V[1])
-    with pytest.warns(selection.NoTunedVariantWarning):
+    with caplog.at_level(logging.WARNING, logger="flash_mla"):
         assert sel(gpu=None, sms=None, cuda=None).source == "default"
+    assert "default variant" in caplog.text
 
 
 def test_user_db_beats_shipped(dbs):
@@ -126,11 +127,12 @@ def test_user_db_beats_shipped(dbs):
     assert (got.source, got.variant) == ("shipped", V[3].as_dict())
 
 
-def test_env_var_names_user_db(dbs, monkeypatch):
+def test_env_var_names_user_db(dbs, monkeypatch, caplog):
     add_winner(dbs.user, 64, 4096, V[4])
     db.set_user_db(None)
-    with pytest.warns(selection.NoTunedVariantWarning):
+    with caplog.at_level(logging.WARNING, logger="flash_mla"):
         assert sel().source == "default"                         # no user DB configured
+    assert "default variant" in caplog.text
     monkeypatch.setenv(db.ENV_USER_DB, str(dbs.user))
     selection.clear_cache()
     assert sel().source == "user"
@@ -254,10 +256,11 @@ def test_rows_with_and_without_a_hint_never_mix(dbs):
     assert "tuned for bf16_p64_hq128_hkv1_sq1_b64_sknohint" in sel(64, None).reason
 
 
-def test_no_hint_without_its_rows_is_the_default_and_says_how_to_pass_one(dbs):
+def test_no_hint_without_its_rows_is_the_default_and_says_how_to_pass_one(dbs, caplog):
     add_winner(dbs.shipped, 64, 4096, V[1])
-    with pytest.warns(selection.NoTunedVariantWarning, match="seqlens_hint"):
+    with caplog.at_level(logging.WARNING, logger="flash_mla"):
         got = sel(64, None)
+    assert "seqlens_hint" in caplog.text
     assert got.source == "default" and "without a length hint" in got.reason
     assert sel(64, 4096).variant == V[1].as_dict()
 
