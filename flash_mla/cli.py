@@ -317,7 +317,7 @@ def cmd_tune(args) -> int:
             print(f"    exhaustive sweep: best {sw['best_key']} {sw['best_us']:.1f} us over {sw['n']} variants; "
                   f"study within 3% after {sw['trials_to_3pct']} measured trials")
     if no_hint:
-        print(f"\nwithout a length hint (geometric mean over the tuned lengths of each group):")
+        print("\nwithout a length hint (geometric mean over the tuned lengths of each group):")
         print(f"{'workload':44} {'variant':28} {'us':>9} {'default us':>10} {'vs best':>8}")
         for g in no_hint:
             d = g["default_us"]

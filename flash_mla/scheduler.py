@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .constants import BLOCK_M, METADATA_SIZE, SCHED_BLOCK_N
+from .constants import BLOCK_M, METADATA_SIZE, SCHED_BLOCK_N  # noqa: F401  (METADATA_SIZE: re-exported)
 
 BLOCK_N = SCHED_BLOCK_N  # scheduling unit in KV tokens; independent of page size and of a variant's stage size
 FIXED_OVERHEAD_BLOCKS = 5
