@@ -211,22 +211,23 @@ def _locked(artifacts: list[Artifact]):
             f.close()
 
 
-def _source_hash(source: str, headers: dict[str, str]) -> str:
-    """What a library is built from, without the toolchain: found again by :func:`find_built`."""
+def _digest(*parts: str) -> str:
     h = hashlib.sha256()
-    for part in (source, *(headers[k] for k in sorted(headers)), " ".join(ARCH_FLAGS + NVCC_FLAGS)):
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _source_hash(source: str, headers: dict[str, str]) -> str:
+    """What a library is built from, without the toolchain: found again by :func:`find_built`."""
+    return _digest(source, *(headers[k] for k in sorted(headers)), " ".join(ARCH_FLAGS + NVCC_FLAGS))
 
 
 def _content_hash(source: str, headers: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for part in (source, *(headers[k] for k in sorted(headers)), nvcc_version(), " ".join(ARCH_FLAGS + NVCC_FLAGS),
-                 _cutlass_version()):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+    """The cache folder's hash: the source hash's parts plus the compiler and CUTLASS versions."""
+    return _digest(source, *(headers[k] for k in sorted(headers)), nvcc_version(),
+                   " ".join(ARCH_FLAGS + NVCC_FLAGS), _cutlass_version())
 
 
 def prepare(v: Variant) -> Artifact:

@@ -13,7 +13,7 @@ from . import dispatch, runtime, scheduler
 from .codegen.variant import Variant
 from .workload_key import mean_seqlen_hint
 from .validation import (HEAD_DIM_K, _require_rank, _require_tensor, check_decode_args, check_metadata_args,
-                         check_values, values_check_enabled)
+                         check_split_policy_args, check_values, values_check_enabled)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +94,7 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
     given = [n for n, v in (("cache_seqlens", cache_seqlens), ("num_heads_per_head_k", num_heads_per_head_k),
                             ("num_heads_k", num_heads_k)) if v is not None]
     if not given:
-        check_metadata_args(torch.zeros(0, dtype=torch.int32), 1, 1, split_overhead, split_min_blocks)
+        check_split_policy_args(split_overhead, split_min_blocks)
         mean_seqlen_hint(seqlens_hint)                      # a bad hint fails here, not at the first call
         return FlashMLASchedMeta(split_overhead=split_overhead, split_min_blocks=split_min_blocks,
                                  seqlens_hint=seqlens_hint), None
@@ -107,11 +107,12 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
         raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
     mean_seqlen = mean_seqlen_hint(seqlens_hint)
     parts = scheduler.num_sm_parts(_num_sms(cache_seqlens.device.index or 0), num_heads_per_head_k, num_heads_k)
-    policy = dispatch.split_policy_for(cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k,
-                                       cache_seqlens.shape[0], mean_seqlen)
-    meta, splits = scheduler.schedule(
-        cache_seqlens, parts, overhead=split_overhead if split_overhead is not None else policy.overhead,
-        min_payload=split_min_blocks if split_min_blocks is not None else policy.min_blocks)
+    if split_overhead is None or split_min_blocks is None:     # the tuned policy fills what the caller left
+        policy = dispatch.split_policy_for(cache_seqlens.device.index or 0, num_heads_per_head_k, num_heads_k,
+                                           cache_seqlens.shape[0], mean_seqlen)
+        split_overhead = policy.overhead if split_overhead is None else split_overhead
+        split_min_blocks = policy.min_blocks if split_min_blocks is None else split_min_blocks
+    meta, splits = scheduler.schedule(cache_seqlens, parts, overhead=split_overhead, min_payload=split_min_blocks)
     setattr(meta, _HINT_ATTR, mean_seqlen)
     return meta, splits
 

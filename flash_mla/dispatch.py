@@ -56,10 +56,7 @@ def variant_for_key(device_index: int, key: WorkloadKey) -> Variant:
 
 def select_variant(q, k_cache, causal: bool, mean_seqlen: Optional[float] = None) -> Variant:
     """The tuned winner for this call's GPU, shape and length hint, else the default variant."""
-    sel = selection.select_for_tensors(q, k_cache, causal, mean_seqlen)
-    if sel.variant is None:
-        return default_variant(dtype_name(q.dtype), k_cache.shape[1])
-    return _from_dict(tuple(sorted(sel.variant.items())))
+    return variant_for_key(q.device.index or 0, selection.key_for_tensors(q, k_cache, causal, mean_seqlen))
 
 
 def split_policy_for(device_index: int, num_heads_per_head_k: int, num_heads_k: int, batch: int,

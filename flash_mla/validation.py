@@ -20,7 +20,8 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args", "check_decode_args",
+__all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args", "check_split_policy_args",
+           "check_decode_args",
            "check_values", "values_check_enabled", "ENV_CHECK_VALUES"]
 
 ENV_CHECK_VALUES = "FLASH_MLA_CHECK_VALUES"
@@ -71,6 +72,12 @@ def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k, split_
     _require_rank("cache_seqlens", cache_seqlens, 1, "(batch_size,)")
     _require_int("num_heads_per_head_k", num_heads_per_head_k)
     _require_int("num_heads_k", num_heads_k)
+    check_split_policy_args(split_overhead, split_min_blocks)
+
+
+def check_split_policy_args(split_overhead=None, split_min_blocks=None) -> None:
+    """``split_overhead`` and ``split_min_blocks`` of ``get_mla_metadata``: each None (the tuned policy) or
+    an int >= 1 (see :func:`check_metadata_args`)."""
     if split_overhead is not None:
         _require_int("split_overhead", split_overhead)
     if split_min_blocks is not None:
