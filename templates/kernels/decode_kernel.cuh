@@ -108,31 +108,25 @@ struct DecodeTraits {
   static constexpr uint32_t kBoxBytes = kBoxRows * 64 * sizeof(Element);
 };
 
-// acc = A * B over every k-block of the tiled MMA (first k-block overwrites).
-template <class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void gemm_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
+// Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
+// does not wait for it.
+template <bool kAccumulate, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
-  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  mma.accumulate_ = kAccumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
   CUTE_UNROLL
   for (int kb = 0; kb < size<2>(tA); ++kb) {
     cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), acc);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
 }
 
-// Same, accumulating into acc.
-template <class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void gemm_ss_acc(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  mma.accumulate_ = GMMA::ScaleOut::One;
-  CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(tA); ++kb) cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), acc);
-  warpgroup_commit_batch();
+// acc = A * B (kAccumulate: acc += A * B), waited for.
+template <bool kAccumulate, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void gemm_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
+  issue_ss<kAccumulate>(mma, tA, tB, acc);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
 }
@@ -440,7 +434,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         // S = Q K^T for this warpgroup's columns.
         Tensor tSrK = thr_s.partition_fragment_B(local_tile(sK, Shape<Int<kBNw>, Int<kD>>{}, make_coord(wg, 0)));
         Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBM>, Int<kBNw>>{});
-        gemm_ss(mma_s, tSrQ, tSrK, acc_s);
+        gemm_ss<false>(mma_s, tSrQ, tSrK, acc_s);
 
         // Mask and per-row maxima.
         float mx[2] = {-INFINITY, -INFINITY};
@@ -488,7 +482,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         // O += P V for this warpgroup's output channels.
         Tensor sVt = make_tensor(make_smem_ptr(s.k[stage]), SmemLayoutVt{});
         Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(wg, 0)));
-        gemm_ss_acc(mma_o, tOrP, tOrV, acc_o);
+        gemm_ss<true>(mma_o, tOrP, tOrV, acc_o);
         __syncthreads();                            // stage and P free for reuse
 
         if (tid == 0 && j + kStages < n_iter)
@@ -537,12 +531,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         Tensor tOrP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(p_tile<Cfg>(s, st)), SmemLayoutP{}));
         Tensor sVt = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutVt{});
         Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(wg, 0)));
-        warpgroup_fence_operand(acc_o);
-        warpgroup_arrive();
-        mma_o.accumulate_ = GMMA::ScaleOut::One;
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb), acc_o);
-        warpgroup_commit_batch();
+        issue_ss<true>(mma_o, tOrP, tOrV, acc_o);
       };
       auto rescale_o = [&](float a0, float a1) {
         if (a0 == 1.f && a1 == 1.f) return;         // row maxima unchanged (most tiles after the first ones)
@@ -572,15 +561,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
           // Q's descriptors are rebuilt from an opaque pointer per tile: otherwise all 36 are hoisted out of the
           // tile loop and shuffled between uniform and vector registers (~250 moves per tile).
           Tensor tSrQ = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQ{}));
-          warpgroup_fence_operand(acc_s);
-          warpgroup_arrive();
-          mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-          CUTE_UNROLL
-          for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-            cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb), acc_s);
-            mma_s.accumulate_ = GMMA::ScaleOut::One;
-          }
-          warpgroup_commit_batch();
+          issue_ss<false>(mma_s, tSrQ, tSrK, acc_s);
         };
 
         // The last tile is peeled off so that no wgmma sits in a branch with a different wait (ptxas would
