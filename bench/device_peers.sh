@@ -8,6 +8,7 @@
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
+# tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1). Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
@@ -81,6 +82,14 @@ for step in "$@"; do
             python3 -m flash_mla.cli tune $(for x in ${suites//,/ }; do echo --suite $x; done) --trials "$trials" \
               --db "$final/tuned.sqlite" --storage "$out/studies.journal" --jobs 16 > "$out/tune.txt" 2>&1
             echo "tune rc=$?"; grep -A60 "^workload" "$out/tune.txt";;
+    tunefault:*) IFS=: read -r _ wl trials faults <<< "$step"   # WORKLOAD:TRIALS:KIND:KEY[,KIND:KEY] (injected faults)
+            FLASH_MLA_TUNER_FAULT="$faults" python3 -m flash_mla.cli tune --workload "$wl" --trials "$trials" \
+              --db "$final/fault.sqlite" --storage "$out/fault.journal" --jobs 16 > "$out/tunefault.txt" 2>&1
+            echo "tune with $faults injected: rc=$?"; grep -A8 "^workload" "$out/tunefault.txt"
+            python3 -c "
+import sqlite3, sys; c = sqlite3.connect(sys.argv[1])
+for r in c.execute('select variant_key, state, time_us, substr(error, 1, 60) from trials order by id'): print(*r)
+print('winners:', *c.execute('select variant_key from winners'))" "$final/fault.sqlite";;
     bench:*) IFS=: read -r _ grid keys <<< "$step"
              python3 -m flash_mla.cli build --from-db /tmp/fmla-site/flash_mla/tuning_db/flash_mla.sqlite --jobs 8 \
                > "$out/build.txt" 2>&1; tail -1 "$out/build.txt"   # the tuned selection's binaries, beside FlashMLA's build

@@ -440,6 +440,12 @@ def main(argv=None) -> int:
             tune_parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
         if args.db is None:
             args.db = _default_db_path()
+        from flash_mla.tuner.worker import injected_faults
+        try:
+            injected_faults()                   # a malformed fault-injection setting, before any GPU work
+        except ValueError as e:
+            print(f"flash-mla tune: {e}", file=sys.stderr)
+            return 1
     try:
         return args.func(args)
     except _environment_errors() as e:

@@ -4,6 +4,12 @@ Protocol: the child (``python -m flash_mla.tuner.worker``) reads one JSON reques
 ``{"variant": {...}, "shape": {...}, "seed": n}``, and answers one JSON line on stdout:
 ``{"state": "ok", "us": ..., "gbs": ..., "tflops": ...}`` or ``{"state": "failed_check", "error": ...}``.
 The parent (:class:`Worker`) restarts the child after a crash or a time-out.
+
+Fault injection (a testing aid, for the tuner's own tests and for a tuner run on a GPU):
+``FLASH_MLA_TUNER_FAULT=KIND:KEY[,KIND:KEY...]`` makes the child fault on a request for the variant ``KEY``
+(its ``Variant.key``) instead of measuring it. KIND is ``segv`` (the child dies of SIGSEGV, as a crash in
+the driver or a library would kill it), ``exit`` (the child exits with status 7) or ``hang`` (it never
+answers, so the parent's time-out fires). Unset, nothing changes.
 """
 
 from __future__ import annotations
@@ -11,9 +17,35 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
+import time
+
+FAULT_ENV = "FLASH_MLA_TUNER_FAULT"
+FAULT_KINDS = ("segv", "exit", "hang")
+
+
+def injected_faults(spec: str | None = None) -> dict[str, str]:
+    """``{variant key: kind}`` from ``$FLASH_MLA_TUNER_FAULT`` (or ``spec``); a malformed entry is a ValueError."""
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+    faults = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        kind, sep, key = item.partition(":")
+        if not sep or kind not in FAULT_KINDS or not key:
+            raise ValueError(f"{FAULT_ENV}: {item!r} is not KIND:VARIANT_KEY with KIND one of {', '.join(FAULT_KINDS)}")
+        faults[key] = kind
+    return faults
+
+
+def _fault(kind: str) -> None:
+    if kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "exit":
+        os._exit(7)
+    while True:                        # hang
+        time.sleep(3600)
 
 
 class Worker:
@@ -64,12 +96,15 @@ def serve() -> None:
     """Child side: keep problems per shape (inputs + reference) and answer requests until stdin closes."""
     from flash_mla.codegen.variant import Variant
     from .measure import Shape, make_problem, measure_variant
+    faults = injected_faults()
     problems = {}
     out = sys.stdout
     sys.stdout = sys.stderr            # anything else printed must not corrupt the protocol
     for line in sys.stdin:
         req = json.loads(line)
         variant = Variant.from_dict(req["variant"])
+        if variant.key in faults:
+            _fault(faults[variant.key])
         shape = Shape(**req["shape"])
         key = (shape, variant.dtype, variant.page_size, req.get("seed", 0))
         try:
