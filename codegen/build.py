@@ -107,6 +107,18 @@ def _cutlass_version() -> str:
     return hashlib.sha256(h.read_bytes()).hexdigest()[:12] if h.exists() else "unknown"
 
 
+def cutlass_version() -> str:
+    """CUTLASS release of the headers the variants are built with (``4.2.0``), from ``cutlass/version.h``;
+    ``unknown`` where it cannot be read."""
+    import re
+    try:
+        text = (cutlass_include() / "cutlass" / "version.h").read_text()
+    except (OSError, BuildError):
+        return "unknown"
+    parts = [re.search(rf"#define\s+CUTLASS_{n}\s+(\d+)", text) for n in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) for m in parts) if all(parts) else "unknown"
+
+
 def include_flags() -> list[str]:
     flags = ["-I", str(cutlass_include())]
     home = cuda_home()

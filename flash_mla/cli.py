@@ -195,6 +195,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -266,7 +276,7 @@ def cmd_tune(args) -> int:
     import subprocess
     import torch
     from tqdm import tqdm
-    from flash_mla.db import TuningDB, current_hardware
+    from flash_mla.db import TuningDB
     from flash_mla.tuner import tune
     workloads = _workloads(args)
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [torch.cuda.current_device()]
@@ -282,7 +292,7 @@ def cmd_tune(args) -> int:
                    "--worker-of", args.gpus]
             procs.append(subprocess.Popen(cmd))
         return max(p.wait() for p in procs)
-    hw = current_hardware()
+    hw = tune.run_info()
     gpu_name = hw["gpu_name"]
     storage = tune.open_storage(args.storage)
     with TuningDB(args.db) as db:
@@ -294,9 +304,11 @@ def cmd_tune(args) -> int:
                     bar.update(1)
                     best = f"{r['best_us']:.1f}us" if r["best_us"] else "-"
                     bar.set_postfix_str(f"best {best}, last {r['variant']} {r['state']}")
+                confirm = {k: v for k, v in (("confirm_top", args.confirm_top),
+                                             ("confirm_rounds", args.confirm_rounds)) if v is not None}
                 res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
                                          timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
-                                         build_failed=frozenset(failed), on_trial=on_trial)
+                                         build_failed=frozenset(failed), on_trial=on_trial, **confirm)
             tune.record(db, run_id, res, gpu_name)
             summary.append(res)
             if args.sweep:
@@ -312,6 +324,10 @@ def cmd_tune(args) -> int:
         d = r.default_us
         print(f"{r.workload.key:44} {r.best['variant'].key:28} {r.best['us']:9.1f} "
               f"{d if d is None else round(d, 1)!s:>10} {(d / r.best['us']) if d else float('nan'):7.2f}x")
+        if r.choice is not None:
+            ds = r.choice["default_spread"]
+            print(f"    confirmed over {len(r.confirmed[r.choice['key']])} interleaved rounds: spread "
+                  f"{r.choice['spread']:.1%} (default {'-' if ds is None else format(ds, '.1%')}); {r.choice['rule']}")
         sw = r.sweep
         if sw and sw["best_key"]:
             print(f"    exhaustive sweep: best {sw['best_key']} {sw['best_us']:.1f} us over {sw['n']} variants; "
@@ -416,6 +432,10 @@ def main(argv=None) -> int:
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true", help="also measure every variant and report trials-to-3%%")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confirm-top", type=_positive_int, default=None,
+                   help="best candidates re-measured beside the default after the search (default 2)")
+    p.add_argument("--confirm-rounds", type=_non_negative_int, default=None,
+                   help="interleaved confirmation rounds (default 5; 0: the lowest single time wins)")
     p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_tune)
 

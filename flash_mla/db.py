@@ -4,15 +4,21 @@ One file holds three tables, created and versioned by this module (the schema li
 file; ``SCHEMA_VERSION`` is stored in the ``meta`` table):
 
 ``runs``
-    one row per tuning session: the hardware and software it ran on (see :func:`current_hardware`).
+    one row per tuning session: the hardware and software it ran on (see :func:`current_hardware`), and
+    (schema 2) the nvcc and CUTLASS versions and the kernel source hash its variants were built from.
 ``trials``
     one row per measured (variant, workload): ``state`` is one of :data:`TRIAL_STATES`; ``time_us``,
     ``gbs`` and ``tflops`` are set only for ``'ok'`` trials, ``error`` says what went wrong otherwise.
+    Schema 2 adds the provenance of each measurement: ``phase`` (:data:`TRIAL_PHASES`), the length draw's
+    ``seed``, the kernel ``source_hash`` and the GPU's SM clock at the start and end of the measurement.
 ``winners``
-    the fastest checked variant per *workload key* (:data:`WORKLOAD_KEY`): GPU name and SM count,
+    the chosen variant per *workload key* (:data:`WORKLOAD_KEY`): GPU name and SM count,
     CUDA version (major.minor), dtype, h_q, h_kv, s_q, head dims, page size, causal flag, batch bucket
-    and sequence-length bucket. Only an ``'ok'`` trial can become a winner, and a winner is replaced only
-    by a faster one.
+    and sequence-length bucket. Only an ``'ok'`` trial can become a winner. A winner is replaced by a
+    faster one, or by any winner measured on different kernel source (``source_hash``: older timings do
+    not describe the current kernels). Schema 2 records how the winner was chosen: ``n_repeats``
+    interleaved repeats, the relative spread (max - min) / median of the winner's and the default's
+    repeats, and ``rule`` (why the winner, possibly the default itself, was kept).
 
 Two databases are consulted at run time (:mod:`flash_mla.selection`): the *shipped* one inside the
 package (``flash_mla/tuning_db/flash_mla.sqlite``, absent until one is shipped: a missing file reads as
@@ -56,7 +62,7 @@ import sqlite_utils
 from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, SEQLEN_BUCKET_MAX, SEQLEN_BUCKET_MIN,  # noqa: F401
                            bucket_batch, bucket_seqlen)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Environment variable naming the user tuning database.
 ENV_USER_DB = "FLASH_MLA_TUNING_DB"
@@ -65,6 +71,9 @@ SHIPPED_DB_NAME = "flash_mla.sqlite"
 
 
 TRIAL_STATES = ("ok", "failed_check", "build_failed", "invalid", "crashed", "timeout")
+#: What a measurement was for: the search, the interleaved confirmation of its best candidates and the
+#: default, the exhaustive sweep, the hint-free winners' cross-measurements.
+TRIAL_PHASES = ("search", "confirm", "sweep", "no_hint")
 
 #: Primary key of ``winners``: everything that changes which variant is fastest.
 WORKLOAD_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s_q", "head_dim",
@@ -73,6 +82,8 @@ WORKLOAD_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", 
 RUN_COLUMNS = {
     "id": int, "gpu_name": str, "sm_count": int, "cuda_version": str, "driver_version": str,
     "torch_version": str, "package_version": str, "hostname": str, "created_at": str,
+    # schema 2
+    "nvcc_version": str, "cutlass_version": str, "source_hash": str,
 }
 _KEY_TYPES = {
     "gpu_name": str, "sm_count": int, "cuda_version": str, "dtype": str, "h_q": int, "h_kv": int,
@@ -84,13 +95,23 @@ TRIAL_COLUMNS = {
     **_KEY_TYPES,
     "batch": int, "mean_sk": float, "state": str, "time_us": float, "gbs": float, "tflops": float,
     "error": str, "created_at": str,
+    # schema 2
+    "phase": str, "seed": int, "source_hash": str, "sm_clock_start_mhz": int, "sm_clock_end_mhz": int,
 }
 WINNER_COLUMNS = {
     **_KEY_TYPES,
     "variant_key": str, "variant_json": str, "time_us": float, "default_variant_key": str,
     "default_time_us": float, "run_id": int, "n_trials": int, "updated_at": str,
+    # schema 2
+    "n_repeats": int, "time_spread": float, "default_time_spread": float, "rule": str, "source_hash": str,
 }
 TABLES = {"runs": RUN_COLUMNS, "trials": TRIAL_COLUMNS, "winners": WINNER_COLUMNS}
+#: Columns each schema version added, per table (the migration adds them to an older file).
+_V2_COLUMNS = {
+    "runs": ("nvcc_version", "cutlass_version", "source_hash"),
+    "trials": ("phase", "seed", "source_hash", "sm_clock_start_mhz", "sm_clock_end_mhz"),
+    "winners": ("n_repeats", "time_spread", "default_time_spread", "rule", "source_hash"),
+}
 
 # Keys a workload dict given to add_trial may carry.
 _WORKLOAD_FIELDS = set(_KEY_TYPES) | {"batch", "mean_sk", "capacity_tokens", "max_sk"}
@@ -148,7 +169,9 @@ def current_hardware() -> dict:
     Never fails on a CPU-only machine: the GPU fields are then ``None``.
     """
     info = {"gpu_name": None, "sm_count": None, "cuda_version": None, "driver_version": None,
-            "torch_version": None, "package_version": None, "hostname": socket.gethostname()}
+            "torch_version": None, "package_version": None, "hostname": socket.gethostname(),
+            # the toolchain and kernel source: filled by the tuner (flash_mla.tuner.tune.run_info)
+            "nvcc_version": None, "cutlass_version": None, "source_hash": None}
     try:
         import torch
         info["torch_version"] = str(torch.__version__)
@@ -157,10 +180,7 @@ def current_hardware() -> dict:
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
             info["gpu_name"] = props.name
             info["sm_count"] = int(props.multi_processor_count)
-            drv = getattr(torch.cuda, "driver_version", None)
-            if drv is not None:
-                drv = drv() if callable(drv) else drv
-                info["driver_version"] = None if drv is None else str(drv)
+            info["driver_version"] = _driver_version()
     except Exception:  # pragma: no cover - a broken CUDA setup must not stop bookkeeping
         pass
     try:
@@ -173,6 +193,20 @@ def current_hardware() -> dict:
         except Exception:
             pass
     return info
+
+
+def _driver_version() -> Optional[str]:
+    """The NVIDIA driver version (``580.159.04``) from NVML, or None where NVML is not installed or fails."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:
+        return None
 
 
 def _variant_fields(variant: Any) -> tuple[str, str, str, dict]:
@@ -262,12 +296,19 @@ class TuningDB:
         if found == SCHEMA_VERSION or self.readonly:
             return
         with self.db.conn:
-            # Version 0 (absent) -> 1 creates everything; later versions add their steps here.
-            self._create_v1()
+            # Version 0 (absent) creates everything at the current version; 1 -> 2 adds provenance columns.
+            if found == 0:
+                self._create()
+            else:
+                for table, cols in _V2_COLUMNS.items():
+                    have = set(self.db[table].columns_dict)
+                    for c in cols:
+                        if c not in have:
+                            self.db[table].add_column(c, TABLES[table][c])
             self.db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key",
                                    replace=True)
 
-    def _create_v1(self) -> None:
+    def _create(self) -> None:
         db = self.db
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db["runs"].create(RUN_COLUMNS, pk="id", not_null={"created_at"}, if_not_exists=True)
@@ -302,7 +343,9 @@ class TuningDB:
 
     def add_trial(self, run_id: int, study: Optional[str], variant: Any, workload: Mapping[str, Any],
                   state: str, time_us: Optional[float] = None, gbs: Optional[float] = None,
-                  tflops: Optional[float] = None, error: Optional[str] = None) -> int:
+                  tflops: Optional[float] = None, error: Optional[str] = None, *, phase: Optional[str] = None,
+                  seed: Optional[int] = None, source_hash: Optional[str] = None,
+                  sm_clock_start_mhz: Optional[int] = None, sm_clock_end_mhz: Optional[int] = None) -> int:
         """Record one measurement and return its id.
 
         Args:
@@ -318,10 +361,15 @@ class TuningDB:
             state: one of :data:`TRIAL_STATES`.
             time_us, gbs, tflops: the measurement; ``time_us`` is required for, and only kept for, ``'ok'``.
             error: what went wrong (text; anything else is stored as its JSON / ``str``).
+            phase: one of :data:`TRIAL_PHASES` (what the measurement was for), or ``None``.
+            seed, source_hash, sm_clock_start_mhz, sm_clock_end_mhz: provenance: the length draw's seed,
+                the kernel source hash, the GPU's SM clock before and after the measurement.
         """
         self._require_writable()
         if state not in TRIAL_STATES:
             raise ValueError(f"state must be one of {TRIAL_STATES}, got {state!r}")
+        if phase is not None and phase not in TRIAL_PHASES:
+            raise ValueError(f"phase must be one of {TRIAL_PHASES}, got {phase!r}")
         if state == "ok" and time_us is None:
             raise ValueError("an 'ok' trial needs time_us")
         run = self._run(run_id)
@@ -344,6 +392,9 @@ class TuningDB:
             "gbs": float(gbs) if ok and gbs is not None else None,
             "tflops": float(tflops) if ok and tflops is not None else None,
             "error": error, "created_at": _now(),
+            "phase": phase, "seed": None if seed is None else int(seed), "source_hash": source_hash,
+            "sm_clock_start_mhz": None if sm_clock_start_mhz is None else int(sm_clock_start_mhz),
+            "sm_clock_end_mhz": None if sm_clock_end_mhz is None else int(sm_clock_end_mhz),
         }
         with self.db.conn:
             return int(self.db["trials"].insert(row).last_pk)
@@ -389,13 +440,19 @@ class TuningDB:
         return key
 
     def record_winner(self, trial: Union[int, Mapping[str, Any]], *, default_variant_key: Optional[str] = None,
-                      default_time_us: Optional[float] = None, n_trials: Optional[int] = None) -> bool:
-        """Make an ``'ok'`` trial the winner of its workload key unless a faster (or equally fast) one is
-        stored. ``trial`` is a trial id of this DB or a trial row (dict with the trials columns).
+                      default_time_us: Optional[float] = None, n_trials: Optional[int] = None,
+                      time_us: Optional[float] = None, n_repeats: Optional[int] = None,
+                      time_spread: Optional[float] = None, default_time_spread: Optional[float] = None,
+                      rule: Optional[str] = None) -> bool:
+        """Make an ``'ok'`` trial the winner of its workload key unless a faster (or equally fast) one
+        measured on the same kernel source is stored (a stored winner of other source is replaced when
+        this one is newer). ``trial`` is a trial id of this DB or a trial row (dict with the trials columns).
 
         ``default_variant_key`` / ``default_time_us`` record what the default variant achieves on the
         same workload (for reports), ``n_trials`` how many trials the search ran. The winner's
-        ``run_id`` is the trial's, taken as is.
+        ``run_id`` and ``source_hash`` are the trial's, taken as is. ``time_us`` replaces the trial's time
+        (e.g. the median of repeats); ``n_repeats``, ``time_spread``, ``default_time_spread`` and ``rule``
+        say how the winner was chosen (see the module docstring).
 
         Returns True when the row was written. Raises ValueError for a trial that is not ``'ok'`` or
         lacks a time or a full workload key (a GPU name, SM count and CUDA version included).
@@ -413,10 +470,13 @@ class TuningDB:
         if t.get("time_us") is None:
             raise ValueError(f"trial {t.get('id')} has no time_us")
         row = {f: t.get(f) for f in WORKLOAD_KEY}
-        row.update(variant_key=t["variant_key"], variant_json=t["variant_json"], time_us=float(t["time_us"]),
-                   default_variant_key=default_variant_key,
-                   default_time_us=None if default_time_us is None else float(default_time_us),
-                   run_id=t.get("run_id"), n_trials=n_trials, updated_at=_now())
+        opt = lambda x: None if x is None else float(x)       # noqa: E731
+        row.update(variant_key=t["variant_key"], variant_json=t["variant_json"],
+                   time_us=float(t["time_us"] if time_us is None else time_us),
+                   default_variant_key=default_variant_key, default_time_us=opt(default_time_us),
+                   run_id=t.get("run_id"), n_trials=n_trials, updated_at=_now(),
+                   n_repeats=n_repeats, time_spread=opt(time_spread), default_time_spread=opt(default_time_spread),
+                   rule=rule, source_hash=t.get("source_hash"))
         return self._upsert_winner(row)
 
     def _upsert_winner(self, row: dict) -> bool:
@@ -433,10 +493,16 @@ class TuningDB:
         # comparison and the write (which would let a slower winner overwrite a faster one).
         conn.execute("begin immediate")
         try:
-            old = conn.execute(f"select time_us from winners where {where}", [row[f] for f in WORKLOAD_KEY]).fetchone()
-            if old is not None and old[0] <= row["time_us"]:
-                conn.execute("rollback")
-                return False
+            old = conn.execute(f"select time_us, source_hash, updated_at from winners where {where}",
+                               [row[f] for f in WORKLOAD_KEY]).fetchone()
+            if old is not None:
+                same_source = old[1] is None or row.get("source_hash") is None or old[1] == row["source_hash"]
+                # Same kernel source: the faster stays. Other source: the newer stays (older timings do not
+                # describe the current kernels).
+                keep_old = old[0] <= row["time_us"] if same_source else (old[2] or "") >= (row.get("updated_at") or "")
+                if keep_old:
+                    conn.execute("rollback")
+                    return False
             conn.execute(f"insert or replace into winners ({', '.join(f'[{c}]' for c in cols)}) "
                          f"values ({', '.join('?' for _ in cols)})", [row.get(c) for c in cols])
             conn.execute("commit")
@@ -611,19 +677,19 @@ def _merge_into(src_paths: Iterable[PathLike], out: TuningDB, dst_real: Optional
 def _merge_one(src: TuningDB, out: TuningDB, stats: dict) -> None:
     run_cols = [c for c in RUN_COLUMNS if c != "id"]
     trial_cols = [c for c in TRIAL_COLUMNS if c != "id"]
-    existing_runs = {tuple(r[c] for c in run_cols): r["id"] for r in out.runs()}
-    existing_trials = {tuple(t[c] for c in trial_cols) for t in out.trials()}
+    existing_runs = {tuple(r.get(c) for c in run_cols): r["id"] for r in out.runs()}
+    existing_trials = {tuple(t.get(c) for c in trial_cols) for t in out.trials()}
     run_map: dict[int, int] = {}
     with out.db.conn:
         for r in src.runs():
-            sig = tuple(r[c] for c in run_cols)
+            sig = tuple(r.get(c) for c in run_cols)             # a schema-1 source lacks the newer columns
             if sig not in existing_runs:
-                existing_runs[sig] = int(out.db["runs"].insert({c: r[c] for c in run_cols}).last_pk)
+                existing_runs[sig] = int(out.db["runs"].insert({c: r.get(c) for c in run_cols}).last_pk)
                 stats["runs_added"] += 1
             run_map[r["id"]] = existing_runs[sig]
         new_trials = []
         for t in src.trials():
-            row = {c: t[c] for c in trial_cols}
+            row = {c: t.get(c) for c in trial_cols}
             row["run_id"] = run_map.get(t["run_id"], t["run_id"])
             sig = tuple(row[c] for c in trial_cols)
             if sig in existing_trials:

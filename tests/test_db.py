@@ -28,11 +28,11 @@ def _run(tdb, **over):
 def test_schema_created_with_version(tmp_path):
     path = tmp_path / "sub" / "t.sqlite"
     with db.TuningDB(path) as tdb:
-        assert tdb.schema_version == db.SCHEMA_VERSION == 1
+        assert tdb.schema_version == db.SCHEMA_VERSION == 2
         assert {"meta", "runs", "trials", "winners"} <= set(tdb.db.table_names())
         assert tdb.db["winners"].pks == list(db.WORKLOAD_KEY)
     with db.open_db(path) as again:                 # reopening keeps the file as it is
-        assert again.schema_version == 1
+        assert again.schema_version == 2
         assert again.runs() == [] and again.trials() == [] and again.winners() == []
 
 
@@ -47,8 +47,8 @@ def _db_with_schema_version(path, version):
 
 
 def test_newer_schema_raises(tmp_path):
-    path = _db_with_schema_version(tmp_path / "t.sqlite", 2)
-    with pytest.raises(db.SchemaVersionError, match="schema version 2"):
+    path = _db_with_schema_version(tmp_path / "t.sqlite", 3)
+    with pytest.raises(db.SchemaVersionError, match="schema version 3"):
         db.TuningDB(path)
     with pytest.raises(db.SchemaVersionError):
         db.TuningDB(path, readonly=True)
@@ -63,8 +63,46 @@ def test_absent_version_is_created(tmp_path):
     with db.TuningDB(path, readonly=True) as ro:       # read-only: never written, reads as empty
         assert ro.schema_version == 0 and ro.winners() == [] and ro.trials() == []
     with db.TuningDB(path) as tdb:
-        assert tdb.schema_version == 1
+        assert tdb.schema_version == 2
         assert {"notes", "runs", "trials", "winners"} <= set(tdb.db.table_names())
+
+
+def _schema1_db(path):
+    """A database as schema 1 wrote it (no provenance columns), with one run, trial and winner."""
+    import sqlite_utils
+    v1 = {t: {c: typ for c, typ in cols.items() if c not in db._V2_COLUMNS[t]} for t, cols in db.TABLES.items()}
+    d = sqlite_utils.Database(path)
+    d["meta"].insert({"key": "schema_version", "value": "1"}, pk="key")
+    d["runs"].create(v1["runs"], pk="id")
+    d["trials"].create(v1["trials"], pk="id")
+    d["winners"].create(v1["winners"], pk=db.WORKLOAD_KEY)
+    d["runs"].insert({"id": 1, "gpu_name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "cuda_version": "13.0",
+                      "hostname": "old", "created_at": "2026-11-01"})
+    key = {"gpu_name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "cuda_version": "13.0", "dtype": "bf16",
+           "h_q": 128, "h_kv": 1, "s_q": 1, "head_dim": 576, "head_dim_v": 512, "page_size": 64, "causal": 0,
+           "batch_bucket": 64, "seqlen_bucket": 4096}
+    d["trials"].insert({"id": 1, "run_id": 1, "study": "s", "variant_key": Variant().key,
+                        "variant_json": json.dumps(Variant().as_dict()), "state": "ok", "time_us": 9.0,
+                        "created_at": "2026-11-01", **key})
+    d["winners"].insert({**key, "variant_key": Variant().key, "variant_json": json.dumps(Variant().as_dict()),
+                         "time_us": 9.0, "run_id": 1, "updated_at": "2026-11-01"})
+    d.conn.close()
+    return path
+
+
+def test_schema1_file_is_read_as_is_and_migrated_on_write(tmp_path):
+    path = _schema1_db(tmp_path / "v1.sqlite")
+    with db.TuningDB(path, readonly=True) as ro:          # read-only: readable, never changed
+        assert ro.schema_version == 1 and ro.winners()[0]["time_us"] == 9.0
+        assert "time_spread" not in ro.winners()[0]
+    with db.TuningDB(path) as tdb:                        # writable: the provenance columns are added
+        assert tdb.schema_version == 2
+        for table, cols in db._V2_COLUMNS.items():
+            assert set(cols) <= set(tdb.db[table].columns_dict), table
+        (w,) = tdb.winners()
+        assert w["time_us"] == 9.0 and w["time_spread"] is None and w["source_hash"] is None
+        assert tdb.trials()[0]["phase"] is None
+    assert db.merge([_schema1_db(tmp_path / "v1b.sqlite")], tmp_path / "new.sqlite")["trials_added"] == 1
 
 
 def test_readonly_missing_file_and_no_writes(tmp_path):
@@ -171,6 +209,26 @@ def test_record_winner_keeps_faster(tmp_path):
         assert len(tdb.winners()) == 2 and len(tdb.winners(batch_bucket=1)) == 1
 
 
+def test_winner_of_new_kernel_source_replaces_a_faster_one_of_old_source(tmp_path):
+    with db.TuningDB(tmp_path / "t.sqlite") as tdb:
+        rid = _run(tdb)
+        old = tdb.add_trial(rid, "s", Variant(stages=1), WL, "ok", time_us=8.0, source_hash="aaaa", phase="search")
+        new = tdb.add_trial(rid, "s", Variant(stages=2), WL, "ok", time_us=9.0, source_hash="bbbb", phase="confirm",
+                            seed=3, sm_clock_start_mhz=1980, sm_clock_end_mhz=1755)
+        same = tdb.add_trial(rid, "s", Variant(stages=3), WL, "ok", time_us=9.5, source_hash="bbbb")
+        assert tdb.record_winner(old) is True
+        assert tdb.record_winner(new, time_us=9.1, n_repeats=3, time_spread=0.02, default_time_spread=0.01,
+                                 rule="r") is True           # slower, but measured on the current kernels
+        assert tdb.record_winner(same) is False               # same source: the faster stays
+        (w,) = tdb.winners()
+        assert (w["variant_key"], w["time_us"], w["source_hash"]) == (Variant(stages=2).key, 9.1, "bbbb")
+        assert (w["n_repeats"], w["time_spread"], w["default_time_spread"], w["rule"]) == (3, 0.02, 0.01, "r")
+        t = tdb.trials(id=new)[0]
+        assert (t["phase"], t["seed"], t["sm_clock_start_mhz"], t["sm_clock_end_mhz"]) == ("confirm", 3, 1980, 1755)
+        with pytest.raises(ValueError, match="phase"):
+            tdb.add_trial(rid, "s", Variant(), WL, "ok", time_us=1.0, phase="warmup")
+
+
 @pytest.mark.parametrize("state", [s for s in db.TRIAL_STATES if s != "ok"])
 def test_record_winner_refuses_non_ok(tmp_path, state):
     with db.TuningDB(tmp_path / "t.sqlite") as tdb:
@@ -208,7 +266,7 @@ def test_export_json(tmp_path):
     with _filled(tmp_path / "t.sqlite") as tdb:
         tdb.export(tmp_path / "all.json")
         doc = json.loads((tmp_path / "all.json").read_text())
-        assert doc["schema_version"] == 1
+        assert doc["schema_version"] == db.SCHEMA_VERSION
         assert len(doc["runs"]) == 1 and len(doc["trials"]) == 2 and len(doc["winners"]) == 1
         assert doc["winners"][0]["time_us"] == 10.0
         buf = io.StringIO()

@@ -177,7 +177,7 @@ def test_database_handles_opened_once(dbs, monkeypatch):
 def test_newer_user_db_raises(dbs):
     add_winner(dbs.user, 64, 4096, V[1])
     con = sqlite3.connect(dbs.user)
-    con.execute("update meta set value = '2' where key = 'schema_version'")
+    con.execute("update meta set value = ? where key = 'schema_version'", (str(db.SCHEMA_VERSION + 1),))
     con.commit()
     con.close()
     selection.clear_cache()

@@ -7,6 +7,9 @@ can be tested on any machine.
 
 from __future__ import annotations
 
+import statistics
+import zlib
+
 import pytest
 
 optuna = pytest.importorskip("optuna")
@@ -42,6 +45,12 @@ class SyntheticMeasurer:
         pass
 
 
+def searched(db, w) -> list:
+    """Variant keys the search phase measured for ``w``, in order (confirmation repeats are not searches)."""
+    return [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w))
+            if t["phase"] == "search" and t["state"] != "invalid"]
+
+
 def synthetic_best(w):
     m = SyntheticMeasurer()
     return min(search_space(w.dtype, w.page_size), key=lambda v: m.measure(v.as_dict(), {})["us"])
@@ -71,7 +80,11 @@ def test_study_finds_the_synthetic_optimum_and_records_it(env):
     m = SyntheticMeasurer()
     space = search_space(w.dtype, w.page_size)
     res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(space) + 10, measurer=m)
-    assert len(set(m.calls)) == len(m.calls) == len(space)      # no variant measured twice, space exhausted
+    s = searched(db, w)
+    assert len(set(s)) == len(s) == len(space)                  # no variant searched twice, space exhausted
+    # confirmation: the top candidates and the default (unless among them), each in every round
+    assert default_variant().key in res.confirmed and len(res.confirmed) in (tune.CONFIRM_TOP, tune.CONFIRM_TOP + 1)
+    assert len(m.calls) == len(space) + tune.CONFIRM_ROUNDS * len(res.confirmed)
     assert res.best["variant"] == synthetic_best(w)
     assert res.default_us is not None
     tune.record(db, run_id, res, GPU)
@@ -108,17 +121,16 @@ def test_failed_check_can_never_win(env):
 def test_study_resumes_without_remeasuring(env):
     storage, db, run_id, tmp_path = env
     w = Workload(128, 2, 128, 8192, causal=True)
-    first = SyntheticMeasurer()
-    tune.tune_workload(w, storage, db, run_id, GPU, n_trials=5, measurer=first)
-    assert len(first.calls) in (5, 6)          # 5 trials, + the default variant when the study missed it
+    tune.tune_workload(w, storage, db, run_id, GPU, n_trials=5, measurer=SyntheticMeasurer())
+    first = searched(db, w)
+    assert len(first) in (5, 6)                # 5 trials, + the default variant when the study missed it
     # a new process: storage reopened from the same journal file
     storage2 = tune.journal_storage(str(tmp_path / "studies.journal"))
-    second = SyntheticMeasurer()
-    res = tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=second)
-    assert not set(first.calls) & set(second.calls)        # the default too: its DB row counts as measured
+    res = tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=SyntheticMeasurer())
+    second = searched(db, w)[len(first):]
+    assert not set(first) & set(second)        # the default too: its DB row counts as measured
     assert res.best["variant"] == synthetic_best(w)
-    measured = [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w)) if t["state"] != "invalid"]
-    assert sorted(measured) == sorted(v.key for v in search_space())   # each variant measured exactly once
+    assert sorted(first + second) == sorted(v.key for v in search_space())   # each variant searched exactly once
     assert len(tune.measured_history(storage2, GPU, w)) >= len(search_space()) - 1
 
 
@@ -154,11 +166,10 @@ def test_a_kill_between_the_db_row_and_the_tell_measures_nothing_twice(env, monk
     with pytest.raises(KeyboardInterrupt):
         tune.tune_workload(w, storage, db, run_id, GPU, n_trials=10, measurer=first)
     monkeypatch.setattr(db, "add_trial", real_add)
+    assert searched(db, w) == first.calls              # killed in the search, after the third row
     storage2 = tune.journal_storage(str(tmp_path / "studies.journal"))   # a new process resumes
-    second = SyntheticMeasurer()
-    tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=second)
-    assert not set(first.calls) & set(second.calls)
-    measured = [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w)) if t["state"] != "invalid"]
+    tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=SyntheticMeasurer())
+    measured = searched(db, w)
     assert len(measured) == len(set(measured)) == len(search_space())
 
 
@@ -175,3 +186,67 @@ def test_a_kernel_change_starts_a_new_study(env, monkeypatch):
     tune.tune_workload(w, storage, db, run_id, GPU, n_trials=3, measurer=second)
     assert set(first.calls) & set(second.calls)           # measured again: old timings are not reused
     assert render.kernel_source_digest() in old
+
+
+# -- noise-aware winners ----------------------------------------------------------------------------
+
+def test_noise_rule():
+    d = "default"
+    # 0.5% faster but repeats spread 2%: the default stays
+    c = tune.choose_winner({"a": [99.0, 100.0, 101.0], d: [100.0, 100.5, 101.0]}, d)
+    assert c["key"] == d and c["rule"].startswith("default kept") and c["us"] == 100.5
+    # 10% faster, tight repeats: the candidate wins, with its median and both spreads
+    c = tune.choose_winner({"a": [90.0, 90.5, 91.0], d: [100.0, 100.5, 101.0]}, d)
+    assert (c["key"], c["us"], c["default_us"]) == ("a", 90.5, 100.5)
+    assert c["spread"] == pytest.approx(1.0 / 90.5) and c["default_spread"] == pytest.approx(1.0 / 100.5)
+    # within the minimum margin even with no spread at all
+    assert tune.choose_winner({"a": [99.5] * 3, d: [100.0] * 3}, d)["key"] == d
+    # the default failed during confirmation: the fastest median wins
+    c = tune.choose_winner({"a": [90.0, 95.0, 91.0], "b": [92.0] * 3, d: None}, d)
+    assert c["key"] == "a" and c["default_us"] is None and "default failed" in c["rule"]
+    assert tune.choose_winner({"a": None, d: None}, d) is None
+    assert tune.choose_winner({d: [5.0, 6.0, 7.0]}, d)["rule"] == "the default has the fastest median"
+
+
+class NoisyMeasurer(SyntheticMeasurer):
+    """Every variant within 0.5% of 100 us, each measurement off by up to +-2% (seeded): nothing truly wins,
+    except ``fast_key`` (15% faster) where given."""
+
+    def __init__(self, fast_key=None, seed=0):
+        super().__init__()
+        import random
+        self.rng, self.fast_key = random.Random(seed), fast_key
+
+    def measure(self, variant, shape, seed=0):
+        v = Variant.from_dict(variant)
+        self.calls.append(v.key)
+        base = 85.0 if v.key == self.fast_key else 100.0 + (zlib.crc32(v.key.encode()) % 5) / 10
+        return {"state": "ok", "us": base * (1 + self.rng.uniform(-0.02, 0.02)), "gbs": 1.0, "tflops": 1.0}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_noise_alone_never_replaces_the_default(env, seed):
+    storage, db, run_id, _ = env
+    w = Workload(16, 1, 4, 2048)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=12, measurer=NoisyMeasurer(seed=seed), seed=seed)
+    tune.record(db, run_id, res, GPU)
+    (row,) = db.winners()
+    assert row["variant_key"] == default_variant().key, row["rule"]
+    assert row["n_repeats"] == tune.CONFIRM_ROUNDS and row["time_spread"] is not None
+    confirms = [t for t in db.trials() if t["phase"] == "confirm"]
+    assert len(confirms) == tune.CONFIRM_ROUNDS * len(res.confirmed)
+    assert {t["source_hash"] for t in db.trials()} == {tune.kernel_source_digest()}
+
+
+def test_a_real_gain_beats_the_noise_and_is_recorded_with_its_spread(env):
+    storage, db, run_id, _ = env
+    w = Workload(16, 1, 4, 2048)
+    fast = next(v for v in search_space() if v.block_n == 32 and v.stages == 3)
+    space = search_space(w.dtype, w.page_size)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(space), measurer=NoisyMeasurer(fast.key))
+    tune.record(db, run_id, res, GPU)
+    (row,) = db.winners()
+    assert row["variant_key"] == fast.key and row["rule"].startswith("faster than the default")
+    assert row["time_us"] == pytest.approx(statistics.median(res.confirmed[fast.key]))
+    assert 0 < row["time_spread"] <= 0.05 and row["n_repeats"] == tune.CONFIRM_ROUNDS
+    assert row["default_time_us"] == pytest.approx(statistics.median(res.confirmed[default_variant().key]))

@@ -17,7 +17,7 @@ from flash_mla.tuner import tune
 from flash_mla.tuner.worker import FAULT_ENV, Worker, injected_faults
 from flash_mla.tuner.workloads import Workload
 
-from test_tune import GPU, HW, SyntheticMeasurer, synthetic_best
+from test_tune import GPU, HW, SyntheticMeasurer, searched, synthetic_best
 
 SHAPE = {"batch": 1, "s_q": 1, "h_q": 16, "h_kv": 1, "sk": 1024, "varlen": False, "causal": False}
 
@@ -74,7 +74,7 @@ def test_a_study_with_a_crashing_variant_completes_and_the_crash_never_wins(tmp_
                                  measurer=FaultingMeasurer(Worker(timeout_s=60.0), {best.key}))
         crashed = db.trials(variant_key=best.key, state="crashed")
         assert len(crashed) == 1 and "code -11" in crashed[0]["error"]       # measured once, recorded
-        measured = [t["variant_key"] for t in db.trials(study=tune.study_name(GPU, w)) if t["state"] != "invalid"]
-        assert sorted(measured) == sorted(v.key for v in search_space(w.dtype, w.page_size))   # the rest all ran
+        assert sorted(searched(db, w)) == sorted(v.key for v in search_space(w.dtype, w.page_size))  # the rest ran
+        assert best.key not in res.confirmed          # failed in the search: never confirmed
         tune.record(db, run_id, res, GPU)
         assert res.best["variant"] != best and db.winners()[0]["variant_key"] != best.key

@@ -6,21 +6,29 @@ machines) can share one study. Every measurement happens in a worker subprocess 
 a crash or hang costs one trial. Invalid knob combinations are rejected by ``Variant.validate()``
 before anything is compiled; all valid variants are compiled in parallel (ninja) before measuring;
 a variant that fails the reference check is recorded as failed and can never win.
+
+Winners are noise-aware: after the search, its best ``confirm_top`` candidates and the default variant are
+re-measured in ``confirm_rounds`` interleaved rounds (each round in a rotated order, so no candidate always
+runs first). The candidate with the lowest median wins only where it beats the default beyond the noise:
+every one of its repeats is faster than every repeat of the default (the ranges do not overlap) and its median
+is at least ``MIN_MARGIN`` below the default's; otherwise the default stays the winner. The winner row records
+the repeats' median, both spreads ((max - min) / median) and the rule that decided.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from typing import Callable, Optional
 
 import optuna
 
-from flash_mla.codegen.build import build
+from flash_mla.codegen.build import BuildError, build, cutlass_version, nvcc_version
 from flash_mla.codegen.render import kernel_source_digest
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
-from flash_mla.db import TRIAL_STATES, TuningDB
+from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware
 
 from .worker import Worker
 from .workloads import Workload
@@ -28,6 +36,93 @@ from .workloads import Workload
 
 #: Trial states that mean "measured and not usable" (the variant is never measured again in its study).
 MEASURED_FAILURES = tuple(s for s in TRIAL_STATES if s not in ("ok", "invalid"))
+
+#: Confirmation of a study's winner: its best CONFIRM_TOP candidates and the default, CONFIRM_ROUNDS
+#: interleaved rounds. Simulated with equal candidates under uniform +-2% noise (same-kernel repeats on the
+#: H100 differ by up to 1.4-3.5%), the rule below picks a false winner in ~1% of studies at 5 rounds against
+#: ~9% at 3, and still finds a true 4% gain in > 99%.
+CONFIRM_TOP = 2
+CONFIRM_ROUNDS = 5
+#: A candidate replaces the default only if its repeats and the default's do not overlap and its median is
+#: faster by at least this.
+MIN_MARGIN = 0.01
+
+
+def run_info() -> dict:
+    """The ``runs`` row of a tuning session: this machine (db.current_hardware) plus the toolchain and the
+    kernel source the variants are built from."""
+    info = current_hardware()
+    try:
+        info["nvcc_version"] = nvcc_version()
+    except (BuildError, OSError, Exception):
+        info["nvcc_version"] = None
+    info["cutlass_version"] = cutlass_version()
+    info["source_hash"] = kernel_source_digest()
+    return info
+
+
+def _add_trial(db: TuningDB, run_id: int, name: str, v: Variant, w: Workload, r: dict, phase: str, seed: int,
+               source_hash: str) -> int:
+    """One measurement into the DB, with its provenance."""
+    return db.add_trial(run_id, name, v, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
+                        tflops=r.get("tflops"), error=r.get("error"), phase=phase, seed=seed,
+                        source_hash=source_hash, sm_clock_start_mhz=r.get("sm_clock_start_mhz"),
+                        sm_clock_end_mhz=r.get("sm_clock_end_mhz"))
+
+
+def spread(times: list) -> float:
+    """Relative spread of repeated times: (max - min) / median (0 for one time)."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0
+
+
+def choose_winner(confirmed: dict, default_key: str, min_margin: float = MIN_MARGIN) -> Optional[dict]:
+    """The noise rule. ``confirmed``: variant key -> its repeated times (None: it failed during confirmation).
+
+    Returns ``{"key", "us", "spread", "default_us", "default_spread", "rule"}`` (``us``: medians), or None
+    when nothing was confirmed. The fastest median wins only if its slowest repeat is faster than the
+    default's fastest and its median is at least ``min_margin`` below the default's; else the default stays.
+    (Comparing medians against the spread alone let uniform +-2% noise pick a false winner in 1 of 4 seeded
+    synthetic studies: the fastest of several equal candidates is often low by chance.)
+    """
+    ok = {k: ts for k, ts in confirmed.items() if ts}
+    if not ok:
+        return None
+    med = {k: statistics.median(ts) for k, ts in ok.items()}
+    best = min(med, key=lambda k: (med[k], k != default_key, k))
+    out = {"key": best, "us": med[best], "spread": spread(ok[best]),
+           "default_us": med.get(default_key), "default_spread": spread(ok[default_key]) if default_key in ok else None}
+    if default_key not in ok:
+        out["rule"] = "fastest median; the default failed or was not measured"
+    elif best == default_key:
+        out["rule"] = "the default has the fastest median"
+    else:
+        gain = 1 - med[best] / med[default_key]
+        if max(ok[best]) < min(ok[default_key]) and gain >= min_margin:
+            out["rule"] = (f"faster than the default by {gain:.1%}, every repeat below every repeat of the default "
+                           f"(spreads {out['spread']:.1%} and {out['default_spread']:.1%})")
+        else:
+            out.update(key=default_key, us=med[default_key], spread=out["default_spread"],
+                       rule=f"default kept: {best} ({gain:+.1%}) not faster beyond the noise")
+    return out
+
+
+def confirm(worker, w: Workload, candidates: list, db: TuningDB, run_id: int, name: str, seed: int,
+            source_hash: str, rounds: int) -> dict:
+    """Re-measure ``candidates`` (Variants) in ``rounds`` interleaved rounds, each in a rotated order; every
+    measurement is a ``confirm`` trial. Returns variant key -> times (None once a candidate fails)."""
+    times: dict = {v.key: [] for v in candidates}
+    n = len(candidates)
+    for r in range(rounds):
+        for v in candidates[r % n:] + candidates[:r % n]:
+            if times[v.key] is None:
+                continue
+            res = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
+            _add_trial(db, run_id, name, v, w, res, "confirm", seed, source_hash)
+            if res["state"] == "ok":
+                times[v.key].append(res["us"])
+            else:
+                times[v.key] = None
+    return times
 
 
 def journal_storage(path: str):
@@ -70,18 +165,24 @@ class StudyResult:
     default_us: Optional[float]
     history: list                   # (trial_index, variant_key, state, us) in measurement order
     sweep: Optional[dict] = None    # filled by sweep(): the exhaustive reference of the search
+    choice: Optional[dict] = None   # the noise rule's verdict (choose_winner) where confirmation ran
+    confirmed: Optional[dict] = None  # variant key -> confirmation times
 
 
 def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, n_trials: int,
                   timeout_s: Optional[float] = None, trial_timeout_s: float = 120.0, gpu: Optional[int] = None,
                   seed: int = 0, build_failed: frozenset = frozenset(),
-                  on_trial: Optional[Callable[[dict], None]] = None, measurer=None) -> StudyResult:
-    """Run (or continue) the study of ``w`` for up to ``n_trials`` new measurements.
+                  on_trial: Optional[Callable[[dict], None]] = None, measurer=None,
+                  confirm_top: int = CONFIRM_TOP, confirm_rounds: int = CONFIRM_ROUNDS) -> StudyResult:
+    """Run (or continue) the study of ``w`` for up to ``n_trials`` new measurements, then confirm its best
+    ``confirm_top`` candidates beside the default in ``confirm_rounds`` interleaved rounds (0: no
+    confirmation; the winner is then the lowest single time).
 
     ``measurer`` (default: a :class:`Worker` subprocess on ``gpu``) has ``measure(variant_dict,
     shape_dict, seed) -> {"state", "us", ...}`` and ``stop()``; tests pass a synthetic one.
     """
     name = study_name(gpu_name, w)
+    source_hash = kernel_source_digest()
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5))
     valid = {v.key for v in search_space(w.dtype, w.page_size)}
@@ -96,6 +197,8 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     # The DB row of a measurement is written before Optuna is told; a process killed in between leaves
     # the row without the tell. Rows of this study count as measured too, so nothing is measured twice.
     for t in db.trials(study=name):
+        if t.get("phase") == "confirm":
+            continue
         if t["state"] == "ok":
             known[t["variant_key"]] = min(t["time_us"], known.get(t["variant_key"]) or float("inf"))
         elif t["state"] in MEASURED_FAILURES:
@@ -110,8 +213,8 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             v = variant_from_trial(trial, w)
             trial.set_user_attr("variant_key", v.key)
             if v.key not in valid:
-                db.add_trial(run_id, name, v, w.as_dict(), "invalid",
-                             error="rejected by Variant.validate()")
+                db.add_trial(run_id, name, v, w.as_dict(), "invalid", error="rejected by Variant.validate()",
+                             phase="search", seed=seed, source_hash=source_hash)
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 continue
             if v.key in known:                        # sampled again: reuse, costs nothing
@@ -126,8 +229,7 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                 r = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
             measured += 1
             trial.set_user_attr("measured", True)
-            db.add_trial(run_id, name, v, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
-                         tflops=r.get("tflops"), error=r.get("error"))
+            _add_trial(db, run_id, name, v, w, r, "search", seed, source_hash)
             if r["state"] == "ok":
                 known[v.key] = r["us"]
                 study.tell(trial, r["us"])
@@ -141,19 +243,31 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
         d = default_variant(w.dtype, w.page_size)       # always measured: the winner row reports it
         if d.key not in known:
             r = worker.measure(d.as_dict(), dataclasses.asdict(w.shape), seed)
-            db.add_trial(run_id, name, d, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
-                         tflops=r.get("tflops"), error=r.get("error"))
+            _add_trial(db, run_id, name, d, w, r, "search", seed, source_hash)
             known[d.key] = r.get("us") if r["state"] == "ok" else None
+        by_key = {v.key: v for v in search_space(w.dtype, w.page_size)}
+        confirmed = choice = None
+        ranked = sorted((u, k) for k, u in known.items() if u is not None and k in by_key)
+        if confirm_rounds > 0 and ranked:
+            cands = [by_key[k] for _, k in ranked[:confirm_top]]
+            if d.key not in {c.key for c in cands} and known.get(d.key) is not None:
+                cands.append(d)
+            confirmed = confirm(worker, w, cands, db, run_id, name, seed, source_hash, confirm_rounds)
+            choice = choose_winner(confirmed, d.key)
     finally:
         worker.stop()
     ok = {k: u for k, u in known.items() if u is not None}
-    if not ok:
-        return StudyResult(w, None, known.get(default_variant(w.dtype, w.page_size).key), history)
-    best_key = min(ok, key=ok.get)
-    best_v = next(v for v in search_space(w.dtype, w.page_size) if v.key == best_key)
+    default_us = known.get(d.key)
+    if choice is not None:
+        best_key, best_us, default_us = choice["key"], choice["us"], choice["default_us"]
+    elif ok:
+        best_key = min(ok, key=ok.get)
+        best_us = ok[best_key]
+    else:
+        return StudyResult(w, None, default_us, history, confirmed=confirmed)
     trial_index = next((i for i, k, s, u in history if k == best_key), None)
-    return StudyResult(w, {"variant": best_v, "us": ok[best_key], "trial_index": trial_index},
-                       known.get(default_variant(w.dtype, w.page_size).key), history)
+    return StudyResult(w, {"variant": by_key[best_key], "us": best_us, "trial_index": trial_index},
+                       default_us, history, choice=choice, confirmed=confirmed)
 
 
 def record(db: TuningDB, run_id: int, res: StudyResult, gpu_name: str) -> None:
@@ -161,12 +275,24 @@ def record(db: TuningDB, run_id: int, res: StudyResult, gpu_name: str) -> None:
     if res.best is None:
         return
     name = study_name(gpu_name, res.workload)
+    dv = default_variant(res.workload.dtype, res.workload.page_size)
+    if res.choice is not None:
+        # The confirmation trial of this run nearest the winner's median carries the row's provenance.
+        rows = [t for t in db.trials(study=name, variant_key=res.best["variant"].key, state="ok", run_id=run_id)
+                if t.get("phase") == "confirm"]
+        if rows:
+            row = min(rows, key=lambda t: abs(t["time_us"] - res.choice["us"]))
+            c = res.choice
+            db.record_winner(row["id"], default_variant_key=dv.key, default_time_us=c["default_us"],
+                             n_trials=len(res.history), time_us=c["us"],
+                             n_repeats=len(res.confirmed[c["key"]]), time_spread=c["spread"],
+                             default_time_spread=c["default_spread"], rule=c["rule"])
+            return
     rows = [t for t in db.trials(study=name, variant_key=res.best["variant"].key, state="ok")]
     if not rows:                                   # measured in an earlier run of the study
         rows = [{"id": db.add_trial(run_id, name, res.best["variant"], res.workload.as_dict(), "ok",
                                     time_us=res.best["us"])}]
     best_row = min(rows, key=lambda t: t.get("time_us") or float("inf"))
-    dv = default_variant(res.workload.dtype, res.workload.page_size)
     db.record_winner(best_row["id"], default_variant_key=dv.key, default_time_us=res.default_us,
                      n_trials=len(res.history))
 
@@ -196,13 +322,13 @@ def sweep(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, gpu
     """Measure every valid variant of the space (the exhaustive answer the search is judged against)."""
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
     name = study_name(gpu_name, w) + ":sweep"
+    source_hash = kernel_source_digest()
     times = {}
     try:
         for v in search_space(w.dtype, w.page_size):
             r = {"state": "build_failed"} if v.build_key in build_failed else \
                 worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
-            db.add_trial(run_id, name, v, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
-                         tflops=r.get("tflops"), error=r.get("error"))
+            _add_trial(db, run_id, name, v, w, r, "sweep", seed, source_hash)
             if r["state"] == "ok":
                 times[v.key] = r["us"]
     finally:
@@ -238,6 +364,7 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
     if not groups:
         return out
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
+    source_hash = kernel_source_digest()
     try:
         for key, members in groups.items():
             dv = default_variant(key.dtype, key.page_size)
@@ -248,15 +375,19 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
             for res in members:
                 w = res.workload
                 name = study_name(gpu_name, w)
+                confirmed = {}                     # medians of the confirmation repeats, where they exist
+                for vk, ts in (res.confirmed or {}).items():
+                    if ts:
+                        confirmed[(vk, w.key)] = statistics.median(ts)
                 for t in db.trials(study=name, state="ok"):
                     k = (t["variant_key"], w.key)
                     times[k] = min(t["time_us"], times.get(k) or float("inf"))
+                times.update(confirmed)
                 for vk, v in cands.items():
                     if (vk, w.key) in times:
                         continue
                     r = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
-                    db.add_trial(run_id, name, v, w.as_dict(), r["state"], time_us=r.get("us"), gbs=r.get("gbs"),
-                                 tflops=r.get("tflops"), error=r.get("error"))
+                    _add_trial(db, run_id, name, v, w, r, "no_hint", seed, source_hash)
                     times[(vk, w.key)] = r["us"] if r["state"] == "ok" else None
             best_of = {res.workload.key: min(times[(vk, res.workload.key)] for vk in cands
                                              if times.get((vk, res.workload.key)) is not None)
@@ -275,7 +406,8 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
             d_us = _geomean(d_ts) if all(t is not None for t in d_ts) else None
             wl = {k: v for k, v in key.db_fields().items() if k not in ("head_dim", "head_dim_v")}
             name = f"{gpu_name.replace(' ', '_')}:{key.canonical}"
-            tid = db.add_trial(run_id, name, cands[vk], wl, "ok", time_us=us)
+            tid = db.add_trial(run_id, name, cands[vk], wl, "ok", time_us=us, phase="no_hint", seed=seed,
+                               source_hash=source_hash)
             db.record_winner(tid, default_variant_key=dv.key, default_time_us=d_us,
                              n_trials=sum(len(res.history) for res in members))
             out.append({"key": key, "variant": cands[vk], "us": us, "default_us": d_us, "score": score,

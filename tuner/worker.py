@@ -2,7 +2,9 @@
 
 Protocol: the child (``python -m flash_mla.tuner.worker``) reads one JSON request per line on stdin,
 ``{"variant": {...}, "shape": {...}, "seed": n}``, and answers one JSON line on stdout:
-``{"state": "ok", "us": ..., "gbs": ..., "tflops": ...}`` or ``{"state": "failed_check", "error": ...}``.
+``{"state": "ok", "us": ..., "gbs": ..., "tflops": ...}`` or ``{"state": "failed_check", "error": ...}``, both
+with the SM clock before and after the measurement (``sm_clock_start_mhz``, ``sm_clock_end_mhz``; None where
+NVML cannot be read).
 The parent (:class:`Worker`) restarts the child after a crash or a time-out.
 
 Fault injection (a testing aid, for the tuner's own tests and for a tuner run on a GPU):
@@ -92,6 +94,15 @@ class Worker:
         return json.loads(line)
 
 
+def sm_clock_mhz() -> int | None:
+    """The current SM clock of this process's GPU (NVML, through torch), or None where it cannot be read."""
+    try:
+        import torch
+        return int(torch.cuda.clock_rate(torch.cuda.current_device()))
+    except Exception:
+        return None
+
+
 def serve() -> None:
     """Child side: keep problems per shape (inputs + reference) and answer requests until stdin closes."""
     from flash_mla.codegen.variant import Variant
@@ -111,9 +122,11 @@ def serve() -> None:
             if key not in problems:
                 problems.clear()       # one problem at a time keeps GPU memory bounded
                 problems[key] = make_problem(shape, variant.dtype, variant.page_size, req.get("seed", 0))
+            clock0 = sm_clock_mhz()
             r = measure_variant(variant, problems[key])
-            res = {"state": "ok", **{k: r[k] for k in ("us", "gbs", "tflops")}} if r["ok"] else \
-                {"state": "failed_check", "error": json.dumps(r["error"], default=str)[:2000]}
+            clocks = {"sm_clock_start_mhz": clock0, "sm_clock_end_mhz": sm_clock_mhz()}
+            res = {"state": "ok", **{k: r[k] for k in ("us", "gbs", "tflops")}, **clocks} if r["ok"] else \
+                {"state": "failed_check", "error": json.dumps(r["error"], default=str)[:2000], **clocks}
         except Exception as e:
             # The CUDA context may be poisoned (illegal address): answer, then exit so the parent
             # starts a fresh worker for the next trial.
