@@ -85,6 +85,22 @@ def cmd_build(args) -> int:
     return 1 if failed else 0
 
 
+#: Modules of the ``tune`` extra each command needs (pip install 'flash-mla-tuned[tune]').
+_EXTRA_MODULES = {"tune": ("optuna", "tqdm"), "bench": ("tqdm", "matplotlib")}
+
+
+class ExtraMissing(RuntimeError):
+    """A command needs the ``tune`` extra, which is not installed."""
+
+
+def _require_extra(cmd: str) -> None:
+    import importlib.util
+    missing = [m for m in _EXTRA_MODULES.get(cmd, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExtraMissing(f"needs the tuning extra, which is not installed (missing: {', '.join(missing)}): "
+                           f"pip install 'flash-mla-tuned[tune]'")
+
+
 def _require_sm90():
     import torch
     if not torch.cuda.is_available():
@@ -467,6 +483,7 @@ def main(argv=None) -> int:
             print(f"flash-mla tune: {e}", file=sys.stderr)
             return 1
     try:
+        _require_extra(args.cmd)
         return args.func(args)
     except _environment_errors() as e:
         # A setting, file or toolchain that cannot be used: one line and exit 1 ($FLASH_MLA_DEBUG=1: traceback).
@@ -481,7 +498,8 @@ def _environment_errors() -> tuple:
     from flash_mla.codegen.build import BuildError
     from flash_mla.db import SchemaVersionError, UserDBError
     from flash_mla.tuner.peers import PeerError
-    return (BuildError, UserDBError, SchemaVersionError, PeerError, sqlite3.DatabaseError, FileNotFoundError)
+    return (BuildError, UserDBError, SchemaVersionError, PeerError, ExtraMissing, sqlite3.DatabaseError,
+            FileNotFoundError)
 
 
 if __name__ == "__main__":

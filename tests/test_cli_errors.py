@@ -39,3 +39,23 @@ def test_a_valid_workload_spec_parses_strictly():
     assert (w.h_q, w.s_q, w.batch, w.mean_sk, w.h_kv, w.causal, w.dtype, w.page_size) == \
         (64, 2, 8, 4096, 2, True, "fp16", 32)
     assert cli._workload_spec("h_q=16,s_q=1,batch=4,mean_sk=2048,causal=0").causal is False
+
+
+@pytest.mark.parametrize("argv,missing", [(["tune", "--suite", "dsv3-tp8"], "optuna"),
+                                          (["bench", "--grid", "quick"], "matplotlib")])
+def test_tuning_commands_without_the_tune_extra_say_how_to_install_it(argv, missing, monkeypatch, capsys, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"missing: {missing}" in err and "flash-mla-tuned[tune]" in err, err
+
+
+def test_serving_import_loads_no_tuning_module():
+    import subprocess
+    import sys
+    code = ("import sys, flash_mla; from flash_mla import dispatch, selection, db; "
+            "print(sorted(m for m in ('optuna', 'matplotlib') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
