@@ -4,7 +4,9 @@ processes, the reference check before any timing, the floor arithmetic and the p
 from __future__ import annotations
 
 import math
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +157,28 @@ def test_peer_summary_and_table():
     assert "0.75" in table and "1.20" in table
     assert "b <= 8" in table and "ours >= best peer on   0" in table
     assert f"geomean vs best {math.sqrt(0.75 * 1.2):.3f}" in table           # the "all" group
+
+
+def test_peer_worker_runs_from_an_installed_layout(tmp_path):
+    """Installed (not editable), ``flash_mla`` in the peer's process is the peer's package alone: the worker's
+    timing code must import nothing of this project (it once imported flash_mla.constants and failed there)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    subprocess.run(["bash", str(root / "scripts" / "stage_site.sh"), str(site)], check=True)
+    worker = site / "flash_mla" / "tuner" / "peer_worker.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-S", str(worker), str(_fake_peer(tmp_path, "good"))],
+                          input=b"", capture_output=True, env={**env, "PYTHONPATH": _torch_only_path()})
+    from flash_mla.tuner.peer_worker import read_msg
+    import io
+    reply = read_msg(io.BytesIO(proc.stdout))
+    assert reply["ok"] and reply["ready"], reply
+
+
+def _torch_only_path() -> str:
+    """sys.path entries that hold torch and its dependencies but not this project (an editable install's
+    finder would otherwise serve flash_mla.* submodules to the worker)."""
+    import site as site_mod
+    return os.pathsep.join(site_mod.getsitepackages())

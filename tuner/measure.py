@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from flash_mla.constants import HEAD_DIM, HEAD_DIM_V
 
+from .timing import bench_ms, graph_time_us  # noqa: F401  (graph_time_us: re-exported for the bench tools)
+
 SCALE = HEAD_DIM ** -0.5
 
 
@@ -58,43 +60,21 @@ def flops(shape: Shape, seqlens: list[int]) -> int:
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-def _do_bench(fn, rep_ms: int = 200) -> float:
-    """Median milliseconds; triton's do_bench times with CUDA events and flushes L2 between runs."""
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
-
-
 def ceilings() -> dict:
     """Device copy bandwidth (bytes read + written) and large bf16 GEMM rate, measured now."""
     import torch
     n = 1 << 28                                   # 512 MiB of bf16 per side
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
-    ms = _do_bench(lambda: b.copy_(a))
+    ms = bench_ms(lambda: b.copy_(a))
     copy_gbs = 2 * n * 2 / ms / 1e6
     del a, b
     m = 8192
     x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
-    ms = _do_bench(lambda: x @ y)
+    ms = bench_ms(lambda: x @ y)
     return {"copy_gbs": copy_gbs, "gemm_tflops": 2 * m ** 3 / ms / 1e9,
             "device": torch.cuda.get_device_name()}
-
-
-def graph_time_us(fn, rep_ms: int = 200) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph."""
-    import torch
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return _do_bench(graph.replay, rep_ms) * 1e3
 
 
 def read_floor_us(nbytes: int, rep_ms: int = 100) -> float:
@@ -199,6 +179,6 @@ def measure_reference(problem: Problem, rep_ms: int = 100) -> dict:
     """The torch reference on the GPU as the naive baseline (eager: it reads lengths on the host)."""
     from flash_mla.reference import mla_decode_reference
     shape = problem.shape
-    ms = _do_bench(lambda: mla_decode_reference(problem.q, problem.k_cache, problem.block_table,
+    ms = bench_ms(lambda: mla_decode_reference(problem.q, problem.k_cache, problem.block_table,
                                                 problem.cache_seqlens, HEAD_DIM_V, SCALE, shape.causal), rep_ms)
     return {"ok": True, **_rates(problem, ms * 1e3)}

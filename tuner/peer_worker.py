@@ -39,8 +39,9 @@ def write_msg(f, blob: bytes) -> None:
 
 
 def _measure_module():
-    """The project's timing code, loaded by path: it imports nothing of the project at module level."""
-    spec = importlib.util.spec_from_file_location("_fmla_peer_measure", os.path.join(HERE, "measure.py"))
+    """The project's timing code (tuner/timing.py), loaded by path: it imports nothing of the project, so it
+    runs beside a peer package that is also named ``flash_mla``."""
+    spec = importlib.util.spec_from_file_location("_fmla_peer_timing", os.path.join(HERE, "timing.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod                    # dataclasses look their module up there
     spec.loader.exec_module(mod)
