@@ -121,7 +121,7 @@ class Variant:
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
         else:                                   # P lives in each stage's rope chunk
             p = 0
-            tail = (self.stages + 2) * BLOCK_M * 4 + 3 * 8 * self.stages
+            tail = 2 * self.stages * BLOCK_M * 4 + 3 * 8 * self.stages   # alpha and row_inv per stage
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 

@@ -54,7 +54,7 @@ struct alignas(1024) SharedStorageFullWg {
   alignas(1024) Element q[cosize_v<LQ>];
   alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK
   float alpha[kStages][kBM];              // per-row rescale of O for the stage's tile (from warpgroup 0)
-  float row_inv[2][kBM];                  // 1 / row sum at the end of a request (from warpgroup 0), by parity
+  float row_inv[kStages][kBM];            // 1 / row sum of a request, with the P of its last tile (warpgroup 0)
   alignas(8) uint64_t full[kStages];      // TMA bytes landed
   uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
   uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
@@ -265,6 +265,16 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
     if ((wtid & 3) == 0) s.alpha[st][r0 + 8 * h] = alpha[h];
   }
   const int valid = tok_hi - tok0;          // tokens of this tile inside the sequence
+  if (valid <= kBN) {
+    // The request's last tile: its row sums are final. 1 / sum goes to warpgroup 1 with this tile's P, under
+    // the same P-ready barrier (no extra synchronisation, and the stage is not rewritten before warpgroup 1
+    // has released it).
+    CUTE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const float l = quad_sum(l_run[h]);
+      if ((wtid & 3) == 0) s.row_inv[st][r0 + 8 * h] = l > 0.f ? 1.f / l : 0.f;
+    }
+  }
   if (valid < kBN) {
     // V rows past the sequence end hold NaN-poisoned page tails or stale data: zero them (channels
     // 0..511; the rope chunk now holds P) so that 0-probability columns cannot turn P V into NaN.
@@ -604,20 +614,23 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
           cutlass::arch::ClusterBarrier::arrive(&s.empty[(iter + n_iter - 1) % kStages]);
         }
 
-        // Full row sums across the quad; 1 / sum to warpgroup 1 through shared memory.
+        // Full row sums across the quad (warpgroup 1 got 1 / sum with the last tile's P).
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
           const float l = quad_sum(l_run[h]);
           inv[h] = l > 0.f ? 1.f / l : 0.f;
           // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
           lse[h] = l > 0.f ? m_run[h] * p.scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
-          if ((wtid & 3) == 0) s.row_inv[req & 1][r0 + 8 * h] = inv[h];
         }
       } else {
         for (int j = 0; j < n_iter; ++j) {
           const int it = iter + j, st = it % kStages;
           cutlass::arch::ClusterBarrier::wait(&s.pready[st], (it / kStages) & 1);
           rescale_o(s.alpha[st][r0], s.alpha[st][r0 + 8]);
+          if (j + 1 == n_iter) {                    // the last tile: 1 / row sum came with it
+            inv[0] = s.row_inv[st][r0];
+            inv[1] = s.row_inv[st][r0 + 8];
+          }
           issue_pv(j);
           warpgroup_wait<0>();
           warpgroup_fence_operand(acc_o);
@@ -629,11 +642,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         }
       }
       iter += n_iter;
-      __syncthreads();                              // row_inv written; every wgmma of this request done
-      if (wg == 1) {
-        inv[0] = s.row_inv[req & 1][r0];
-        inv[1] = s.row_inv[req & 1][r0 + 8];
-      }
+      __syncthreads();                              // every wgmma of this request done (Q is rewritten next)
     }
     // Output: each thread holds rows r0 and r0 + 8 and, per 8-column group, two adjacent columns. Row
     // addresses are formed once; every store is then its row pointer plus a compile-time offset. (Written
