@@ -199,11 +199,10 @@ KNOBS = {
     # splits costs. The knob stays (get_mla_metadata, variant keys), the search leaves it at 1.
     "split_min_blocks": (1,),
     "merge": MERGES,
-    # The full_wg paths pass the reference check on the sampled matrix (H100), but compute-sanitizer's
-    # racecheck still reports a hazard on their row_inv exchange (write by warpgroup 0, read by warpgroup 1
-    # after a __syncthreads) that is not understood yet: until it is, the tuner does not search them and
-    # they run only when named (--variants, variant=).
-    "qk": ("nsplit",),
+    # full_wg passes the reference check and compute-sanitizer's racecheck (H100, 1 / row sum published with
+    # the last tile's P under its P-ready barrier). full_wg_ahead shares that code but has not been through
+    # racecheck on a GPU yet: it runs only when named (--variants, variant=).
+    "qk": ("nsplit", "full_wg"),
 }
 
 

@@ -24,7 +24,7 @@ def test_space_is_large_and_valid():
         assert v.smem_bytes() <= SMEM_LIMIT
     for knob, values in ALL_KNOBS.items():   # every knob keeps >= 2 buildable values
         assert len({getattr(v, knob) for v in space}) >= 2, knob
-    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit"}   # what the tuner searches
+    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit", "full_wg"}   # what the tuner searches
     assert {v for v in full_space()} < set(space)
 
 
