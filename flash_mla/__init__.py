@@ -5,6 +5,7 @@ a kernel needs an SM90 GPU.
 """
 
 from .api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata, warm_up
+from . import ops  # noqa: F401  (registers torch.ops.flash_mla.mla_decode / mla_decode_out)
 from .reference import mla_decode_reference
 
 __version__ = "0.1.0"

@@ -272,22 +272,46 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                         "get_mla_metadata(cache_seqlens, ...); None goes with a FlashMLASchedMeta")
     else:
         keep = None
+    return decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                  softmax_scale, causal, variant=variant, seqlen_hint=getattr(tile_scheduler_metadata, _HINT_ATTR, None),
+                  on_valid=keep)
+
+
+def _check_out(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    _require_tensor(name, t)
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
+                         f"{'a contiguous' if t.is_contiguous() else 'a non-contiguous'} {t.dtype} tensor of shape "
+                         f"{tuple(t.shape)} on {t.device}")
+
+
+def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+           softmax_scale=None, causal=False, *, variant: Optional[Variant] = None, seqlen_hint=None,
+           out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None):
+    """Validate, select and launch (the body of :func:`flash_mla_with_kvcache` and of the registered ops in
+    :mod:`flash_mla.ops`): classic metadata tensors, an optional length hint, optional output buffers
+    (``out`` ``(b, s_q, h_q, 512)`` in q's dtype, ``lse`` ``(b, h_q, s_q)`` float32, both contiguous).
+    ``on_valid()`` runs once every argument has passed validation."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM_K)
     check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                       softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
     _check_kernel_layout(q, k_cache, block_table)
-    if keep is not None:                        # a schedule object keeps its schedule once the call is valid
-        keep()
+    b, s_q, h_q, _ = q.shape
+    if out is not None:
+        _check_out("out", out, (b, s_q, h_q, head_dim_v), q.dtype, q.device)
+    if lse is not None:
+        _check_out("lse", lse, (b, h_q, s_q), torch.float32, q.device)
+    if on_valid is not None:                    # e.g. a schedule object keeps its schedule once the call is valid
+        on_valid()
     if values_check_enabled():
         check_values(k_cache, block_table, cache_seqlens)
     if variant is None:
-        variant = dispatch.select_variant(q, k_cache, causal and q.shape[1] > 1,
-                                          getattr(tile_scheduler_metadata, _HINT_ATTR, None))
+        variant = dispatch.select_variant(q, k_cache, causal and q.shape[1] > 1, seqlen_hint)
     elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):
         raise ValueError(f"variant {variant.key} is built for {variant.dtype} with page size {variant.page_size}, "
                          f"got {q.dtype} with page size {k_cache.shape[1]}")
     lib = dispatch.library_for(variant)
     with torch.cuda.device(q.device):
         return runtime.run_decode(lib, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                                  num_splits, softmax_scale, causal)
+                                  num_splits, softmax_scale, causal, out=out, lse=lse)

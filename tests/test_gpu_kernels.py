@@ -146,3 +146,24 @@ def test_shipped_db_winner_is_selected_and_correct():
     assert chosen == Variant.from_dict(sel.variant)
     ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512)
     assert compare(out, ref_out, lse, ref_lse, q.dtype)["ok"]
+
+
+def test_registered_ops_match_the_api_and_compile_without_a_graph_break():
+    b, s_q, h_q, h_kv = 4, 2, 16, 1
+    q, k_cache, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, 900, seed=5)
+    meta, splits = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits, causal=True)
+    o1, l1 = torch.ops.flash_mla.mla_decode(q, k_cache, block_table, seqlens, meta, splits, None, True, None)
+    assert torch.equal(o1, out) and torch.equal(l1, lse)
+    o2, l2 = torch.full_like(out, float("nan")), torch.full_like(lse, float("nan"))
+    torch.ops.flash_mla.mla_decode_out(q, k_cache, block_table, seqlens, meta, splits, o2, l2, None, True, None)
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+
+    def step(q, k_cache, block_table, seqlens, meta, splits):
+        o, l = torch.ops.flash_mla.mla_decode(q * 1.0, k_cache, block_table, seqlens, meta, splits, None, True, None)
+        return o, l
+    o3, l3 = torch.compile(step, fullgraph=True)(q, k_cache, block_table, seqlens, meta, splits)
+    assert torch.equal(o3, out) and torch.equal(l3, lse)
+    with pytest.raises(ValueError, match="out must be"):
+        torch.ops.flash_mla.mla_decode_out(q, k_cache, block_table, seqlens, meta, splits, o2.float(), l2, None, True,
+                                           None)

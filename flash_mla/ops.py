@@ -1,0 +1,69 @@
+"""The decode step as registered torch operators, so that ``torch.compile(fullgraph=True)`` traces it without a
+graph break (the Python API, ctypes and the tuning-DB lookup stay inside the operator's implementation).
+
+``torch.ops.flash_mla.mla_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+softmax_scale=None, causal=False, seqlen_hint=None) -> (out, lse)``
+    FlashMLA's classic call on the tensors ``get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)``
+    returns. ``seqlen_hint`` is the mean KV length the tuned selection keys on (``get_mla_metadata`` keeps it
+    on its metadata tensor, which an operator cannot see): pass the same value given there, or None.
+``torch.ops.flash_mla.mla_decode_out(..., out, lse, softmax_scale=None, causal=False, seqlen_hint=None)``
+    the same into caller-owned ``out`` ``(b, s_q, h_q, 512)`` (q's dtype) and ``lse`` ``(b, h_q, s_q)``
+    float32, both contiguous; returns nothing.
+
+Both have fake (meta) implementations giving the output shapes and dtypes, so they trace under FakeTensor,
+``torch.export`` and ``torch.compile``. The implementation is registered for CUDA only. Validation, kernel
+selection and the launch are :func:`flash_mla.api.decode`, the body of ``flash_mla_with_kvcache``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .constants import HEAD_DIM_V
+
+NAMESPACE = "flash_mla"
+
+
+@torch.library.custom_op(f"{NAMESPACE}::mla_decode", mutates_args=(), device_types="cuda")
+def mla_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+               tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+               softmax_scale: Optional[float] = None, causal: bool = False,
+               seqlen_hint: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from .api import decode
+    return decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
+                  softmax_scale, causal, seqlen_hint=seqlen_hint)
+
+
+@mla_decode.register_fake
+def _mla_decode_fake(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                     softmax_scale=None, causal=False, seqlen_hint=None):
+    b, s_q, h_q, _ = _fake_check(q)
+    return q.new_empty((b, s_q, h_q, HEAD_DIM_V)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::mla_decode_out", mutates_args=("out", "lse"), device_types="cuda")
+def mla_decode_out(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                   tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, softmax_scale: Optional[float] = None, causal: bool = False,
+                   seqlen_hint: Optional[float] = None) -> None:
+    from .api import decode
+    decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
+           softmax_scale, causal, seqlen_hint=seqlen_hint, out=out, lse=lse)
+
+
+@mla_decode_out.register_fake
+def _mla_decode_out_fake(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
+                         softmax_scale=None, causal=False, seqlen_hint=None):
+    b, s_q, h_q, _ = _fake_check(q)
+    if tuple(out.shape) != (b, s_q, h_q, HEAD_DIM_V) or tuple(lse.shape) != (b, h_q, s_q):
+        raise ValueError(f"out must be {(b, s_q, h_q, HEAD_DIM_V)} and lse {(b, h_q, s_q)}, got "
+                         f"{tuple(out.shape)} and {tuple(lse.shape)}")
+    return None
+
+
+def _fake_check(q):
+    if q.dim() != 4:
+        raise ValueError(f"q must be (batch_size, seqlen_q, num_heads_q, head_dim), got shape {tuple(q.shape)}")
+    return q.shape
