@@ -300,8 +300,12 @@ def cmd_tune(args) -> int:
     for key in {(w.dtype, w.page_size) for w in workloads}:     # compile everything first, in parallel
         print(f"building the {key[0]} / page {key[1]} variant space ...", flush=True)
         failed |= tune.prebuild(next(w for w in workloads if (w.dtype, w.page_size) == key), jobs=args.jobs)
+    from flash_mla.tuner.claims import Claims
     if len(gpus) > 1 and args.worker_of is None:
-        # One worker process per GPU on the shared study storage: Optuna's distributed mode.
+        # One worker process per GPU on the shared study storage: Optuna's distributed mode. The storage's
+        # tables and the claims table are created here, once, not by the workers racing each other.
+        tune.open_storage(args.storage)
+        Claims.for_storage(args.storage).close()
         procs = []
         for g in gpus:
             cmd = [sys.executable, "-m", "flash_mla.cli", *sys.argv[sys.argv.index("tune"):], "--gpus", str(g),
@@ -311,6 +315,8 @@ def cmd_tune(args) -> int:
     hw = tune.run_info()
     gpu_name = hw["gpu_name"]
     storage = tune.open_storage(args.storage)
+    claims = Claims.for_storage(args.storage)     # each variant measured by one worker of a shared study
+    worker_index = args.worker_of.split(",").index(str(gpus[0])) if args.worker_of else 0
     with TuningDB(args.db) as db:
         run_id = db.add_run(hw)
         summary = []
@@ -324,7 +330,8 @@ def cmd_tune(args) -> int:
                                              ("confirm_rounds", args.confirm_rounds)) if v is not None}
                 res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
                                          timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
-                                         build_failed=frozenset(failed), on_trial=on_trial, **confirm)
+                                         build_failed=frozenset(failed), on_trial=on_trial, claims=claims,
+                                         worker_index=worker_index, **confirm)
             tune.record(db, run_id, res, gpu_name)
             summary.append(res)
             if args.sweep:

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 from typing import Callable, Optional
 
 import optuna
@@ -135,9 +136,77 @@ def journal_storage(path: str):
     return JournalStorage(JournalFileBackend(path))
 
 
-def open_storage(spec: str):
-    """``spec`` is an RDB URL (``sqlite:///...``, ``postgresql://...``) or a journal file path."""
-    return spec if "://" in spec else journal_storage(spec)
+#: Heartbeat of a running trial in an RDB storage (seconds), and how long a silent one lives before it is failed
+#: and retried: a worker killed mid-trial costs at most this delay, never the measurement.
+HEARTBEAT_S = 10
+GRACE_S = 60
+
+
+def open_storage(spec: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
+    """``spec`` is an RDB URL (``sqlite:///...``, ``postgresql+psycopg2://...``: an RDBStorage with a trial
+    heartbeat, whose stale trials are failed and re-queued with the same variant) or a journal file path."""
+    if "://" not in spec:
+        return journal_storage(spec)
+    from optuna import storages
+    retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():                 # heartbeats and the retry callback are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _rdb_storage(storages, spec, heartbeat_s, grace_s, retry)
+
+
+def _rdb_storage(storages, spec, heartbeat_s, grace_s, retry):
+    try:
+        return storages.RDBStorage(spec, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                   heartbeat_stale_trial_callback=retry(max_retry=3))
+    except TypeError:                                # optuna < 4.9 names it failed_trial_callback
+        return storages.RDBStorage(spec, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                   failed_trial_callback=retry(max_retry=3))
+
+
+def _heartbeat(study, trial):
+    """A started heartbeat thread for ``trial`` (a no-op one where the storage has no heartbeat)."""
+    try:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+    except ImportError:                              # pragma: no cover - optuna without heartbeats
+        return None
+    hb = get_heartbeat_thread(trial._trial_id, study._storage)
+    hb.start()
+    return hb
+
+
+def _refresh_known(study, known: dict) -> None:
+    """Merge in what any worker of the study has measured since: completed trials (their time) and failed
+    ones that were measured (a failed check, a crash). A trial failed by a stale heartbeat was not measured."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=states):
+        k = t.user_attrs.get("variant_key")
+        if not k:
+            continue
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            known[k] = t.value if known.get(k) is None else min(known[k], t.value)
+        elif t.user_attrs.get("measured"):
+            known.setdefault(k, None)
+
+
+def _enqueue_unmeasured(study, w: Workload, valid: set, known: dict, claims, name: str) -> None:
+    """Queue one valid variant nobody has measured or claimed (in the space's order), so that a sampler that
+    keeps proposing measured points near the end of a finite space does not spin."""
+    taken = set(known) | (set(claims.holders(name)) if claims is not None else set())
+    for v in search_space(w.dtype, w.page_size):
+        if v.key in valid and v.key not in taken:
+            study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
+            return
+
+
+def _dead_without_measuring(study):
+    """``holder_is_dead(trial_number)`` for :meth:`Claims.claim`: the holder trial was failed (stale heartbeat)
+    before any measurement was recorded for it."""
+    def dead(number: int) -> bool:
+        for t in study.get_trials(deepcopy=False):
+            if t.number == number:
+                return t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("measured")
+        return False
+    return dead
 
 
 def study_name(gpu_name: str, w: Workload) -> str:
@@ -173,27 +242,32 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                   timeout_s: Optional[float] = None, trial_timeout_s: float = 120.0, gpu: Optional[int] = None,
                   seed: int = 0, build_failed: frozenset = frozenset(),
                   on_trial: Optional[Callable[[dict], None]] = None, measurer=None,
-                  confirm_top: int = CONFIRM_TOP, confirm_rounds: int = CONFIRM_ROUNDS) -> StudyResult:
+                  confirm_top: int = CONFIRM_TOP, confirm_rounds: int = CONFIRM_ROUNDS, claims=None,
+                  worker_index: int = 0) -> StudyResult:
     """Run (or continue) the study of ``w`` for up to ``n_trials`` new measurements, then confirm its best
     ``confirm_top`` candidates beside the default in ``confirm_rounds`` interleaved rounds (0: no
     confirmation; the winner is then the lowest single time).
 
     ``measurer`` (default: a :class:`Worker` subprocess on ``gpu``) has ``measure(variant_dict,
     shape_dict, seed) -> {"state", "us", ...}`` and ``stop()``; tests pass a synthetic one.
+
+    Several workers may share the study (``worker_index`` 0, 1, ...: each samples with its own seed, and
+    TPE's constant liar keeps them off each other's running points). ``claims`` (a
+    :class:`~flash_mla.tuner.claims.Claims`) makes each variant measured by one worker only; where the storage
+    has a heartbeat, trials of a killed worker are failed and retried by the others.
     """
     name = study_name(gpu_name, w)
     source_hash = kernel_source_digest()
+    with warnings.catch_warnings():                # constant_liar is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed + 7919 * worker_index, n_startup_trials=5,
+                                             constant_liar=True)
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5))
+                                sampler=sampler)
     valid = {v.key for v in search_space(w.dtype, w.page_size)}
     # Results already in the study (a resumed or shared study) are reused, never re-measured.
     known: dict[str, Optional[float]] = {}
-    for t in study.get_trials(deepcopy=False):
-        k = t.user_attrs.get("variant_key")
-        if k and t.state == optuna.trial.TrialState.COMPLETE:
-            known[k] = t.value
-        elif k and t.state == optuna.trial.TrialState.FAIL:
-            known.setdefault(k, None)
+    _refresh_known(study, known)
     # The DB row of a measurement is written before Optuna is told; a process killed in between leaves
     # the row without the tell. Rows of this study count as measured too, so nothing is measured twice.
     for t in db.trials(study=name):
@@ -205,23 +279,46 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             known.setdefault(t["variant_key"], None)
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
     history, measured, t0 = [], 0, time.time()
+    hb, reuses = None, 0
     try:
         while measured < n_trials and len(known) < len(valid):
             if timeout_s is not None and time.time() - t0 > timeout_s:
                 break
-            trial = study.ask()
+            if claims is not None:                    # what the other workers measured meanwhile
+                _refresh_known(study, known)
+                if len(known) >= len(valid):
+                    break
+            with warnings.catch_warnings():            # trials of killed workers: failed, then re-queued
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                optuna.storages.fail_stale_trials(study)
+                trial = study.ask()
+            hb = _heartbeat(study, trial)
             v = variant_from_trial(trial, w)
             trial.set_user_attr("variant_key", v.key)
             if v.key not in valid:
                 db.add_trial(run_id, name, v, w.as_dict(), "invalid", error="rejected by Variant.validate()",
                              phase="search", seed=seed, source_hash=source_hash)
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                hb = _stop(hb)
                 continue
             if v.key in known:                        # sampled again: reuse, costs nothing
                 if known[v.key] is None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 else:
                     study.tell(trial, known[v.key])
+                hb = _stop(hb)
+                reuses += 1
+                if reuses >= 3:                       # the sampler keeps to measured points: hand it a new one
+                    _enqueue_unmeasured(study, w, valid, known, claims, name)
+                    reuses = 0
+                continue
+            reuses = 0
+            if claims is not None and not claims.claim(name, v.key, trial.number, _dead_without_measuring(study)):
+                trial.set_user_attr("skipped", "being measured by another worker")
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                hb = _stop(hb)
+                time.sleep(0.1)                       # the rest of the space may be in others' hands: back off
                 continue
             if v.build_key in build_failed:
                 r = {"state": "build_failed", "error": "compilation failed"}
@@ -236,12 +333,16 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             else:
                 known[v.key] = None
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            hb = _stop(hb)
             history.append((len(history), v.key, r["state"], r.get("us")))
             if on_trial:
                 best = min((x for x in known.values() if x is not None), default=None)
                 on_trial({"variant": v.key, "state": r["state"], "us": r.get("us"), "best_us": best})
         d = default_variant(w.dtype, w.page_size)       # always measured: the winner row reports it
-        if d.key not in known:
+        if claims is not None:
+            _refresh_known(study, known)
+        if d.key not in known and (claims is None or claims.claim(name, d.key, -1 - worker_index,
+                                                                   lambda number: False)):
             r = worker.measure(d.as_dict(), dataclasses.asdict(w.shape), seed)
             _add_trial(db, run_id, name, d, w, r, "search", seed, source_hash)
             known[d.key] = r.get("us") if r["state"] == "ok" else None
@@ -250,11 +351,13 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
         ranked = sorted((u, k) for k, u in known.items() if u is not None and k in by_key)
         if confirm_rounds > 0 and ranked:
             cands = [by_key[k] for _, k in ranked[:confirm_top]]
-            if d.key not in {c.key for c in cands} and known.get(d.key) is not None:
+            # the default, unless it failed (a worker that did not measure it itself confirms it all the same)
+            if d.key not in {c.key for c in cands} and not (d.key in known and known[d.key] is None):
                 cands.append(d)
             confirmed = confirm(worker, w, cands, db, run_id, name, seed, source_hash, confirm_rounds)
             choice = choose_winner(confirmed, d.key)
     finally:
+        _stop(hb)
         worker.stop()
     ok = {k: u for k, u in known.items() if u is not None}
     default_us = known.get(d.key)
@@ -268,6 +371,12 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     trial_index = next((i for i, k, s, u in history if k == best_key), None)
     return StudyResult(w, {"variant": by_key[best_key], "us": best_us, "trial_index": trial_index},
                        default_us, history, choice=choice, confirmed=confirmed)
+
+
+def _stop(hb) -> None:
+    if hb is not None:
+        hb.join()
+    return None
 
 
 def record(db: TuningDB, run_id: int, res: StudyResult, gpu_name: str) -> None:
