@@ -49,7 +49,7 @@ WORKER = textwrap.dedent('''
             return r
 
     w = Workload(16, 1, 4, 2048)
-    storage = tune.open_storage(url, heartbeat_s=1, grace_s=3)
+    storage = tune.open_storage(url, heartbeat_s=1, grace_s=6)
     with TuningDB(db_path) as db:
         run_id = db.add_run(HW)
         tune.tune_workload(w, storage, db, run_id, GPU, n_trials=10_000, measurer=Slow(), claims=Claims(url),
@@ -76,7 +76,7 @@ def test_four_workers_one_killed_mid_trial_measure_each_variant_once(postgres, t
     log, marker, db_path = tmp_path / "measured.jsonl", tmp_path / "hung", tmp_path / "t.sqlite"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     # The coordinator creates the storage's tables once, as `flash-mla tune --gpus` does before its workers.
-    tune.open_storage(postgres, heartbeat_s=1, grace_s=3)
+    tune.open_storage(postgres, heartbeat_s=1, grace_s=6)
     Claims(postgres).close()
     procs = [subprocess.Popen([sys.executable, str(script), postgres, str(db_path), str(i), str(log), str(marker)],
                               env=env, stderr=subprocess.PIPE, text=True) for i in range(4)]
@@ -102,7 +102,7 @@ def test_four_workers_one_killed_mid_trial_measure_each_variant_once(postgres, t
     assert {json.loads(line)["worker"] for line in log.read_text().splitlines()} >= {1, 2, 3}
 
     study = optuna.load_study(study_name=tune.study_name("Synthetic GPU", _workload()),
-                              storage=tune.open_storage(postgres, heartbeat_s=1, grace_s=3))
+                              storage=tune.open_storage(postgres, heartbeat_s=1, grace_s=6))
     trials = study.get_trials(deepcopy=False)
     killed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("measured")]
     assert len(killed) == 1                          # the killed worker's trial, failed by its stale heartbeat
