@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _variants_by_key(spec: str):
@@ -337,6 +338,7 @@ def cmd_tune(args) -> int:
             if args.sweep:
                 res.sweep = tune.sweep(w, storage, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
                                        build_failed=frozenset(failed))
+                res.sweep["plot"] = tune.plot_search(Path(args.plots) / f"{w.key}.png", res, storage, gpu_name)
         # Calls without a length hint: one winner per group of workloads that differ only in length.
         no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed)
     print(f"\n{'workload':44} {'best variant':28} {'tuned us':>9} {'default us':>10} {'speedup':>8}")
@@ -354,7 +356,7 @@ def cmd_tune(args) -> int:
         sw = r.sweep
         if sw and sw["best_key"]:
             print(f"    exhaustive sweep: best {sw['best_key']} {sw['best_us']:.1f} us over {sw['n']} variants; "
-                  f"study within 3% after {sw['trials_to_3pct']} measured trials")
+                  f"study within 3% after {sw['trials_to_3pct']} measured trials; plot {sw.get('plot')}")
     if no_hint:
         print("\nwithout a length hint (geometric mean over the tuned lengths of each group):")
         print(f"{'workload':44} {'variant':28} {'us':>9} {'default us':>10} {'vs best':>8}")
@@ -453,7 +455,9 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=_gpu_list, default=None,
                    help="comma-separated GPU indices: one worker process per GPU")
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--sweep", action="store_true", help="also measure every variant and report trials-to-3%%")
+    p.add_argument("--sweep", action="store_true", help="also measure every variant and report trials-to-3%%, "
+                   "with a plot per study of its best-so-far beside random search's median (--plots)")
+    p.add_argument("--plots", default="tune_plots", help="folder of the --sweep plots (default ./tune_plots)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--confirm-top", type=_positive_int, default=None,
                    help="best candidates re-measured beside the default after the search (default 2)")

@@ -250,3 +250,24 @@ def test_a_real_gain_beats_the_noise_and_is_recorded_with_its_spread(env):
     assert row["time_us"] == pytest.approx(statistics.median(res.confirmed[fast.key]))
     assert 0 < row["time_spread"] <= 0.05 and row["n_repeats"] == tune.CONFIRM_ROUNDS
     assert row["default_time_us"] == pytest.approx(statistics.median(res.confirmed[default_variant().key]))
+
+
+def test_best_so_far_and_random_search_median():
+    assert tune.best_so_far([5.0, None, 7.0, 3.0]) == [5.0, 5.0, 5.0, 3.0]
+    space = [float(x) for x in range(1, 21)]
+    rand = tune.random_search_median(space, len(space))
+    assert len(rand) == 20 and rand[-1] == 1.0 and all(a >= b for a, b in zip(rand, rand[1:]))
+    assert 8.0 <= rand[0] <= 13.0                     # one random pick: about the median of the space
+
+
+def test_sweep_writes_the_search_plot_beside_random_search(env):
+    storage, db, run_id, tmp_path = env
+    w = Workload(16, 1, 4, 2048)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=12, measurer=SyntheticMeasurer(), confirm_rounds=0)
+    res.sweep = tune.sweep(w, storage, db, run_id, GPU, measurer=SyntheticMeasurer())
+    assert len(res.sweep["times"]) == len(search_space())
+    path = tune.plot_search(tmp_path / "plots" / "s.png", res, storage, GPU)
+    assert path and (tmp_path / "plots" / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "plots").glob("*.tmp.png"))           # written by rename
+    res.sweep = None
+    assert tune.plot_search(tmp_path / "p2.png", res, storage, GPU) is None

@@ -445,8 +445,63 @@ def sweep(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, gpu
     if not times:
         return {"n": 0, "best_key": None, "best_us": None, "trials_to_3pct": None}
     best_key = min(times, key=times.get)
-    return {"n": len(times), "best_key": best_key, "best_us": times[best_key],
+    return {"n": len(times), "best_key": best_key, "best_us": times[best_key], "times": times,
             "trials_to_3pct": trials_to_within(measured_history(storage, gpu_name, w), times[best_key])}
+
+
+def best_so_far(times: list) -> list:
+    """Running minimum of a sequence of times (None: a failed measurement)."""
+    out, best = [], float("inf")
+    for t in times:
+        if t is not None:
+            best = min(best, t)
+        out.append(best)
+    return out
+
+
+def random_search_median(space_times: list, n: int, seeds: int = 101) -> list:
+    """Median best-so-far of random search without replacement over the measured space (``space_times``: one
+    time per valid variant, None for a failure), for the first ``n`` measurements, over ``seeds`` orders."""
+    import random
+    curves = []
+    for s in range(seeds):
+        order = list(space_times)
+        random.Random(s).shuffle(order)
+        curves.append(best_so_far(order[:n]))
+    return [statistics.median(c[k] for c in curves) for k in range(min(n, len(space_times)))]
+
+
+def plot_search(path, res: "StudyResult", storage, gpu_name: str) -> Optional[str]:
+    """A PNG of the study's best-so-far against measured trials, relative to the exhaustive best, with random
+    search's median curve over 101 orders beside it (both need the sweep: ``res.sweep``). Written by rename.
+    Returns the path, or None without a sweep."""
+    import os
+    from pathlib import Path
+    if not res.sweep or not res.sweep.get("times"):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    best = res.sweep["best_us"]
+    study = [t / best for t in best_so_far(measured_history(storage, gpu_name, res.workload)) if t != float("inf")]
+    space = list(res.sweep["times"].values())
+    rand = [t / best for t in random_search_median(space, len(space))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(study) + 1), study, marker="o", label="this study (best so far)")
+    ax.plot(range(1, len(rand) + 1), rand, linestyle="--", label="random search, median of 101 orders")
+    ax.axhline(1.03, color="grey", linewidth=0.8, linestyle=":", label="within 3% of the exhaustive best")
+    ax.set_xlabel("measured trials")
+    ax.set_ylabel("best time / exhaustive best")
+    ax.set_title(res.workload.key, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)
 
 
 def _geomean(xs) -> float:
