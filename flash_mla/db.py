@@ -727,15 +727,26 @@ def shipped_db_path() -> Optional[Path]:
         return None
 
 
+_user_db_listeners: list = []
+
+
+def on_user_db_change(callback) -> None:
+    """Call ``callback()`` whenever :func:`set_user_db` changes the user database (a reader that caches what
+    it read, such as :mod:`flash_mla.selection`, registers here; this module imports none of its readers)."""
+    if callback not in _user_db_listeners:
+        _user_db_listeners.append(callback)
+
+
 def set_user_db(path: Optional[PathLike]) -> None:
     """Use ``path`` as the user tuning database (``None``: back to ``$FLASH_MLA_TUNING_DB``).
 
-    Clears the selection caches so the next call looks again.
+    Readers registered with :func:`on_user_db_change` (the selection caches) are told, so the next call looks
+    again.
     """
     global _user_db_override
     _user_db_override = None if path is None else Path(path)
-    from . import selection
-    selection.clear_cache()
+    for callback in list(_user_db_listeners):
+        callback()
 
 
 def user_db_path() -> Optional[Path]:
@@ -768,5 +779,5 @@ def format_rows(rows: list[dict]) -> str:
 __all__ = [
     "SCHEMA_VERSION", "TRIAL_STATES", "WORKLOAD_KEY", "ENV_USER_DB", "SchemaVersionError", "TuningDB",
     "open_db", "merge", "bucket_batch", "bucket_seqlen", "cuda_major_minor", "current_hardware",
-    "shipped_db_path", "set_user_db", "user_db_path", "format_rows",
+    "shipped_db_path", "set_user_db", "on_user_db_change", "user_db_path", "format_rows",
 ]

@@ -91,6 +91,9 @@ def clear_cache() -> None:
         _dbs.clear()
 
 
+db.on_user_db_change(clear_cache)          # db.set_user_db forgets what this module cached
+
+
 def _db(source: str) -> Optional[db.TuningDB]:
     """The database of ``source`` opened read-only once, or None when it does not exist."""
     if source in _dbs:

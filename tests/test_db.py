@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -390,3 +391,15 @@ def test_db_locations(tmp_path, monkeypatch):
     monkeypatch.delenv(db.ENV_USER_DB)
     assert db.user_db_path() is None
     assert not (tmp_path / "env.sqlite").exists() and not (tmp_path / "call.sqlite").exists()
+
+
+def test_storage_imports_none_of_its_readers():
+    """db.py is storage only: selection registers for user-DB changes instead of being imported by it."""
+    import ast
+    tree = ast.parse(Path(db.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "") + "." + a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+              for a in n.names}
+    assert not any("selection" in n or "dispatch" in n for n in names), names
+    from flash_mla import selection
+    assert selection.clear_cache in db._user_db_listeners
