@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flash_mla.constants import HEAD_DIM, HEAD_DIM_V
 
-from .timing import bench_ms, graph_time_us  # noqa: F401  (graph_time_us: re-exported for the bench tools)
+from .timing import bench_ms, graph_time_us
 
 SCALE = HEAD_DIM ** -0.5
 

@@ -148,19 +148,14 @@ def open_storage(spec: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE
     if "://" not in spec:
         return journal_storage(spec)
     from optuna import storages
-    retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
     with warnings.catch_warnings():                 # heartbeats and the retry callback are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _rdb_storage(storages, spec, heartbeat_s, grace_s, retry)
-
-
-def _rdb_storage(storages, spec, heartbeat_s, grace_s, retry):
-    try:
-        return storages.RDBStorage(spec, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                                   heartbeat_stale_trial_callback=retry(max_retry=3))
-    except TypeError:                                # optuna < 4.9 names it failed_trial_callback
-        return storages.RDBStorage(spec, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                                   failed_trial_callback=retry(max_retry=3))
+        # optuna >= 4.9 names the retry callback and its keyword after stale heartbeats; older ones after failures
+        if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+            retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
+        else:
+            retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=3)}
+        return storages.RDBStorage(spec, heartbeat_interval=heartbeat_s, grace_period=grace_s, **retry)
 
 
 def _heartbeat(study, trial):
