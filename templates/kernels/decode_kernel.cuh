@@ -148,6 +148,19 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 
+// Keys visible to this thread's rows r0 and r0 + 8 of row block mb: the whole sequence, or under the causal
+// mask (query position sq of s_q aligned to the sequence end) the first seqlen - (s_q - 1 - sq).
+template <int kBM>
+__device__ __forceinline__ void causal_limits(const FmlaParams& p, int mb, int r0, int groups, int rows, int seqlen,
+                                              int (&limit)[2]) {
+  CUTE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int rr = mb * kBM + r0 + 8 * h;
+    const int sq = rr / groups;
+    limit[h] = (p.causal && rr < rows) ? seqlen - (p.s_q - 1 - sq) : seqlen;
+  }
+}
+
 // The dynamic shared memory base aligned to 1024 bytes (128-byte swizzle atoms).
 template <int kNWG>
 __device__ __forceinline__ char* aligned_smem(char* smem_raw) {
@@ -414,12 +427,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
 
       // Per-thread row bookkeeping for rows r0 and r0 + 8.
       int limit[2];
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int rr = mb * kBM + r0 + 8 * h;
-        const int sq = rr / groups;
-        limit[h] = (p.causal && rr < rows) ? seqlen - (p.s_q - 1 - sq) : seqlen;
-      }
+      causal_limits<kBM>(p, mb, r0, groups, rows, seqlen, limit);
       float m_run[2] = {-INFINITY, -INFINITY};
       float l_run[2] = {0.f, 0.f};
       clear(acc_o);
@@ -552,12 +560,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
       if (wg == 0) {
         // Row bookkeeping for rows r0 and r0 + 8: the causal limit, running max and sum.
         int limit[2];
-        CUTE_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          const int rr = mb * kBM + r0 + 8 * h;
-          const int sq = rr / groups;
-          limit[h] = (p.causal && rr < rows) ? seqlen - (p.s_q - 1 - sq) : seqlen;
-        }
+        causal_limits<kBM>(p, mb, r0, groups, rows, seqlen, limit);
         float m_run[2] = {-INFINITY, -INFINITY};
         float l_run[2] = {0.f, 0.f};
         float alpha[2] = {1.f, 1.f};
