@@ -10,16 +10,18 @@
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
-# oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1). Logs go to OUTDIR; each step prints its table.
+# oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
+# overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA).
+# Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
 repo=$(pwd)
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 bash scripts/stage_site.sh /tmp/fmla-site
-if [[ " $* " == *" bench:"* || " $* " == *" bench2:"* ]]; then
+if [[ " $* " == *" bench:"* || " $* " == *" bench2:"* || " $* " == *" overhead:"* ]]; then
   source .peers/device_setup.sh                    # peers; starts FlashMLA's build in the background
-  if [[ " $* " != *" bench:"* ]]; then             # bench2 only: FlashMLA is not wanted, stop its build
+  if [[ " $* " != *" bench:"* && " $* " != *" overhead:"* ]]; then   # bench2 only: no FlashMLA, stop its build
     kill $PEERS_BUILD_PID 2>/dev/null; pkill -f "setup.py build_ext" 2>/dev/null; pkill -x nvcc 2>/dev/null; true
   fi
 else
@@ -105,6 +107,11 @@ print('winners:', *c.execute('select variant_key from winners'))" "$final/fault.
                --peer "$PEER_FLASHINFER_DIR" --peer "$PEER_FA3MLA_DIR" \
                --out "$out" > "$out/bench-$grid.txt" 2> "$out/bench-$grid.err"
              echo "bench rc=$?"; grep -B2 -A200 "^device" "$out/bench-$grid.txt" | tail -120;;
+    overhead:*) IFS=: read -r _ grid <<< "$step"   # host overhead: ours (C++ launcher, torch.ops, Python path), FlashMLA, FA3-MLA
+             echo "waiting for FlashMLA's build ..."; wait $PEERS_BUILD_PID; tail -1 /tmp/peer-flashmla-build.log
+             python3 -m flash_mla.cli bench --overhead --grid "${grid:-overhead}" --peer "$PEER_FLASHMLA_DIR" \
+               --peer "$PEER_FA3MLA_DIR" --out "$out" > "$out/overhead-${grid:-overhead}.txt" 2>&1
+             echo "overhead rc=$?"; grep -A80 "^per call" "$out/overhead-${grid:-overhead}.txt"; grep FAILED "$out/overhead-${grid:-overhead}.txt" | head;;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

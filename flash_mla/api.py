@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from typing import Optional, Tuple, Union
 
 import torch
 
-from . import dispatch, runtime, scheduler
+from . import dispatch, launcher, runtime, scheduler
+from .constants import HEAD_DIM_V
 from .codegen.variant import Variant
 from .workload_key import mean_seqlen_hint
 from .validation import (HEAD_DIM_K, _require_rank, _require_tensor, check_decode_args, check_metadata_args,
@@ -20,6 +22,9 @@ from .validation import (HEAD_DIM_K, _require_rank, _require_tensor, check_decod
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
+
+# A schedule object's keep() for the C++ launcher's resolver, which runs prepare() in this thread.
+_pending = threading.local()
 
 # Attribute of the returned tile_scheduler_metadata tensor that carries the length hint to the decode calls.
 _HINT_ATTR = "_flash_mla_mean_seqlen"
@@ -258,9 +263,12 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         ``out`` ``(batch_size, seqlen_q, num_heads_q, 512)`` in q's dtype and ``lse``
         ``(batch_size, num_heads_q, seqlen_q)`` float32.
     """
-    _reject_unsupported(is_fp8_kvcache, enable_batch_invariant, indices=indices, attn_sink=attn_sink,
-                        extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                        topk_length=topk_length, extra_topk_length=extra_topk_length)
+    if (is_fp8_kvcache or enable_batch_invariant or indices is not None or attn_sink is not None
+            or extra_k_cache is not None or extra_indices_in_kvcache is not None or topk_length is not None
+            or extra_topk_length is not None):
+        _reject_unsupported(is_fp8_kvcache, enable_batch_invariant, indices=indices, attn_sink=attn_sink,
+                            extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                            topk_length=topk_length, extra_topk_length=extra_topk_length)
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         if num_splits is not None:
             raise ValueError("num_splits must be None when tile_scheduler_metadata is a FlashMLASchedMeta "
@@ -272,9 +280,24 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                         "get_mla_metadata(cache_seqlens, ...); None goes with a FlashMLASchedMeta")
     else:
         keep = None
-    return decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-                  softmax_scale, causal, variant=variant, seqlen_hint=getattr(tile_scheduler_metadata, _HINT_ATTR, None),
-                  on_valid=keep)
+    hint = getattr(tile_scheduler_metadata, _HINT_ATTR, None)
+    fast = launcher.module() if variant is None else None
+    if not (fast is not None and head_dim_v == HEAD_DIM_V and (causal is True or causal is False)
+            and (softmax_scale is None or type(softmax_scale) is float)
+            and all(type(t) is torch.Tensor for t in (q, k_cache, block_table, cache_seqlens,
+                                                      tile_scheduler_metadata, num_splits))):
+        # anything the C++ entry does not take goes the Python way
+        return decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                      softmax_scale, causal, variant=variant, seqlen_hint=hint, on_valid=keep)
+    _pending.keep = keep                        # run by prepare() if this signature is new (see there)
+    try:
+        out, lse = fast.decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                               softmax_scale, causal, hint)
+    finally:
+        keep, _pending.keep = _pending.keep, None
+    if keep is not None:                        # a known signature: validated when it was first seen
+        keep()
+    return out, lse
 
 
 def _check_out(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -285,13 +308,14 @@ def _check_out(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.dev
                          f"{tuple(t.shape)} on {t.device}")
 
 
-def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-           softmax_scale=None, causal=False, *, variant: Optional[Variant] = None, seqlen_hint=None,
-           out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None):
-    """Validate, select and launch (the body of :func:`flash_mla_with_kvcache` and of the registered ops in
-    :mod:`flash_mla.ops`): classic metadata tensors, an optional length hint, optional output buffers
-    (``out`` ``(b, s_q, h_q, 512)`` in q's dtype, ``lse`` ``(b, h_q, s_q)`` float32, both contiguous).
-    ``on_valid()`` runs once every argument has passed validation."""
+def prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale=None,
+            causal=False, *, head_dim_v: int = HEAD_DIM_V, variant: Optional[Variant] = None, seqlen_hint=None,
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None):
+    """Validate a decode call, select its variant and load that variant's library: everything but the launch.
+    Returns ``(library, softmax_scale)``. The Python path runs this on every call; the C++ launcher
+    (:mod:`flash_mla.launcher`) once per call signature. ``on_valid()`` (default: the one
+    :func:`flash_mla_with_kvcache` left for this thread's C++ call) runs once every argument has passed
+    validation."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM_K)
     check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
@@ -302,6 +326,8 @@ def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_me
         _check_out("out", out, (b, s_q, h_q, head_dim_v), q.dtype, q.device)
     if lse is not None:
         _check_out("lse", lse, (b, h_q, s_q), torch.float32, q.device)
+    if on_valid is None:
+        on_valid, _pending.keep = getattr(_pending, "keep", None), None
     if on_valid is not None:                    # e.g. a schedule object keeps its schedule once the call is valid
         on_valid()
     if values_check_enabled():
@@ -311,7 +337,19 @@ def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_me
     elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):
         raise ValueError(f"variant {variant.key} is built for {variant.dtype} with page size {variant.page_size}, "
                          f"got {q.dtype} with page size {k_cache.shape[1]}")
-    lib = dispatch.library_for(variant)
+    return dispatch.library_for(variant), softmax_scale
+
+
+def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+           softmax_scale=None, causal=False, *, variant: Optional[Variant] = None, seqlen_hint=None,
+           out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None):
+    """Validate, select and launch in Python (the body of the registered ops where the C++ launcher is not
+    built, and of :func:`flash_mla_with_kvcache` with ``variant=``): classic metadata tensors, an optional
+    length hint, optional output buffers (``out`` ``(b, s_q, h_q, 512)`` in q's dtype, ``lse``
+    ``(b, h_q, s_q)`` float32, both contiguous)."""
+    lib, softmax_scale = prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                                 softmax_scale, causal, head_dim_v=head_dim_v, variant=variant,
+                                 seqlen_hint=seqlen_hint, out=out, lse=lse, on_valid=on_valid)
     with torch.cuda.device(q.device):
         return runtime.run_decode(lib, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
                                   num_splits, softmax_scale, causal, out=out, lse=lse)

@@ -157,6 +157,8 @@ def cmd_bench(args) -> int:
     from flash_mla.tuner.measure import ceilings
     from flash_mla.tuner.peers import open_peers
     shapes = bench.GRIDS[args.grid]()
+    if args.overhead:
+        return _bench_overhead(args, shapes)
     impls = {f"default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
         impls[bench.TUNED] = bench.tuned_variant
@@ -197,6 +199,30 @@ def cmd_bench(args) -> int:
     if summary:
         print()
         print(bench.format_peer_table(summary, ceil))
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def _bench_overhead(args, shapes) -> int:
+    from flash_mla.tuner import bench
+    from flash_mla.tuner.peers import open_peers
+    peers = open_peers(args.peer or [], log_dir=args.out)
+    for p in peers:
+        print(f"peer {p.label}: {p.module}", flush=True)
+    try:
+        rows = bench.overhead_run(shapes, peers, seed=args.seed,
+                                  progress=lambda r: print(f"  {r['shape']} {r['impl']}: "
+                                                           f"{'%.1f us eager' % r['eager'] if r.get('ok') else 'FAILED'}",
+                                                           flush=True))
+    finally:
+        for p in peers:
+            p.close()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "overhead.json", "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    print(bench.format_overhead_table(rows))
+    for r in rows:
+        if not r.get("ok"):
+            print(f"FAILED {r['shape']} {r['impl']}: {str(r.get('error'))[-600:]}")
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
@@ -424,9 +450,12 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="time implementations over a shape grid against measured ceilings (SM90 GPU)")
-    p.add_argument("--grid", choices=["default", "quick", "latency"], default="default",
+    p.add_argument("--grid", choices=["default", "quick", "latency", "overhead"], default="default",
                    help="default: memory-bound, compute-bound, MTP and fixed-length shapes; latency: its b <= 8 "
-                        "shapes; quick: one shape per regime")
+                        "shapes; quick: one shape per regime; overhead: b1 shapes and the quick grid")
+    p.add_argument("--overhead", action="store_true",
+                   help="host overhead instead of kernel time: per-call host, eager and CUDA-graph times of the "
+                        "public API, the registered operator, the Python path and each --peer")
     p.add_argument("--variants", default=None, help="also these bf16 / page-64 variants (comma-separated keys)")
     p.add_argument("--all-variants", action="store_true", help="also every bf16 / page-64 variant of the space")
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference baseline")

@@ -1,5 +1,5 @@
 """The decode step as registered torch operators, so that ``torch.compile(fullgraph=True)`` traces it without a
-graph break (the Python API, ctypes and the tuning-DB lookup stay inside the operator's implementation).
+graph break.
 
 ``torch.ops.flash_mla.mla_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
 softmax_scale=None, causal=False, seqlen_hint=None) -> (out, lse)``
@@ -10,9 +10,12 @@ softmax_scale=None, causal=False, seqlen_hint=None) -> (out, lse)``
     the same into caller-owned ``out`` ``(b, s_q, h_q, 512)`` (q's dtype) and ``lse`` ``(b, h_q, s_q)``
     float32, both contiguous; returns nothing.
 
-Both have fake (meta) implementations giving the output shapes and dtypes, so they trace under FakeTensor,
-``torch.export`` and ``torch.compile``. The implementation is registered for CUDA only. Validation, kernel
-selection and the launch are :func:`flash_mla.api.decode`, the body of ``flash_mla_with_kvcache``.
+Where the C++ launcher is built (:mod:`flash_mla.launcher`, the default) the schemas and the CUDA kernels are
+defined in C++, so a call reaches the launch without a Python frame once its signature has been validated.
+Otherwise (``FLASH_MLA_LAUNCHER=python``, or no C++ compiler) the same schemas are defined here as Python
+custom operators whose body is :func:`flash_mla.api.decode`. Either way this module registers the fake (meta)
+implementations giving the output shapes and dtypes, so the operators trace under FakeTensor,
+``torch.export`` and ``torch.compile``. The kernels are registered for CUDA only.
 """
 
 from __future__ import annotations
@@ -21,39 +24,41 @@ from typing import Optional
 
 import torch
 
+from . import launcher
 from .constants import HEAD_DIM_V
 
 NAMESPACE = "flash_mla"
+# "cpp" when the C++ launcher defines the operators, "python" when this module does
+IMPLEMENTATION = "cpp" if launcher.module() is not None else "python"
+
+if IMPLEMENTATION == "python":
+    @torch.library.custom_op(f"{NAMESPACE}::mla_decode", mutates_args=(), device_types="cuda")
+    def mla_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                   tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+                   softmax_scale: Optional[float] = None, causal: bool = False,
+                   seqlen_hint: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from .api import decode
+        return decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
+                      softmax_scale, causal, seqlen_hint=seqlen_hint)
+
+    @torch.library.custom_op(f"{NAMESPACE}::mla_decode_out", mutates_args=("out", "lse"), device_types="cuda")
+    def mla_decode_out(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                       cache_seqlens: torch.Tensor, tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, softmax_scale: Optional[float] = None,
+                       causal: bool = False, seqlen_hint: Optional[float] = None) -> None:
+        from .api import decode
+        decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
+               softmax_scale, causal, seqlen_hint=seqlen_hint, out=out, lse=lse)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::mla_decode", mutates_args=(), device_types="cuda")
-def mla_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-               tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
-               softmax_scale: Optional[float] = None, causal: bool = False,
-               seqlen_hint: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from .api import decode
-    return decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
-                  softmax_scale, causal, seqlen_hint=seqlen_hint)
-
-
-@mla_decode.register_fake
+@torch.library.register_fake(f"{NAMESPACE}::mla_decode")
 def _mla_decode_fake(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                      softmax_scale=None, causal=False, seqlen_hint=None):
     b, s_q, h_q, _ = _fake_check(q)
     return q.new_empty((b, s_q, h_q, HEAD_DIM_V)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::mla_decode_out", mutates_args=("out", "lse"), device_types="cuda")
-def mla_decode_out(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                   tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, softmax_scale: Optional[float] = None, causal: bool = False,
-                   seqlen_hint: Optional[float] = None) -> None:
-    from .api import decode
-    decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
-           softmax_scale, causal, seqlen_hint=seqlen_hint, out=out, lse=lse)
-
-
-@mla_decode_out.register_fake
+@torch.library.register_fake(f"{NAMESPACE}::mla_decode_out")
 def _mla_decode_out_fake(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
                          softmax_scale=None, causal=False, seqlen_hint=None):
     b, s_q, h_q, _ = _fake_check(q)

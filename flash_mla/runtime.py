@@ -48,6 +48,8 @@ class Library:
         if abi != ABI_VERSION:
             raise KernelLaunchError(f"{self.path}: ABI version {abi}, runtime expects {ABI_VERSION}; rebuild it")
         self.key = self._lib.fmla_variant_key().decode()
+        # the C entry point's address, for the C++ launcher (flash_mla/csrc/launcher.cpp) to call directly
+        self.entry_address = ctypes.cast(self._lib.fmla_launch, ctypes.c_void_p).value
 
     def launch(self, params: FmlaParams, stream: int) -> None:
         err = self._lib.fmla_launch(ctypes.byref(params), ctypes.c_void_p(stream))

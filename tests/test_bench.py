@@ -48,7 +48,7 @@ def test_latency_grid_is_the_small_batch_part_of_the_default_grid():
     lat = bench.GRIDS["latency"]()
     assert lat and all(s.b <= 8 for s in lat)
     assert set(lat) == {s for s in bench.default_grid() if s.b <= 8}
-    assert set(bench.GRIDS) == {"default", "quick", "latency"}
+    assert set(bench.GRIDS) == {"default", "quick", "latency", "overhead"}
 
 
 def _rows():
@@ -80,3 +80,15 @@ def test_reports_written(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["ceilings"]["copy_gbs"] == 3000.0 and len(data["rows"]) == 3
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overhead_grid_and_table():
+    from flash_mla.tuner.bench import GRIDS, format_overhead_table, quick_grid
+    grid = GRIDS["overhead"]()
+    assert all(s.b == 1 for s in grid[:6]) and grid[6:] == quick_grid()
+    rows = [{"shape": "b1 sq1 hq16 sk1024", "impl": "ours: api", "ok": True, "host": 6.0, "eager": 15.5, "graph": 14.0},
+            {"shape": "b1 sq1 hq16 sk1024", "impl": "peer x", "ok": False, "error": "boom"}]
+    t = format_overhead_table(rows)
+    line = next(ln for ln in t.splitlines() if "ours: api" in ln)
+    assert line.split()[-4:] == ["6.0", "15.5", "14.0", "1.5"]
+    assert "FAILED" in next(ln for ln in t.splitlines() if "peer x" in ln)

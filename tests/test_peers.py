@@ -99,6 +99,16 @@ def test_raising_peer_reports_its_traceback(tmp_path):
         assert not measure_peer(peer, _problem())["ok"]
 
 
+def test_overhead_needs_a_gpu_call_and_the_worker_survives_the_refusal(tmp_path):
+    with Peer(_fake_peer(tmp_path, "good")) as peer:
+        r = peer.overhead_us()                          # before any call
+        assert not r["ok"] and "needs a 'run' on CUDA inputs first" in r["error"]
+        assert measure_peer(peer, _problem())["ok"]
+        r = peer.overhead_us()                          # CPU inputs: nothing to time on a GPU
+        assert not r["ok"] and "CUDA" in r["error"]
+        assert peer.time_us()["ok"]
+
+
 def test_bad_peer_folders_are_one_clear_error(tmp_path):
     with pytest.raises(PeerError, match="no package 'flash_mla'"):
         check_peer_dir(tmp_path)

@@ -36,7 +36,12 @@ def quick_grid() -> list[Shape]:
     return [Shape(128, 1, 16, 16384), Shape(8, 1, 16, 16384), Shape(128, 2, 128, 8192), Shape(64, 4, 64, 2048, causal=True)]
 
 
-GRIDS = {"default": default_grid, "quick": quick_grid, "latency": latency_grid}
+def overhead_grid() -> list[Shape]:
+    """b1 shapes, where one call's GPU time is shortest and host time shows most, then the quick grid."""
+    return [Shape(1, 1, h, sk) for h in (16, 32, 128) for sk in (1024, 4096)] + quick_grid()
+
+
+GRIDS = {"default": default_grid, "quick": quick_grid, "latency": latency_grid, "overhead": overhead_grid}
 
 
 def with_ceilings(row: dict, ceil: dict) -> dict:
@@ -99,6 +104,68 @@ def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: 
             add(shape, "torch reference", "", measure_reference(problem))
         del problem
     return rows
+
+
+def overhead_run(shapes: list[Shape], peers=(), seed: int = 0, progress=None) -> list[dict]:
+    """Host overhead per call (:func:`flash_mla.tuner.timing.overhead_us`) of the public API as an engine calls
+    it (classic metadata from ``get_mla_metadata``, the tuned selection), of the registered operator, of the
+    Python path (validation, selection and a ctypes launch on every call, as without the C++ launcher) and of
+    each peer's classic API, on the same inputs. Every implementation's output is checked against the
+    reference first; one that fails gets no times."""
+    import torch
+    import flash_mla
+    from flash_mla import api, ops
+    from flash_mla.testing import compare
+    from .measure import HEAD_DIM_V, SCALE, make_problem
+    from .peers import measure_peer
+    from .timing import overhead_us
+    rows = []
+    for i, shape in enumerate(shapes):
+        problem = make_problem(shape, "bf16", 64, seed + i)
+        q, k, bt, sl = problem.q, problem.k_cache, problem.block_table, problem.cache_seqlens
+        causal = shape.causal
+        meta, splits = flash_mla.get_mla_metadata(sl, shape.s_q * shape.h_q // shape.h_kv, shape.h_kv)
+        calls = {
+            f"ours: flash_mla_with_kvcache ({ops.IMPLEMENTATION} launcher)":
+                lambda: flash_mla.flash_mla_with_kvcache(q, k, bt, sl, HEAD_DIM_V, meta, splits,
+                                                         softmax_scale=SCALE, causal=causal),
+            f"ours: torch.ops.flash_mla.mla_decode ({ops.IMPLEMENTATION})":
+                lambda: torch.ops.flash_mla.mla_decode(q, k, bt, sl, meta, splits, SCALE, causal, None),
+            "ours: Python path (validate + select + ctypes per call)":
+                lambda: api.decode(q, k, bt, sl, HEAD_DIM_V, meta, splits, SCALE, causal),
+        }
+        for label, fn in calls.items():
+            out, lse = fn()
+            torch.cuda.synchronize()
+            verdict = compare(out, problem.ref_out, lse, problem.ref_lse, q.dtype)
+            r = {"ok": True, **overhead_us(fn)} if verdict["ok"] else {"ok": False, "error": verdict}
+            rows.append({"shape": shape.name, "impl": label, **r})
+            if progress:
+                progress(rows[-1])
+        for peer in peers:
+            r = measure_peer(peer, problem, rep_ms=20)      # the reference check (its graph time is not used)
+            if r.get("ok"):
+                t = peer.overhead_us()
+                r = {"ok": True, **{k: t[k] for k in ("host", "eager", "graph")}} if t.get("ok") else \
+                    {"ok": False, "error": t.get("error", "")[-2000:]}
+            rows.append({"shape": shape.name, "impl": f"peer {peer.label}", **r})
+            if progress:
+                progress(rows[-1])
+        del problem
+    return rows
+
+
+def format_overhead_table(rows: list[dict]) -> str:
+    cols = (f"{'shape':26} {'impl':62} {'host us':>8} {'eager us':>9} {'graph us':>9} {'eager-graph':>11}")
+    lines = ["per call, back to back, no L2 flush; host = time to issue a call (no sync), eager = until the GPU "
+             "is done, graph = one call in a CUDA graph (median of 9 rounds)", cols, "-" * len(cols)]
+    for r in rows:
+        if not r.get("ok"):
+            lines.append(f"{r['shape']:26} {r['impl']:62} {'FAILED':>8}")
+            continue
+        lines.append(f"{r['shape']:26} {r['impl']:62} {r['host']:8.1f} {r['eager']:9.1f} {r['graph']:9.1f} "
+                     f"{r['eager'] - r['graph']:11.1f}")
+    return "\n".join(lines)
 
 
 FLOOR = "floor"

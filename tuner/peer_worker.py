@@ -10,7 +10,8 @@ very inputs the parent drew. Replies carry CPU tensors.
 Requests: ``{"op": "run", "inputs": {...}}`` -> ``{"ok": True, "out", "lse"}`` (one call; the parent checks it
 against the reference), ``{"op": "time", "rep_ms": int}`` -> ``{"ok": True, "us"}`` (the last inputs, replayed
 from a CUDA graph by the same timing code as the project's variants; on CPU inputs the median wall time of a
-few calls, for tests of this plumbing only). Any failure replies ``{"ok": False, "error": text}``.
+few calls, for tests of this plumbing only), ``{"op": "overhead"}`` -> ``{"ok": True, "host", "eager", "graph"}`` (per-call
+times of the last inputs' call, eager and under a CUDA graph: tuner/timing.py's ``overhead_us``). Any failure replies ``{"ok": False, "error": text}``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def main(peer_dir: str) -> int:
                     raise RuntimeError("'time' before any 'run'")
                 us = measure.graph_time_us(call, msg.get("rep_ms", 200)) if on_gpu else _wall_median_us(call)
                 reply = {"ok": True, "us": us}
+            elif msg["op"] == "overhead":
+                if call is None or not on_gpu:
+                    raise RuntimeError("'overhead' needs a 'run' on CUDA inputs first")
+                reply = {"ok": True, **measure.overhead_us(call)}
             else:
                 raise ValueError(f"unknown op {msg['op']!r}")
         except Exception:

@@ -100,6 +100,10 @@ class Peer:
         """Time the last ``run`` call: ``{"ok", "us"}``."""
         return self._ask({"op": "time", "rep_ms": rep_ms})
 
+    def overhead_us(self) -> dict:
+        """Host, eager and CUDA-graph per-call times of the last ``run`` call: ``{"ok", "host", "eager", "graph"}``."""
+        return self._ask({"op": "overhead"})
+
     def close(self) -> None:
         if self._proc.poll() is None:
             try:

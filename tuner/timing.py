@@ -27,3 +27,50 @@ def graph_time_us(fn, rep_ms: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return bench_ms(graph.replay, rep_ms) * 1e3
+
+
+def overhead_us(fn, calls: int = 50, rounds: int = 9, graph_calls: int = 20) -> dict:
+    """Per-call times of ``fn`` called back to back (no L2 flush; medians over ``rounds``):
+
+    - ``host``: wall time to issue ``calls`` calls without waiting for the GPU (the host side of one call:
+      argument handling, selection, launches), as long as the launch queue does not fill up;
+    - ``eager``: wall time until the GPU has finished those calls (what an eager caller sees);
+    - ``graph``: GPU time of one call, from ``graph_calls`` calls captured in one CUDA graph.
+
+    ``eager - graph`` is the host overhead a caller cannot hide behind the GPU.
+    """
+    import time
+    import torch
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    host, eager = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) / calls * 1e6)
+        eager.append((t2 - t0) / calls * 1e6)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(graph_calls):
+            fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    replays = []
+    for _ in range(rounds):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        replays.append(start.elapsed_time(end) * 1e3 / graph_calls)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"host": med(host), "eager": med(eager), "graph": med(replays)}
