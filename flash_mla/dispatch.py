@@ -31,6 +31,11 @@ def library_for(variant: Variant) -> runtime.Library:
     is taken from the disk cache without a compiler; only a missing one is built (nvcc and CUTLASS)."""
     art = find_built(variant)
     if art is None:
+        if _capturing():
+            raise BuildError(f"variant {variant.key} is not built and this call is inside CUDA-graph capture, where "
+                             "a build (minutes of nvcc) cannot run: call flash_mla.warm_up(...) with the captured "
+                             "calls' shapes before capturing, or build it first (flash-mla build --variants "
+                             f"{variant.key})")
         try:
             art = build_one(variant)
         except BuildError as e:
@@ -38,6 +43,11 @@ def library_for(variant: Variant) -> runtime.Library:
                              f"here ({e}); build it where nvcc is (flash-mla build --from-db, or "
                              f"--variants {variant.key}) and ship that cache") from e
     return runtime.load(art.library)
+
+
+def _capturing() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=4096)

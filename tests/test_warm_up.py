@@ -59,3 +59,18 @@ def test_warm_up_checks_its_arguments(fake_gpu, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         flash_mla.warm_up(device="cuda:0", **kwargs)
     assert fake_gpu["loaded"] == []
+
+
+def test_a_build_inside_cuda_graph_capture_is_refused_naming_warm_up(monkeypatch):
+    from flash_mla.codegen.build import BuildError
+    from flash_mla.codegen.variant import Variant
+    builds = []
+    monkeypatch.setattr(dispatch, "find_built", lambda v: None)
+    monkeypatch.setattr(dispatch, "build_one", lambda v: builds.append(v))
+    monkeypatch.setattr(dispatch, "_capturing", lambda: True)
+    v = Variant(block_n=32, stages=3)
+    dispatch.library_for.cache_clear()
+    with pytest.raises(BuildError, match=r"inside CUDA-graph capture.*flash_mla.warm_up"):
+        dispatch.library_for(v)
+    assert builds == []
+    dispatch.library_for.cache_clear()
