@@ -11,6 +11,7 @@
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
+# evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
 # overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA).
 # Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
@@ -112,6 +113,8 @@ print('winners:', *c.execute('select variant_key from winners'))" "$final/fault.
              python3 -m flash_mla.cli bench --overhead --grid "${grid:-overhead}" --peer "$PEER_FLASHMLA_DIR" \
                --peer "$PEER_FA3MLA_DIR" --out "$out" > "$out/overhead-${grid:-overhead}.txt" 2>&1
              echo "overhead rc=$?"; grep -A80 "^per call" "$out/overhead-${grid:-overhead}.txt"; grep FAILED "$out/overhead-${grid:-overhead}.txt" | head;;
+    evaluate) python3 -m flash_mla.cli evaluate --jobs 16 --out "$out" > "$out/evaluate.txt" 2>&1   # held-out workloads
+              echo "evaluate rc=$?"; grep -A40 "^ratio = " "$out/evaluate.txt";;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

@@ -226,6 +226,28 @@ def _bench_overhead(args, shapes) -> int:
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
+def cmd_evaluate(args) -> int:
+    _require_sm90()
+    from flash_mla.codegen.build import build
+    from flash_mla.codegen.variant import search_space
+    from flash_mla.tuner import evaluate
+    workloads = evaluate.held_out()
+    space = search_space("bf16", 64)
+    arts = build(_unique_builds(space), jobs=args.jobs)
+    failed = {a.variant.build_key for a in arts if not a.ok}
+    space = [v for v in space if v.build_key not in failed]
+    print(f"{len(workloads)} held-out workloads x {len(space)} variants of the searched space"
+          + (f" ({len(failed)} binaries failed to build)" if failed else ""), flush=True)
+    rows = evaluate.evaluate(workloads, space, rep_ms=args.rep_ms, seed=args.seed,
+                             progress=lambda w, what, us: print(f"  {w.shape.name} {what}: "
+                                                               f"{'%.1f us' % us if us else 'FAILED'}", flush=True))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "evaluate.json", "w") as f:
+        json.dump({"rows": rows, "summary": evaluate.summary(rows)}, f, indent=1, default=str)
+    print(evaluate.format_table(rows))
+    return 0 if all(r["hint_us"] and r["nohint_us"] and not r["n_failed"] for r in rows) else 1
+
+
 def _workloads(args):
     from flash_mla.tuner.workloads import suite
     return [w for name in (args.suite or []) for w in suite(name)] + list(args.workload or [])
@@ -467,6 +489,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("evaluate", help="held-out workloads: the API's selection (with and without the length "
+                       "hint) against the exhaustive best of the searched space (SM90 GPU)")
+    p.add_argument("--out", default="evaluate_out", help="folder for evaluate.json")
+    p.add_argument("--rep-ms", type=_positive_int, default=100, help="timing budget per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tune", help="Optuna search of the variant space per workload; winners into the tuning DB")
     tune_parser = p

@@ -271,3 +271,32 @@ def test_sweep_writes_the_search_plot_beside_random_search(env):
     assert not list((tmp_path / "plots").glob("*.tmp.png"))           # written by rename
     res.sweep = None
     assert tune.plot_search(tmp_path / "p2.png", res, storage, GPU) is None
+
+
+def test_held_out_workloads_are_24_and_in_no_suite():
+    from flash_mla.tuner import evaluate
+    from flash_mla.tuner.workloads import SUITES
+    ws = evaluate.held_out()
+    assert len(ws) >= 24 and len(set(ws)) == len(ws)
+    tuned_keys = {w.key for s in SUITES.values() for w in s}
+    assert not {w.key for w in ws} & tuned_keys            # not even a suite workload's key
+    assert {w.h_q for w in ws} >= {16, 32, 64, 128} and {w.s_q for w in ws} >= {1, 2, 4}
+
+
+def test_held_out_summary_counts_within_three_percent():
+    from flash_mla.tuner import evaluate
+    rows = [{"shape": f"s{i}", "best": "v", "best_us": 100.0, "default_us": d, "hint_variant": "v", "hint_us": h,
+             "hint_ratio": h / 100.0, "nohint_variant": "v", "nohint_us": n, "nohint_ratio": n / 100.0}
+            for i, (d, h, n) in enumerate([(100.0, 102.9, 110.0), (105.0, 103.1, 100.0), (100.0, 100.0, 100.0)])]
+    s = evaluate.summary(rows)
+    assert (s["hint"]["within_3pct"], s["nohint"]["within_3pct"], s["default"]["within_3pct"]) == (2, 2, 2)
+    assert s["hint"]["worst"] == pytest.approx(1.031)
+    assert "within 3% of the best on 2/3 workloads" in evaluate.format_table(rows)
+
+
+def test_engine_block_table_is_as_wide_as_max_model_len():
+    import torch
+    from flash_mla.tuner.evaluate import engine_block_table
+    bt = torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    wide = engine_block_table(bt, 64, max_model_len=64 * 10)
+    assert wide.shape == (2, 10) and torch.equal(wide[:, :3], bt) and not wide[:, 3:].any()
