@@ -60,11 +60,21 @@ class FlashMLASchedMeta:
     split_overhead: Optional[int] = None
     split_min_blocks: Optional[int] = None
     seqlens_hint: object = None
+    # (cache_seqlens, tile_scheduler_metadata, num_splits) computed by the classic call whose metadata tensor
+    # carries this object (see get_mla_metadata): taken as the schedule by a first call outside CUDA-graph
+    # capture with the same cache_seqlens tensor, instead of computing it again.
+    precomputed: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
+
+
+# Attribute of the classic tile_scheduler_metadata tensor holding a FlashMLASchedMeta for callers that pass the
+# tensor alone (num_splits=None), as engines written for FlashMLA's current interface do.
+_SCHED_ATTR = "_flash_mla_sched"
 
 
 def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per_head_k: Optional[int] = None,
-                     num_heads_k: Optional[int] = None, *, split_overhead: Optional[int] = None,
-                     split_min_blocks: Optional[int] = None, seqlens_hint=None
+                     num_heads_k: Optional[int] = None, num_heads_q: Optional[int] = None,
+                     is_fp8_kvcache: bool = False, topk: Optional[int] = None, *,
+                     split_overhead: Optional[int] = None, split_min_blocks: Optional[int] = None, seqlens_hint=None
                      ) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[FlashMLASchedMeta, None]]:
     """Split-KV schedule for a decode step.
 
@@ -92,10 +102,28 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
             unknown length. A copy of the metadata into another tensor (e.g. a CUDA-graph buffer) does
             not carry the hint.
 
+        num_heads_q, is_fp8_kvcache, topk: FlashMLA's arguments of the same names. ``num_heads_q`` is not
+            needed for dense decoding; ``is_fp8_kvcache=True`` and ``topk`` (sparse attention) raise
+            NotImplementedError.
+
     Returns:
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
         int32, both on the device of ``cache_seqlens``. Computed with GPU ops: no host sync.
+
+        Engines written for FlashMLA's current interface call this form too but keep only the first element
+        and pass it with ``num_splits=None`` (vLLM's FlashMLA backend does). The metadata tensor therefore
+        carries a :class:`FlashMLASchedMeta`, and a decode call given the tensor alone uses it: the first such
+        call takes these tensors as the schedule when it runs eagerly on the same ``cache_seqlens`` tensor,
+        and computes the schedule again inside CUDA-graph capture (so that a replayed graph schedules from
+        the lengths of its replay, not from those seen here); later calls reuse it.
     """
+    if is_fp8_kvcache:
+        raise NotImplementedError("is_fp8_kvcache=True: an FP8 KV cache is not supported yet (bf16 and fp16 only)")
+    if topk is not None:
+        raise NotImplementedError("topk is not supported: it belongs to sparse attention")
+    if num_heads_q is not None:
+        from .validation import _require_int
+        _require_int("num_heads_q", num_heads_q)
     given = [n for n, v in (("cache_seqlens", cache_seqlens), ("num_heads_per_head_k", num_heads_per_head_k),
                             ("num_heads_k", num_heads_k)) if v is not None]
     if not given:
@@ -119,6 +147,9 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
         split_min_blocks = policy.min_blocks if split_min_blocks is None else split_min_blocks
     meta, splits = scheduler.schedule(cache_seqlens, parts, overhead=split_overhead, min_payload=split_min_blocks)
     setattr(meta, _HINT_ATTR, mean_seqlen)
+    setattr(meta, _SCHED_ATTR, FlashMLASchedMeta(split_overhead=split_overhead, split_min_blocks=split_min_blocks,
+                                                 seqlens_hint=seqlens_hint,
+                                                 precomputed=(cache_seqlens, meta, splits)))
     return meta, splits
 
 
@@ -223,14 +254,24 @@ def _schedule_from(sched: FlashMLASchedMeta, q, k_cache, cache_seqlens, causal: 
                          "from them at the first call of a FlashMLASchedMeta")
     if cfg.h_k < 1 or cfg.h_q % cfg.h_k:
         raise ValueError(f"q: num_heads_q ({cfg.h_q}) must be a multiple of k_cache's num_heads_k ({cfg.h_k})")
-    meta, splits = get_mla_metadata(cache_seqlens, cfg.s_q * cfg.h_q // cfg.h_k, cfg.h_k,
-                                    split_overhead=sched.split_overhead, split_min_blocks=sched.split_min_blocks,
-                                    seqlens_hint=sched.seqlens_hint)
+    pre = sched.precomputed
+    rows = cfg.s_q * cfg.h_q // cfg.h_k
+    if (pre is not None and pre[0] is cache_seqlens and pre[1].shape[0] == scheduler.num_sm_parts(
+            _num_sms(cache_seqlens.device.index or 0), rows, cfg.h_k) and not dispatch._capturing()):
+        meta, splits = pre[1], pre[2]           # computed by get_mla_metadata from these very lengths
+    else:
+        meta, splits = _schedule_now(sched, cache_seqlens, rows, cfg.h_k)
 
     def keep():
         sched.tile_scheduler_metadata, sched.num_splits, sched.config = meta, splits, cfg
         sched.have_initialized = True
+        sched.precomputed = None
     return meta, splits, keep
+
+
+def _schedule_now(sched: FlashMLASchedMeta, cache_seqlens, rows: int, h_k: int):
+    return get_mla_metadata(cache_seqlens, rows, h_k, split_overhead=sched.split_overhead,
+                            split_min_blocks=sched.split_min_blocks, seqlens_hint=sched.seqlens_hint)
 
 
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
@@ -276,8 +317,13 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         tile_scheduler_metadata, num_splits, keep = _schedule_from(tile_scheduler_metadata, q, k_cache,
                                                                    cache_seqlens, causal)
     elif num_splits is None:
-        raise TypeError("num_splits must be the tensor returned with tile_scheduler_metadata by "
-                        "get_mla_metadata(cache_seqlens, ...); None goes with a FlashMLASchedMeta")
+        sched = getattr(tile_scheduler_metadata, _SCHED_ATTR, None)
+        if sched is None:
+            raise TypeError("num_splits must be the tensor returned with tile_scheduler_metadata by "
+                            "get_mla_metadata(cache_seqlens, ...); None goes with a FlashMLASchedMeta or with the "
+                            "metadata tensor get_mla_metadata returned (not a copy of it)")
+        # FlashMLA's current interface called with the classic arguments: the tensor's schedule object
+        tile_scheduler_metadata, num_splits, keep = _schedule_from(sched, q, k_cache, cache_seqlens, causal)
     else:
         keep = None
     hint = getattr(tile_scheduler_metadata, _HINT_ATTR, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flash_mla
 from flash_mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 from flash_mla.reference import mla_decode_reference
 from flash_mla.testing import compare, make_paged_kv, varlen_seqlens
@@ -167,3 +168,76 @@ def test_registered_ops_match_the_api_and_compile_without_a_graph_break():
     with pytest.raises(ValueError, match="out must be"):
         torch.ops.flash_mla.mla_decode_out(q, k_cache, block_table, seqlens, meta, splits, o2.float(), l2, None, True,
                                            None)
+
+
+# Engine call patterns (the README's recipes): one metadata per step shared by the layers, engine-style block
+# tables, one CUDA graph per batch size, replayed with new lengths and queries.
+
+def _engine_step_inputs(b, s_q, h_q, layers, max_model_len, seed):
+    """Per-layer caches, one block table as wide as max_model_len / 64 (engines size it so), lengths."""
+    q, k0, bt, lens = _inputs(b, s_q, h_q, 1, 1500, seed=seed)
+    caches = [k0] + [torch.randn_like(k0) for _ in range(layers - 1)]
+    wide = torch.zeros((b, max_model_len // 64), dtype=torch.int32, device="cuda")
+    wide[:, :bt.shape[1]] = bt
+    return q, caches, wide, lens
+
+
+def _replay_with_new_lengths(graph, q, lens, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q.copy_(torch.randn(q.shape, generator=g, device="cuda", dtype=q.dtype))
+    new = torch.tensor(varlen_seqlens(lens.shape[0], 900, q.shape[1], g), dtype=torch.int32, device="cuda")
+    lens.copy_(torch.minimum(new, lens))
+    graph.replay()
+    torch.cuda.synchronize()
+
+
+def test_vllm_pattern_metadata_tensor_alone_under_a_full_cuda_graph():
+    # vLLM's FlashMLA backend: the metadata builder calls get_mla_metadata(seq_lens, s_q * h_q, 1,
+    # is_fp8_kvcache=False) outside the graph and keeps [0]; each layer's decode passes it with num_splits=None.
+    b, s_q, h_q, layers = 4, 2, 16, 2
+    q, caches, bt, lens = _engine_step_inputs(b, s_q, h_q, layers, 8192, seed=31)
+    flash_mla.warm_up(num_heads_q=h_q, seqlen_q=s_q, causal=True, batch_sizes=(b,))
+    sched_meta, _ = get_mla_metadata(lens, s_q * h_q, 1, is_fp8_kvcache=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [flash_mla_with_kvcache(q, k, bt, lens, 512, tile_scheduler_metadata=sched_meta, causal=True,
+                                       is_fp8_kvcache=False) for k in caches]
+    get_mla_metadata(lens, s_q * h_q, 1, is_fp8_kvcache=False)   # the builder's next step: not read by the graph
+    _replay_with_new_lengths(graph, q, lens, seed=32)
+    for (out, lse), k in zip(outs, caches):
+        ref_out, ref_lse = mla_decode_reference(q, k, bt, lens, 512, causal=True)
+        m = compare(out, ref_out, lse, ref_lse, q.dtype)
+        assert m["ok"], m
+
+
+def test_sglang_pattern_classic_tensors_copied_into_graph_buffers():
+    # SGLang's FlashMLA backend: persistent metadata buffers sized for the largest batch, the step's
+    # get_mla_metadata copied into them before capture and before each replay; block table rows are a slice of
+    # a wider persistent buffer.
+    b, max_bs, s_q, h_q, layers = 3, 8, 1, 32, 2
+    q, caches, bt, lens = _engine_step_inputs(b, s_q, h_q, layers, 16384, seed=41)
+    cg_meta, cg_splits = get_mla_metadata(torch.ones(max_bs, dtype=torch.int32, device="cuda"), s_q * h_q, 1)
+    kv_indices = torch.zeros((max_bs, bt.shape[1] + 5), dtype=torch.int32, device="cuda")
+    kv_indices[:b, :bt.shape[1]] = bt
+    table = kv_indices[:b, :bt.shape[1]]                     # row stride wider than the view
+
+    def refresh():
+        m, s = get_mla_metadata(lens, s_q * h_q, 1)
+        cg_meta.copy_(m)
+        cg_splits[:b + 1].copy_(s)
+    refresh()
+    flash_mla.warm_up(num_heads_q=h_q, seqlen_q=s_q, causal=True, batch_sizes=(b,))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [flash_mla_with_kvcache(q, k, table, lens, 512, cg_meta, cg_splits[:b + 1], causal=True)
+                for k in caches]
+    g = torch.Generator(device="cuda").manual_seed(42)
+    q.copy_(torch.randn(q.shape, generator=g, device="cuda", dtype=q.dtype))
+    lens.copy_(torch.minimum(torch.tensor(varlen_seqlens(b, 700, s_q, g), dtype=torch.int32, device="cuda"), lens))
+    refresh()                                                 # before the replay, outside the graph
+    graph.replay()
+    torch.cuda.synchronize()
+    for (out, lse), k in zip(outs, caches):
+        ref_out, ref_lse = mla_decode_reference(q, k, table, lens, 512, causal=True)
+        m = compare(out, ref_out, lse, ref_lse, q.dtype)
+        assert m["ok"], m

@@ -131,3 +131,77 @@ def test_dense_schedule_needs_the_lengths():
     sched, _ = get_mla_metadata()
     with pytest.raises(ValueError, match="cache_seqlens"):
         flash_mla_with_kvcache(q, k_cache, bt, None, 512, sched)
+
+
+# FlashMLA's current interface as vLLM calls it: get_mla_metadata with the classic arguments (and
+# is_fp8_kvcache=), only the first element kept and passed with num_splits=None.
+
+def _classic_with_sched(lens, parts=4):
+    """What get_mla_metadata(lens, ...) returns on a GPU, built from the CPU spec of the schedule."""
+    meta, splits = scheduler.schedule(lens, parts)
+    setattr(meta, api._SCHED_ATTR, FlashMLASchedMeta(precomputed=(lens, meta, splits)))
+    return meta, splits
+
+
+@pytest.fixture
+def stop_before_gpu(monkeypatch):
+    monkeypatch.setattr(api, "check_decode_args", lambda *a, **k: None)
+    monkeypatch.setattr(api, "_check_kernel_layout", lambda *a, **k: None)
+    monkeypatch.setattr(api, "_num_sms", lambda index: 4)
+    monkeypatch.setattr(api.launcher, "module", lambda: None)          # the Python path, stopped at selection
+    monkeypatch.setattr(api.dispatch, "select_variant", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("gpu")))
+    recomputed = []
+
+    def fake_metadata(cache_seqlens, nhphk, nhk, **kw):
+        recomputed.append(cache_seqlens)
+        return scheduler.schedule(cache_seqlens, 4)
+    monkeypatch.setattr(api, "get_mla_metadata", fake_metadata)
+    return recomputed
+
+
+def test_the_metadata_tensor_alone_takes_its_precomputed_schedule_eagerly(stop_before_gpu):
+    q, k_cache, bt, lens = _cpu_call(b=2, s_q=1, h_q=16)
+    meta, splits = _classic_with_sched(lens)
+    sched = getattr(meta, api._SCHED_ATTR)
+    with pytest.raises(RuntimeError, match="gpu"):
+        flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta)            # num_splits=None, as vLLM calls it
+    assert sched.have_initialized and sched.tile_scheduler_metadata is meta and sched.num_splits is splits
+    assert stop_before_gpu == [] and sched.precomputed is None
+    with pytest.raises(RuntimeError, match="gpu"):                          # the next layer reuses it
+        flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta)
+    assert stop_before_gpu == []
+
+
+def test_the_metadata_tensor_alone_schedules_again_inside_graph_capture(stop_before_gpu, monkeypatch):
+    monkeypatch.setattr(api.dispatch, "_capturing", lambda: True)
+    q, k_cache, bt, lens = _cpu_call(b=2, s_q=1, h_q=16)
+    meta, _ = _classic_with_sched(lens)
+    with pytest.raises(RuntimeError, match="gpu"):
+        flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta)
+    sched = getattr(meta, api._SCHED_ATTR)
+    assert stop_before_gpu == [lens]                                        # computed in the captured call
+    assert sched.tile_scheduler_metadata is not meta
+
+
+def test_the_metadata_tensor_alone_schedules_again_for_other_lengths(stop_before_gpu):
+    q, k_cache, bt, lens = _cpu_call(b=2, s_q=1, h_q=16)
+    meta, _ = _classic_with_sched(lens)
+    other = lens.clone()
+    with pytest.raises(RuntimeError, match="gpu"):
+        flash_mla_with_kvcache(q, k_cache, bt, other, 512, meta)
+    assert stop_before_gpu == [other]
+
+
+def test_a_copy_of_the_metadata_tensor_alone_is_refused():
+    q, k_cache, bt, lens = _cpu_call()
+    meta, _ = _classic_with_sched(lens)
+    with pytest.raises(TypeError, match="not a copy of it"):
+        flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta.clone())
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [(dict(is_fp8_kvcache=True), NotImplementedError, "is_fp8_kvcache"),
+                                              (dict(topk=64), NotImplementedError, "topk"),
+                                              (dict(num_heads_q=1.5), TypeError, "num_heads_q")])
+def test_flashmlas_other_metadata_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        get_mla_metadata(torch.ones(2, dtype=torch.int32), 16, 1, **kwargs)
