@@ -307,6 +307,16 @@ def test_contiguous_int_args(name):
     assert "contiguous" in expect(ValueError, name, args)
 
 
+def test_block_table_may_be_a_row_slice_of_a_wider_buffer():
+    args = make_args()                              # engines pass buffer[:batch, :pages] of a wider buffer
+    bt = args["block_table"]
+    wide = torch.zeros(bt.shape[0] + 3, bt.shape[1] + 7, dtype=bt.dtype)
+    wide[:bt.shape[0], :bt.shape[1]] = bt
+    args["block_table"] = wide[:bt.shape[0], :bt.shape[1]]
+    assert not args["block_table"].is_contiguous()
+    check(args)
+
+
 # ------------------------------------------------------------------------------------ scalars
 
 @pytest.mark.parametrize("scale", [0.0, -0.1, float("inf"), float("nan"), float("-inf")])
