@@ -113,6 +113,8 @@ print('winners:', *c.execute('select variant_key from winners'))" "$final/fault.
              python3 -m flash_mla.cli bench --overhead --grid "${grid:-overhead}" --peer "$PEER_FLASHMLA_DIR" \
                --peer "$PEER_FA3MLA_DIR" --out "$out" > "$out/overhead-${grid:-overhead}.txt" 2>&1
              echo "overhead rc=$?"; grep -A80 "^per call" "$out/overhead-${grid:-overhead}.txt"; grep FAILED "$out/overhead-${grid:-overhead}.txt" | head;;
+    evaluate-suites) python3 -m flash_mla.cli evaluate --suites --jobs 16 --rep-ms 50 --out "$out/suites" > "$out/evaluate-suites.txt" 2>&1
+              echo "evaluate --suites rc=$?"; grep -A40 "^ratio = " "$out/evaluate-suites.txt";;
     evaluate) python3 -m flash_mla.cli evaluate --jobs 16 --out "$out" > "$out/evaluate.txt" 2>&1   # held-out workloads
               echo "evaluate rc=$?"; grep -A40 "^ratio = " "$out/evaluate.txt";;
     *) echo "unknown step $step"; exit 2;;

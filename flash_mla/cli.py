@@ -231,12 +231,13 @@ def cmd_evaluate(args) -> int:
     from flash_mla.codegen.build import build
     from flash_mla.codegen.variant import search_space
     from flash_mla.tuner import evaluate
-    workloads = evaluate.held_out()
+    from flash_mla.tuner.workloads import SUITES, suite
+    workloads = evaluate.held_out() if not args.suites else [w for name in SUITES for w in suite(name)]
     space = search_space("bf16", 64)
     arts = build(_unique_builds(space), jobs=args.jobs)
     failed = {a.variant.build_key for a in arts if not a.ok}
     space = [v for v in space if v.build_key not in failed]
-    print(f"{len(workloads)} held-out workloads x {len(space)} variants of the searched space"
+    print(f"{len(workloads)} {'suite' if args.suites else 'held-out'} workloads x {len(space)} variants of the searched space"
           + (f" ({len(failed)} binaries failed to build)" if failed else ""), flush=True)
     rows = evaluate.evaluate(workloads, space, rep_ms=args.rep_ms, seed=args.seed,
                              progress=lambda w, what, us: print(f"  {w.shape.name} {what}: "
@@ -494,6 +495,8 @@ def main(argv=None) -> int:
                        "hint) against the exhaustive best of the searched space (SM90 GPU)")
     p.add_argument("--out", default="evaluate_out", help="folder for evaluate.json")
     p.add_argument("--rep-ms", type=_positive_int, default=100, help="timing budget per measurement")
+    p.add_argument("--suites", action="store_true",
+                   help="the tuning suites' own workloads instead of the held-out ones (an exhaustive sweep of each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_evaluate)
