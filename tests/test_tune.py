@@ -300,3 +300,13 @@ def test_engine_block_table_is_as_wide_as_max_model_len():
     bt = torch.arange(6, dtype=torch.int32).reshape(2, 3)
     wide = engine_block_table(bt, 64, max_model_len=64 * 10)
     assert wide.shape == (2, 10) and torch.equal(wide[:, :3], bt) and not wide[:, 3:].any()
+
+
+def test_a_new_study_measures_the_default_and_its_one_knob_neighbours_first():
+    w = Workload(16, 1, 32, 2048)
+    seeds = tune.seed_points(w)
+    d = default_variant()
+    assert seeds[0] == d and len(seeds) == len({v.key for v in seeds}) >= 4
+    for v in seeds[1:]:
+        assert sum(getattr(v, k) != getattr(d, k) for k in tune.KNOBS) == 1
+    assert any(v.merge != d.merge for v in seeds)
