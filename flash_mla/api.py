@@ -199,15 +199,13 @@ def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype:
     return list(loaded)
 
 
-def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor) -> None:
+def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
     # The kernel moves q rows with 16-byte loads and reads k_cache through a TMA descriptor, whose
     # strides must be multiples of 16 bytes.
     for name, t in (("q", q), ("k_cache", k_cache)):
         if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8 elements, "
                              f"got strides {tuple(t.stride())}")
-    if block_table.stride(1) != 1:
-        raise ValueError("block_table must be contiguous in its last dimension")
 
 
 # FlashMLA's sparse / attention-sink / batch-invariant arguments: accepted by name so that a caller of its
@@ -260,18 +258,14 @@ def _schedule_from(sched: FlashMLASchedMeta, q, k_cache, cache_seqlens, causal: 
             _num_sms(cache_seqlens.device.index or 0), rows, cfg.h_k) and not dispatch._capturing()):
         meta, splits = pre[1], pre[2]           # computed by get_mla_metadata from these very lengths
     else:
-        meta, splits = _schedule_now(sched, cache_seqlens, rows, cfg.h_k)
+        meta, splits = get_mla_metadata(cache_seqlens, rows, cfg.h_k, split_overhead=sched.split_overhead,
+                                        split_min_blocks=sched.split_min_blocks, seqlens_hint=sched.seqlens_hint)
 
     def keep():
         sched.tile_scheduler_metadata, sched.num_splits, sched.config = meta, splits, cfg
         sched.have_initialized = True
         sched.precomputed = None
     return meta, splits, keep
-
-
-def _schedule_now(sched: FlashMLASchedMeta, cache_seqlens, rows: int, h_k: int):
-    return get_mla_metadata(cache_seqlens, rows, h_k, split_overhead=sched.split_overhead,
-                            split_min_blocks=sched.split_min_blocks, seqlens_hint=sched.seqlens_hint)
 
 
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
@@ -366,7 +360,7 @@ def prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM_K)
     check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                       softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
-    _check_kernel_layout(q, k_cache, block_table)
+    _check_kernel_layout(q, k_cache)
     b, s_q, h_q, _ = q.shape
     if out is not None:
         _check_out("out", out, (b, s_q, h_q, head_dim_v), q.dtype, q.device)

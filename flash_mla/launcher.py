@@ -28,6 +28,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+
 import torch
 
 log = logging.getLogger("flash_mla")
@@ -159,10 +160,3 @@ def resolve(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
     lib, scale = prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                          softmax_scale, causal, seqlen_hint=seqlen_hint, out=out, lse=lse)
     return lib.entry_address, float(scale), not values_check_enabled()
-
-
-def clear_plans() -> None:
-    """Forget every cached signature (tests; a changed tuning DB is picked up by new signatures only)."""
-    mod = module()
-    if mod is not None:
-        mod.clear_plans()

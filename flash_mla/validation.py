@@ -191,7 +191,7 @@ def check_decode_args(
     # The block table may be a row slice of a wider buffer (engines keep one sized for the longest context
     # and pass [:batch, :pages]): the kernels take its row stride; its entries must be adjacent.
     bt = named["block_table"]
-    if bt.shape[1] > 1 and bt.stride(1) != 1:
+    if bt.stride(1) != 1:
         raise ValueError(f"block_table must be contiguous in its last dimension (stride(-1) == 1), got strides "
                          f"{tuple(bt.stride())}")
     for name in ("cache_seqlens", "tile_scheduler_metadata", "num_splits"):

@@ -39,6 +39,7 @@ def overhead_us(fn, calls: int = 50, rounds: int = 9, graph_calls: int = 20) -> 
 
     ``eager - graph`` is the host overhead a caller cannot hide behind the GPU.
     """
+    import statistics
     import time
     import torch
     for _ in range(5):
@@ -72,5 +73,4 @@ def overhead_us(fn, calls: int = 50, rounds: int = 9, graph_calls: int = 20) -> 
         end.record()
         end.synchronize()
         replays.append(start.elapsed_time(end) * 1e3 / graph_calls)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"host": med(host), "eager": med(eager), "graph": med(replays)}
+    return {"host": statistics.median(host), "eager": statistics.median(eager), "graph": statistics.median(replays)}
