@@ -12,7 +12,8 @@
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
 # evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
-# overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA).
+# overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA),
+# full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID (flash-mla bench --kv-fp8).
 # Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
@@ -50,6 +51,12 @@ for step in "$@"; do
                compute-sanitizer --tool $tool --error-exitcode 9 python3 "$repo/bench/memcheck_cases.py" \
                  "${key:-$(echo "$wide_defaults" | cut -d, -f2)}" > "$out/$tool-${key:-default}.txt" 2>&1
                echo "$step rc=$?"; tail -6 "$out/$tool-${key:-default}.txt";;
+    full:*) IFS=: read -r _ keys <<< "$step"
+            python3 -m flash_mla.cli check --variants "$keys" --full --jobs 8 > "$out/full-keys.txt" 2>&1
+            echo "full check rc=$?"; grep -A20 "^variant " "$out/full-keys.txt"; tail -2 "$out/full-keys.txt";;
+    kvfp8:*) IFS=: read -r _ grid <<< "$step"
+             python3 -m flash_mla.cli bench --kv-fp8 --grid "$grid" --jobs 8 --out "$out" > "$out/kvfp8-$grid.txt" 2>&1
+             echo "bench --kv-fp8 rc=$?"; grep -B1 -A80 "^device" "$out/kvfp8-$grid.txt"; grep FAILED "$out/kvfp8-$grid.txt" | head;;
     check:*) IFS=: read -r _ keys <<< "$step"
              python3 -m flash_mla.cli check --variants "$keys" --jobs 8 > "$out/check-keys.txt" 2>&1
              echo "check rc=$?"; grep -A20 "^variant " "$out/check-keys.txt";;

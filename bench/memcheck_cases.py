@@ -3,7 +3,7 @@ h_q = 3, page size 32, causal MTP, split requests, more requests than partitions
 output disagrees with the reference.
 
 Usage: python bench/memcheck_cases.py [VARIANT_KEY]   (default: the variant the API selects; a key runs
-that variant's knobs at each case's page size)
+that variant's knobs at each case's page size; a float8-cache key gets the cases' caches quantised)
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import torch
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata
 from flash_mla.reference import mla_decode_reference
 from flash_mla.codegen.variant import variants_by_key
-from flash_mla.testing import compare, make_paged_kv
+from flash_mla.testing import compare, make_paged_kv, quantize_e4m3
 
 variant = variants_by_key(sys.argv[1:2])[0] if len(sys.argv) > 1 else None
 
@@ -31,9 +31,12 @@ for i, (b, s_q, h_q, h_kv, lens, page, causal) in enumerate(CASES):
     q, k, bt, sl = make_paged_kv(b, s_q, h_q, h_kv, lens, page, torch.bfloat16, "cuda", g)
     meta, splits = get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
     v = dataclasses.replace(variant, page_size=page) if variant else None
-    out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, meta, splits, causal=causal, variant=v)
+    scale = None
+    if v is not None and v.kv_fp8:
+        k, scale = quantize_e4m3(k)
+    out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, meta, splits, causal=causal, variant=v, k_scale=scale)
     torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, 512, causal=causal)
+    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, 512, causal=causal, k_scale=scale)
     m = compare(out, ref_out, lse, ref_lse, torch.bfloat16)
     print(f"case {i}: b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} splits={int(splits[-1])} page={page} "
           f"variant={v.key if v else 'selected'} ok={m['ok']}")

@@ -31,6 +31,9 @@ def _env() -> jinja2.Environment:
     )
 
 
+_CUTE_TYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t", "e4m3": "cutlass::float_e4m3_t"}
+
+
 def template_context(v: Variant) -> dict:
     v.validate()
     return {
@@ -38,7 +41,8 @@ def template_context(v: Variant) -> dict:
         "key": v.build_key,
         "ns": f"fmla_{v.build_key}",
         "knobs": v.compile_knobs(),
-        "cute_type": "cutlass::bfloat16_t" if v.dtype == "bf16" else "cutlass::half_t",
+        "cute_type": _CUTE_TYPES[v.q_dtype],
+        "kv_cute_type": _CUTE_TYPES[v.kv_dtype],
         "qk_enum": {"nsplit": "kNsplit", "full_wg": "kFullWg", "full_wg_ahead": "kFullWgAhead"}[v.qk],
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
     }

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from ..scheduler import FIXED_OVERHEAD_BLOCKS, SplitPolicy
 from ..constants import BLOCK_M, HEAD_DIM, HEAD_DIM_V, SCHED_BLOCK_N
+from ..workload_key import DTYPE_ELEMENTS, DTYPES
 SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90
 REGS_PER_SM = 64 * 1024
 MAX_REGS_PER_THREAD = 255
 REG_MARGIN = 60        # registers beyond the accumulators a decode kernel needs (ptxas, nvcc 13.0)
 
-DTYPES = ("bf16", "fp16")
 PAGE_SIZES = (64, 32)
 # How split requests are merged. "separate": a plain second launch, one warp per q row walking every
 # split. "wide_pdl": both kernels use programmatic dependent launch, the merge is spread over (request,
@@ -105,6 +105,20 @@ class Variant:
             raise ValueError(f"unknown Variant fields: {sorted(unknown)}")
         return cls(**d)
 
+    @property
+    def q_dtype(self) -> str:
+        """Element of q and the output ("bf16", "fp16")."""
+        return DTYPE_ELEMENTS[self.dtype][0]
+
+    @property
+    def kv_dtype(self) -> str:
+        """Element of the KV cache ("bf16", "fp16", "e4m3")."""
+        return DTYPE_ELEMENTS[self.dtype][1]
+
+    @property
+    def kv_fp8(self) -> bool:
+        return self.kv_dtype == "e4m3"
+
     # -- resources ------------------------------------------------------------------------------
     @property
     def threads(self) -> int:
@@ -116,6 +130,8 @@ class Variant:
         el = 2
         q = BLOCK_M * HEAD_DIM * el
         k = self.stages * self.block_n * HEAD_DIM * el
+        if self.kv_fp8:                         # the stored (1-byte) ring + one widened bf16 tile
+            k = self.stages * self.block_n * HEAD_DIM + self.block_n * HEAD_DIM * el
         if self.qk == "nsplit":
             p = BLOCK_M * self.block_n * el
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
@@ -153,6 +169,8 @@ class Variant:
             bad("one warpgroup would hold a 64x512 fp32 accumulator (256 registers/thread)")
         if self.qk not in QKS:
             bad(f"qk must be one of {QKS}")
+        if self.kv_fp8 and self.qk != "nsplit":
+            bad(f"a float8 KV cache is widened in the nsplit schedule only (qk=nsplit), got qk={self.qk}")
         if self.qk != "nsplit" and self.num_warpgroups != 2:
             bad(f"qk={self.qk} has warpgroup 0 compute S and two warpgroups share the output: num_warpgroups must be 2")
         if self.qk != "nsplit" and self.stages < 2:

@@ -14,8 +14,8 @@ from . import dispatch, launcher, runtime, scheduler
 from .constants import HEAD_DIM_V
 from .codegen.variant import Variant
 from .workload_key import mean_seqlen_hint
-from .validation import (HEAD_DIM_K, _require_rank, _require_tensor, check_decode_args, check_metadata_args,
-                         check_split_policy_args, check_values, values_check_enabled)
+from .validation import (HEAD_DIM_K, _require_rank, _require_tensor, check_decode_args, check_k_scale,
+                         check_metadata_args, check_split_policy_args, check_values, values_check_enabled)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,9 +102,9 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
             unknown length. A copy of the metadata into another tensor (e.g. a CUDA-graph buffer) does
             not carry the hint.
 
-        num_heads_q, is_fp8_kvcache, topk: FlashMLA's arguments of the same names. ``num_heads_q`` is not
-            needed for dense decoding; ``is_fp8_kvcache=True`` and ``topk`` (sparse attention) raise
-            NotImplementedError.
+        num_heads_q, is_fp8_kvcache, topk: FlashMLA's arguments of the same names. ``num_heads_q`` and
+            ``is_fp8_kvcache`` are not needed for dense decoding (the schedule is the same for a float8 cache);
+            ``topk`` (sparse attention) raises NotImplementedError.
 
     Returns:
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
@@ -117,8 +117,8 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
         and computes the schedule again inside CUDA-graph capture (so that a replayed graph schedules from
         the lengths of its replay, not from those seen here); later calls reuse it.
     """
-    if is_fp8_kvcache:
-        raise NotImplementedError("is_fp8_kvcache=True: an FP8 KV cache is not supported yet (bf16 and fp16 only)")
+    if not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache must be a bool, got {type(is_fp8_kvcache).__name__}")
     if topk is not None:
         raise NotImplementedError("topk is not supported: it belongs to sparse attention")
     if num_heads_q is not None:
@@ -155,7 +155,7 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
 
 def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype: torch.dtype = torch.bfloat16,
             page_block_size: int = 64, causal: bool = False, batch_sizes=(1,), seqlens_hint=None,
-            device=None) -> list:
+            device=None, kv_dtype: Optional[torch.dtype] = None) -> list:
     """Select, build if needed and load the kernels that decode calls of these shapes will run, before
     CUDA-graph capture (so that no selection, build or library load happens inside it; an engine
     capturing one graph per batch size passes them all).
@@ -167,6 +167,7 @@ def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype:
         seqlens_hint: the length hint the calls' metadata will carry (as for :func:`get_mla_metadata`),
             or None; calls without a hint are prepared in either case.
         device: the CUDA device (default: the current one).
+        kv_dtype: the KV cache's dtype where it differs from ``dtype`` (``torch.float8_e4m3fn``), else None.
 
     Returns:
         The keys of the variants loaded, one per distinct variant.
@@ -180,6 +181,10 @@ def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype:
         raise ValueError(f"num_heads_q ({num_heads_q}) must be a multiple of num_heads_k ({num_heads_k})")
     if str(dtype) not in dispatch.TORCH_DTYPE_NAMES:
         raise TypeError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    if kv_dtype is not None and kv_dtype not in (dtype, torch.float8_e4m3fn):
+        raise TypeError(f"kv_dtype must be None (q's dtype) or torch.float8_e4m3fn, got {kv_dtype}")
+    if kv_dtype == torch.float8_e4m3fn and dtype != torch.bfloat16:
+        raise TypeError(f"dtype must be torch.bfloat16 with a float8_e4m3fn KV cache, got {dtype}")
     if page_block_size not in dispatch.SUPPORTED_PAGE_SIZES:
         raise ValueError(f"page_block_size must be one of {dispatch.SUPPORTED_PAGE_SIZES}, got {page_block_size}")
     sizes = [_require_int("batch_sizes", b) for b in batch_sizes]
@@ -189,7 +194,7 @@ def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype:
     loaded = {}
     for b in sizes:
         for mean in means:
-            key = WorkloadKey.for_call(dtype=dispatch.dtype_name(dtype), h_q=num_heads_q, h_kv=num_heads_k,
+            key = WorkloadKey.for_call(dtype=dispatch.dtype_name(dtype, kv_dtype), h_q=num_heads_q, h_kv=num_heads_k,
                                        s_q=seqlen_q, page_size=page_block_size, causal=causal, batch=b,
                                        mean_seqlen=mean)
             v = dispatch.variant_for_key(index, key)
@@ -203,8 +208,9 @@ def _check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
     # The kernel moves q rows with 16-byte loads and reads k_cache through a TMA descriptor, whose
     # strides must be multiples of 16 bytes.
     for name, t in (("q", q), ("k_cache", k_cache)):
-        if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of 8 elements, "
+        per16 = 16 // t.element_size()
+        if any(s % per16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of {per16} elements, "
                              f"got strides {tuple(t.stride())}")
 
 
@@ -220,12 +226,10 @@ _NOT_SUPPORTED = {
 }
 
 
-def _reject_unsupported(is_fp8_kvcache, enable_batch_invariant, **optional) -> None:
+def _reject_unsupported(enable_batch_invariant, **optional) -> None:
     for name, value in optional.items():
         if value is not None:
             raise NotImplementedError(f"{name}: {_NOT_SUPPORTED[name]}")
-    if is_fp8_kvcache:
-        raise NotImplementedError("is_fp8_kvcache=True: an FP8 KV cache is not supported yet (bf16 and fp16 only)")
     if enable_batch_invariant:
         raise NotImplementedError("enable_batch_invariant=True is not supported: requests are split across SMs "
                                   "by batch-dependent schedules")
@@ -239,7 +243,8 @@ def _schedule_from(sched: FlashMLASchedMeta, q, k_cache, cache_seqlens, causal: 
     _require_rank("k_cache", _require_tensor("k_cache", k_cache), 4,
                   "(num_blocks, page_block_size, num_heads_k, head_dim)")
     cfg = FlashMLASchedMeta.Config(b=q.shape[0], s_q=q.shape[1], h_q=q.shape[2], page_block_size=k_cache.shape[1],
-                                   h_k=k_cache.shape[2], causal=bool(causal), is_fp8_kvcache=False)
+                                   h_k=k_cache.shape[2], causal=bool(causal),
+                                   is_fp8_kvcache=k_cache.dtype == torch.float8_e4m3fn)
     if sched.have_initialized:
         if sched.config != cfg:
             diff = [f"{f.name} {getattr(sched.config, f.name)} -> {getattr(cfg, f.name)}"
@@ -275,12 +280,14 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            causal: bool = False, is_fp8_kvcache: bool = False, indices=None, attn_sink=None,
                            extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
                            extra_topk_length=None, enable_batch_invariant: bool = False,
-                           *, variant: Optional[Variant] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                           *, k_scale: Union[float, torch.Tensor, None] = None,
+                           variant: Optional[Variant] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decoding attention.
 
     Args:
         q: ``(batch_size, seqlen_q, num_heads_q, 576)`` bf16/fp16.
-        k_cache: ``(num_blocks, page_block_size, num_heads_k, 576)``; V is its first ``head_dim_v`` channels.
+        k_cache: ``(num_blocks, page_block_size, num_heads_k, 576)`` in q's dtype, or float8_e4m3fn with bf16
+            q (dequantised as stored value * ``k_scale``); V is its first ``head_dim_v`` channels.
         block_table: ``(batch_size, max_num_blocks_per_seq)`` int32.
         cache_seqlens: ``(batch_size,)`` int32.
         head_dim_v: 512.
@@ -289,19 +296,34 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
             :class:`FlashMLASchedMeta` with ``num_splits=None`` (filled by its first call, see there).
         softmax_scale: defaults to ``1 / sqrt(576)``.
         causal: causal mask aligned to the end of each sequence (matters when ``seqlen_q > 1``).
-        is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
-            extra_topk_length, enable_batch_invariant: FlashMLA's arguments for FP8 and sparse decoding;
-            each raises NotImplementedError naming itself when used (not None / True).
+        is_fp8_kvcache: True is accepted with a float8_e4m3fn ``k_cache`` (the dtype says it already); with any
+            other cache (FlashMLA's packed 656-byte FP8 layout of sparse decoding among them) it raises
+            NotImplementedError.
+        indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length,
+            enable_batch_invariant: FlashMLA's arguments for sparse decoding; each raises NotImplementedError
+            naming itself when used (not None / True).
+        k_scale: a float8 cache's per-tensor dequantisation scale (vLLM's convention: value = stored value *
+            k_scale): a float, or a one-element float32 tensor on q's device (read by the kernel, so a
+            CUDA graph sees later changes to it); None means 1. Only with a float8_e4m3fn ``k_cache``.
         variant: run this kernel variant instead of the selected one (benchmarks, tuning).
 
     Returns:
         ``out`` ``(batch_size, seqlen_q, num_heads_q, 512)`` in q's dtype and ``lse``
         ``(batch_size, num_heads_q, seqlen_q)`` float32.
     """
-    if (is_fp8_kvcache or enable_batch_invariant or indices is not None or attn_sink is not None
+    if is_fp8_kvcache and getattr(k_cache, "dtype", None) != torch.float8_e4m3fn:
+        raise NotImplementedError(
+            "is_fp8_kvcache=True: k_cache must be a float8_e4m3fn tensor (b, page, h_kv, 576) with a per-tensor "
+            f"k_scale; got {getattr(k_cache, 'dtype', type(k_cache).__name__)} (FlashMLA's packed 656-byte FP8 "
+            "layout of sparse decoding is not supported)")
+    if isinstance(k_scale, torch.Tensor):
+        k_scale_value = 1.0
+    else:
+        k_scale, k_scale_value = None, (1.0 if k_scale is None else k_scale)
+    if (enable_batch_invariant or indices is not None or attn_sink is not None
             or extra_k_cache is not None or extra_indices_in_kvcache is not None or topk_length is not None
             or extra_topk_length is not None):
-        _reject_unsupported(is_fp8_kvcache, enable_batch_invariant, indices=indices, attn_sink=attn_sink,
+        _reject_unsupported(enable_batch_invariant, indices=indices, attn_sink=attn_sink,
                             extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
                             topk_length=topk_length, extra_topk_length=extra_topk_length)
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
@@ -323,16 +345,18 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     hint = getattr(tile_scheduler_metadata, _HINT_ATTR, None)
     fast = launcher.module() if variant is None else None
     if not (fast is not None and head_dim_v == HEAD_DIM_V and (causal is True or causal is False)
-            and (softmax_scale is None or type(softmax_scale) is float)
+            and (softmax_scale is None or type(softmax_scale) is float) and type(k_scale_value) in (float, int)
+            and (k_scale is None or type(k_scale) is torch.Tensor)
             and all(type(t) is torch.Tensor for t in (q, k_cache, block_table, cache_seqlens,
                                                       tile_scheduler_metadata, num_splits))):
         # anything the C++ entry does not take goes the Python way
         return decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-                      softmax_scale, causal, variant=variant, seqlen_hint=hint, on_valid=keep)
+                      softmax_scale, causal, variant=variant, seqlen_hint=hint, on_valid=keep, k_scale=k_scale,
+                      k_scale_value=k_scale_value)
     _pending.keep = keep                        # run by prepare() if this signature is new (see there)
     try:
         out, lse = fast.decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                               softmax_scale, causal, hint)
+                               softmax_scale, causal, hint, k_scale=k_scale, k_scale_value=float(k_scale_value))
     finally:
         keep, _pending.keep = _pending.keep, None
     if keep is not None:                        # a known signature: validated when it was first seen
@@ -350,7 +374,8 @@ def _check_out(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.dev
 
 def prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale=None,
             causal=False, *, head_dim_v: int = HEAD_DIM_V, variant: Optional[Variant] = None, seqlen_hint=None,
-            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None):
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None,
+            k_scale: Optional[torch.Tensor] = None, k_scale_value: float = 1.0):
     """Validate a decode call, select its variant and load that variant's library: everything but the launch.
     Returns ``(library, softmax_scale)``. The Python path runs this on every call; the C++ launcher
     (:mod:`flash_mla.launcher`) once per call signature. ``on_valid()`` (default: the one
@@ -361,6 +386,7 @@ def prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
     check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                       softmax_scale, causal, supported_page_sizes=dispatch.SUPPORTED_PAGE_SIZES, require_cuda=True)
     _check_kernel_layout(q, k_cache)
+    check_k_scale(k_cache, q, k_scale, k_scale_value)
     b, s_q, h_q, _ = q.shape
     if out is not None:
         _check_out("out", out, (b, s_q, h_q, head_dim_v), q.dtype, q.device)
@@ -374,22 +400,25 @@ def prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num
         check_values(k_cache, block_table, cache_seqlens)
     if variant is None:
         variant = dispatch.select_variant(q, k_cache, causal and q.shape[1] > 1, seqlen_hint)
-    elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype), k_cache.shape[1]):
+    elif (variant.dtype, variant.page_size) != (dispatch.dtype_name(q.dtype, k_cache.dtype), k_cache.shape[1]):
         raise ValueError(f"variant {variant.key} is built for {variant.dtype} with page size {variant.page_size}, "
-                         f"got {q.dtype} with page size {k_cache.shape[1]}")
+                         f"got q {q.dtype} and k_cache {k_cache.dtype} with page size {k_cache.shape[1]}")
     return dispatch.library_for(variant), softmax_scale
 
 
 def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
            softmax_scale=None, causal=False, *, variant: Optional[Variant] = None, seqlen_hint=None,
-           out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None):
+           out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, on_valid=None,
+           k_scale: Optional[torch.Tensor] = None, k_scale_value: float = 1.0):
     """Validate, select and launch in Python (the body of the registered ops where the C++ launcher is not
     built, and of :func:`flash_mla_with_kvcache` with ``variant=``): classic metadata tensors, an optional
     length hint, optional output buffers (``out`` ``(b, s_q, h_q, 512)`` in q's dtype, ``lse``
     ``(b, h_q, s_q)`` float32, both contiguous)."""
     lib, softmax_scale = prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                                  softmax_scale, causal, head_dim_v=head_dim_v, variant=variant,
-                                 seqlen_hint=seqlen_hint, out=out, lse=lse, on_valid=on_valid)
+                                 seqlen_hint=seqlen_hint, out=out, lse=lse, on_valid=on_valid, k_scale=k_scale,
+                                 k_scale_value=k_scale_value)
     with torch.cuda.device(q.device):
         return runtime.run_decode(lib, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                                  num_splits, softmax_scale, causal, out=out, lse=lse)
+                                  num_splits, softmax_scale, causal, out=out, lse=lse, k_scale=k_scale,
+                                  k_scale_value=k_scale_value)

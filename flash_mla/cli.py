@@ -159,6 +159,8 @@ def cmd_bench(args) -> int:
     shapes = bench.GRIDS[args.grid]()
     if args.overhead:
         return _bench_overhead(args, shapes)
+    if args.kv_fp8:
+        return _bench_kv_fp8(args, shapes)
     impls = {f"default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
         impls[bench.TUNED] = bench.tuned_variant
@@ -200,6 +202,34 @@ def cmd_bench(args) -> int:
         print()
         print(bench.format_peer_table(summary, ceil))
     return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def _bench_kv_fp8(args, shapes) -> int:
+    from flash_mla.codegen.build import build
+    from flash_mla.codegen.variant import default_variant
+    from flash_mla.tuner import bench
+    from flash_mla.tuner.measure import ceilings
+    fp8 = default_variant(bench.FP8, 64)
+    impls = {f"bf16 default ({default_variant().key})": default_variant()}
+    if not args.no_tuned:
+        impls["bf16 " + bench.TUNED] = bench.tuned_variant
+    fixed = [fp8] + [v for v in impls.values() if not callable(v)]
+    arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
+    bad = [a for a in arts if not a.ok and a.variant.build_key in {v.build_key for v in fixed}]
+    if bad:
+        raise SystemExit(f"build failed: {bad[0].variant.key}: {bad[0].error[-400:]}")
+    ceil = ceilings()
+    rows = bench.kv_fp8_run(shapes, impls, fp8, seed=args.seed,
+                            progress=lambda r: print(f"  {r['shape']} {r['impl']}: "
+                                                     f"{'%.1f us' % r['us'] if r.get('ok') else 'FAILED'}", flush=True))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "kv_fp8.json", "w") as f:
+        json.dump({"ceilings": ceil, "rows": rows}, f, indent=1, default=str)
+    print(bench.format_kv_fp8_table(rows, ceil))
+    failed = [r for r in rows if not r.get("ok")]
+    for r in failed:
+        print(f"FAILED {r['shape']} {r['impl']}: {str(r.get('error'))[-600:]}")
+    return 1 if failed else 0
 
 
 def _bench_overhead(args, shapes) -> int:
@@ -479,6 +509,9 @@ def main(argv=None) -> int:
     p.add_argument("--overhead", action="store_true",
                    help="host overhead instead of kernel time: per-call host, eager and CUDA-graph times of the "
                         "public API, the registered operator, the Python path and each --peer")
+    p.add_argument("--kv-fp8", action="store_true",
+                   help="a float8 e4m3 KV cache (the default bf16_e4m3 variant) beside the bf16 default and tuned "
+                        "selection on each shape: times, fp8 / bf16 and the float8 kernel's bandwidth")
     p.add_argument("--variants", default=None, help="also these bf16 / page-64 variants (comma-separated keys)")
     p.add_argument("--all-variants", action="store_true", help="also every bf16 / page-64 variant of the space")
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference baseline")

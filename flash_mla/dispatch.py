@@ -16,13 +16,14 @@ from . import runtime, selection
 from .codegen.build import BuildError, build_one, cache_dir, find_built
 from .codegen.variant import PAGE_SIZES, Variant, default_variant
 from .scheduler import SplitPolicy
-from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, WorkloadKey, bucket_seqlen
+from .workload_key import NO_HINT, TORCH_DTYPE_NAMES, WorkloadKey, bucket_seqlen, problem_dtype
 
 SUPPORTED_PAGE_SIZES = PAGE_SIZES
 
 
-def dtype_name(dtype) -> str:
-    return TORCH_DTYPE_NAMES[str(dtype)]
+def dtype_name(dtype, kv_dtype=None) -> str:
+    """The dtype name of variants and keys for q's dtype and the KV cache's (default: q's)."""
+    return problem_dtype(dtype, kv_dtype)
 
 
 @functools.lru_cache(maxsize=None)

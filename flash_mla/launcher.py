@@ -151,12 +151,13 @@ def module():
 
 
 def resolve(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale, causal,
-            seqlen_hint, out, lse):
+            seqlen_hint, out, lse, k_scale=None, k_scale_value=1.0):
     """The first call of a signature: full validation, selection and library load (the same as the Python
     path, :func:`flash_mla.api.prepare`). Returns ``(entry point address, softmax scale, cacheable)``; not
     cacheable when ``$FLASH_MLA_CHECK_VALUES`` asks for the per-call value checks."""
     from .api import prepare
     from .validation import values_check_enabled
     lib, scale = prepare(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                         softmax_scale, causal, seqlen_hint=seqlen_hint, out=out, lse=lse)
+                         softmax_scale, causal, seqlen_hint=seqlen_hint, out=out, lse=lse, k_scale=k_scale,
+                         k_scale_value=k_scale_value)
     return lib.entry_address, float(scale), not values_check_enabled()

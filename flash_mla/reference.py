@@ -8,7 +8,7 @@ or in the tail of a request's last page (NaN in the tests) can never reach the r
 Semantics (identical to the FlashMLA decode API):
 
 * ``q``: ``(b, s_q, h_q, d)``; ``k_cache``: ``(num_blocks, page_size, h_kv, d)``; V is the first
-  ``head_dim_v`` channels of K.
+  ``head_dim_v`` channels of K. A float8 cache is dequantised first: value = stored value * ``k_scale``.
 * query head ``h`` reads kv head ``h // (h_q // h_kv)``.
 * ``softmax_scale`` defaults to ``1 / sqrt(d)`` with ``d = q.shape[-1]``.
 * causal (only meaningful for ``s_q > 1``): query position ``s`` sees keys ``k < seqlen - (s_q - 1 - s)``,
@@ -73,11 +73,14 @@ def mla_decode_reference(
     head_dim_v: int = 512,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
+    k_scale=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode attention; returns ``(out, lse)`` (see the module docstring for the semantics).
 
     Computation runs in float32 (float64 when ``q`` is float64). ``cache_seqlens`` and ``block_table``
-    are read on the host (this function synchronises; it is not meant for CUDA graphs).
+    are read on the host (this function synchronises; it is not meant for CUDA graphs). ``k_scale`` (a float
+    or a one-element tensor; None = 1) multiplies the cache's values after their conversion to the compute
+    precision (the dequantisation of a float8 cache).
     """
     if q.dim() != 4 or k_cache.dim() != 4:
         raise ValueError(f"q and k_cache must be 4-D, got q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
@@ -102,6 +105,10 @@ def mla_decode_reference(
     out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=cdtype, device=dev)
     lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float32, device=dev)
 
+    ks = 1.0 if k_scale is None else float(k_scale.item() if isinstance(k_scale, torch.Tensor) else k_scale)
+    # float8 tensors are gathered as bytes (index_select has no float8 kernels everywhere)
+    fp8 = k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    k_src = k_cache.view(torch.uint8) if fp8 else k_cache
     seqlens = [int(x) for x in cache_seqlens.tolist()]
     bt = block_table.to(device=k_cache.device, dtype=torch.long)
 
@@ -116,8 +123,12 @@ def mla_decode_reference(
                                  f"block_table has {bt.shape[1]} columns")
             pages = bt[i, :n_pages]
             # Gather only the valid pages, then keep only the first `seqlen` tokens (drops the tail).
-            kv = k_cache.index_select(0, pages).reshape(n_pages * page_size, h_kv, d)[:seqlen]
+            kv = k_src.index_select(0, pages).reshape(n_pages * page_size, h_kv, d)[:seqlen]
+            if fp8:
+                kv = kv.view(k_cache.dtype)
             kv = kv.to(device=dev, dtype=cdtype).permute(1, 0, 2)                   # (h_kv, L, d)
+            if ks != 1.0:
+                kv = kv * ks
             v = kv[..., :head_dim_v]                                                 # (h_kv, L, dv)
             # Rows of one kv head: (s, g) flattened, s-major.
             qi = q[i].to(cdtype).reshape(s_q, h_kv, group, d).permute(1, 0, 2, 3)    # (h_kv, s_q, g, d)

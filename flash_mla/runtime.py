@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 from .constants import HEAD_DIM_V
 
 
@@ -28,6 +28,7 @@ class FmlaParams(ctypes.Structure):
         ("batch", ctypes.c_int32), ("s_q", ctypes.c_int32), ("h_q", ctypes.c_int32), ("h_kv", ctypes.c_int32),
         ("num_blocks", ctypes.c_int32), ("num_parts", ctypes.c_int32), ("max_splits", ctypes.c_int32),
         ("causal", ctypes.c_int32), ("scale", ctypes.c_float),
+        ("k_scale", ctypes.c_void_p), ("k_scale_value", ctypes.c_float),
     ]
 
 
@@ -73,10 +74,12 @@ def load(path: Path | str) -> Library:
 
 
 def run_decode(lib: Library, q, k_cache, block_table, cache_seqlens, metadata, num_splits,
-               softmax_scale: float, causal: bool, out=None, lse=None):
+               softmax_scale: float, causal: bool, out=None, lse=None, k_scale=None, k_scale_value: float = 1.0):
     """Launch decode + combine on the current stream into ``out``/``lse`` (allocated when None).
 
-    Returns ``(out, lse)``. Passing buffers lets correctness checks poison them beforehand.
+    Returns ``(out, lse)``. Passing buffers lets correctness checks poison them beforehand. A float8 KV cache
+    is dequantised as stored value * ``k_scale_value`` * ``k_scale[0]`` (``k_scale``: a one-element float32
+    tensor on q's device, or None).
     """
     b, s_q, h_q, _ = q.shape
     num_blocks, _, h_kv, _ = k_cache.shape
@@ -101,6 +104,7 @@ def run_decode(lib: Library, q, k_cache, block_table, cache_seqlens, metadata, n
         block_table_stride=block_table.stride(0),
         batch=b, s_q=s_q, h_q=h_q, h_kv=h_kv, num_blocks=num_blocks, num_parts=num_parts,
         max_splits=max_splits, causal=int(bool(causal) and s_q > 1), scale=float(softmax_scale),
+        k_scale=None if k_scale is None else k_scale.data_ptr(), k_scale_value=float(k_scale_value),
     )
     lib.launch(p, torch.cuda.current_stream(dev).cuda_stream)
     return out, lse

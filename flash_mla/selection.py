@@ -47,7 +47,7 @@ from typing import Any, Optional
 from . import db
 from .db import cuda_major_minor, set_user_db
 from .scheduler import SplitPolicy
-from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, TORCH_DTYPE_NAMES, WorkloadKey, bucket_batch,
+from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, WorkloadKey, bucket_batch, problem_dtype,
                            bucket_seqlen)
 
 SOURCES = ("user", "shipped")
@@ -279,7 +279,7 @@ def key_for_tensors(q: Any, k_cache: Any, causal: bool, mean_seqlen: Optional[fl
     cache lookup, not a validated dataclass."""
     b, s_q, h_q, _ = q.shape
     page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
-    return _call_key(TORCH_DTYPE_NAMES[str(q.dtype)], int(h_q), int(h_kv), int(s_q), int(page_size),
+    return _call_key(problem_dtype(q.dtype, k_cache.dtype), int(h_q), int(h_kv), int(s_q), int(page_size),
                      bool(causal) and int(s_q) > 1, bucket_batch(b),
                      NO_HINT if mean_seqlen is None else bucket_seqlen(mean_seqlen))
 

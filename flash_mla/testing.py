@@ -14,7 +14,7 @@ import torch
 
 __all__ = [
     "HEAD_DIM_K", "HEAD_DIM_V", "TOLERANCES", "PagedKV",
-    "make_paged_kv", "varlen_seqlens", "compare", "tolerances_for",
+    "make_paged_kv", "varlen_seqlens", "compare", "tolerances_for", "quantize_e4m3", "E4M3_MAX",
 ]
 
 from .constants import HEAD_DIM as HEAD_DIM_K, HEAD_DIM_V
@@ -137,6 +137,24 @@ def make_paged_kv(
         block_table=block_table.to(device).contiguous(),
         cache_seqlens=torch.tensor(seqlens, dtype=torch.int32).to(device),
     )
+
+
+E4M3_MAX = 448.0     # largest finite float8 e4m3fn value
+
+
+def quantize_e4m3(k_cache: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-tensor float8 e4m3 quantisation, as serving engines store an FP8 KV cache: ``scale`` = largest finite
+    magnitude / 448, stored value = value / scale rounded to the nearest e4m3 (NaN stays NaN). Returns
+    ``(stored float8_e4m3fn tensor, scale)``; the dequantised cache is ``stored.float() * scale``.
+
+    A float8 cache is checked with the tolerances of bf16: the kernel widens the stored values to bf16
+    exactly (every e4m3 value is a bf16 value) and applies ``scale`` in float32, so the only roundings are
+    those of the bf16 path, against a reference that dequantises first."""
+    x = k_cache.float()
+    finite = x[torch.isfinite(x)]
+    amax = float(finite.abs().max()) if finite.numel() else 0.0
+    scale = amax / E4M3_MAX if amax > 0 else 1.0
+    return (x / scale).to(torch.float8_e4m3fn), scale
 
 
 def tolerances_for(dtype: torch.dtype) -> dict:

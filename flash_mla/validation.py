@@ -21,13 +21,14 @@ from typing import Iterable, Optional
 import torch
 
 __all__ = ["HEAD_DIM_K", "HEAD_DIM_V", "METADATA_COLUMNS", "check_metadata_args", "check_split_policy_args",
-           "check_decode_args",
+           "check_decode_args", "check_k_scale",
            "check_values", "values_check_enabled", "ENV_CHECK_VALUES"]
 
 ENV_CHECK_VALUES = "FLASH_MLA_CHECK_VALUES"
 
 from .constants import HEAD_DIM as HEAD_DIM_K, HEAD_DIM_V, METADATA_SIZE as METADATA_COLUMNS
 _INPUT_DTYPES = (torch.bfloat16, torch.float16)
+_FP8_KV = torch.float8_e4m3fn
 
 
 def _require_tensor(name: str, x) -> torch.Tensor:
@@ -111,9 +112,12 @@ def check_decode_args(
 
     # dtypes
     _require_dtype("q", q, _INPUT_DTYPES, "bfloat16 or float16")
-    _require_dtype("k_cache", k_cache, _INPUT_DTYPES, "bfloat16 or float16")
-    if k_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache must have the dtype of q ({q.dtype}), got {k_cache.dtype}")
+    _require_dtype("k_cache", k_cache, _INPUT_DTYPES + (_FP8_KV,), "bfloat16, float16 or float8_e4m3fn")
+    if k_cache.dtype == _FP8_KV:
+        if q.dtype != torch.bfloat16:
+            raise TypeError(f"q must be bfloat16 with a float8_e4m3fn k_cache, got {q.dtype}")
+    elif k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache must have the dtype of q ({q.dtype}) or be float8_e4m3fn, got {k_cache.dtype}")
     for name in ("block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits"):
         _require_int32(name, named[name])
 
@@ -211,6 +215,28 @@ def check_decode_args(
         "b": int(b), "s_q": int(s_q), "h_q": int(h_q), "h_kv": int(h_kv), "d": int(d),
         "dv": int(head_dim_v), "page_size": int(page_size), "dtype": q.dtype, "num_parts": int(num_parts),
     }
+
+
+def check_k_scale(k_cache: torch.Tensor, q: torch.Tensor, k_scale, k_scale_value) -> None:
+    """The dequantisation scale of a float8 KV cache (value = stored value * ``k_scale_value`` * ``k_scale[0]``):
+    ``k_scale`` a one-element float32 tensor on q's device or None, ``k_scale_value`` a finite positive float.
+    Neither may differ from its default for a bf16 / fp16 cache."""
+    if isinstance(k_scale_value, bool) or not isinstance(k_scale_value, numbers.Real):
+        raise TypeError(f"k_scale must be a float or a one-element float32 tensor, got "
+                        f"{type(k_scale_value).__name__}")
+    if k_cache.dtype != _FP8_KV:
+        if k_scale is not None or float(k_scale_value) != 1.0:
+            raise ValueError(f"k_scale applies to a float8_e4m3fn k_cache only, got a {k_cache.dtype} k_cache")
+        return
+    if not (math.isfinite(float(k_scale_value)) and float(k_scale_value) > 0):
+        raise ValueError(f"k_scale must be a finite positive number, got {k_scale_value}")
+    if k_scale is not None:
+        _require_tensor("k_scale", k_scale)
+        if k_scale.dtype != torch.float32 or k_scale.numel() != 1:
+            raise ValueError(f"k_scale must be a one-element float32 tensor, got {k_scale.dtype} of shape "
+                             f"{tuple(k_scale.shape)}")
+        if k_scale.device != q.device:
+            raise ValueError(f"k_scale must be on the same device as q ({q.device}), got {k_scale.device}")
 
 
 def values_check_enabled() -> bool:

@@ -32,9 +32,23 @@ SEQLEN_BUCKET_MIN = 64
 SEQLEN_BUCKET_MAX = 131072
 #: ``seqlen_bucket`` of a call without a length hint, and of the winners stored for such calls.
 NO_HINT = 0
-DTYPES = ("bf16", "fp16")
-#: ``str(tensor.dtype)`` -> the dtype name of keys and variants.
+#: The dtype names of keys and variants -> (q / output element, KV cache element). ``bf16_e4m3``: a float8
+#: e4m3 KV cache (per-tensor dequantisation scale) with bf16 q and output.
+DTYPE_ELEMENTS = {"bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"), "bf16_e4m3": ("bf16", "e4m3")}
+DTYPES = tuple(DTYPE_ELEMENTS)
+#: ``str(tensor.dtype)`` of q (with a KV cache of the same dtype) -> the dtype name of keys and variants.
 TORCH_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+#: ``str(tensor.dtype)`` -> element name of :data:`DTYPE_ELEMENTS`.
+TORCH_ELEMENT_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "e4m3"}
+
+
+def problem_dtype(q_dtype, kv_dtype=None) -> str:
+    """The dtype name of a call from its q and KV cache dtypes (KV default: q's); KeyError if unsupported."""
+    elems = (TORCH_ELEMENT_NAMES[str(q_dtype)], TORCH_ELEMENT_NAMES[str(kv_dtype if kv_dtype is not None else q_dtype)])
+    for name, pair in DTYPE_ELEMENTS.items():
+        if pair == elems:
+            return name
+    raise KeyError(f"no kernels for q {q_dtype} with a {kv_dtype} KV cache")
 
 
 def bucket_batch(b: int) -> int:
@@ -155,5 +169,5 @@ class WorkloadKey:
         return self.canonical
 
 
-__all__ = ["WorkloadKey", "NO_HINT", "TORCH_DTYPE_NAMES", "bucket_batch", "bucket_seqlen", "mean_seqlen_hint", "HEAD_DIM",
+__all__ = ["WorkloadKey", "NO_HINT", "TORCH_DTYPE_NAMES", "DTYPE_ELEMENTS", "problem_dtype", "bucket_batch", "bucket_seqlen", "mean_seqlen_hint", "HEAD_DIM",
            "HEAD_DIM_V", "SEQLEN_BUCKET_MIN", "SEQLEN_BUCKET_MAX"]

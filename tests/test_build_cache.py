@@ -15,6 +15,7 @@ import pytest
 
 from flash_mla.codegen import build as B
 from flash_mla.codegen.variant import Variant
+from flash_mla.runtime import ABI_VERSION
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc) for the fake nvcc")
 
@@ -29,7 +30,8 @@ echo "ptxas info    : Used 32 registers, used 0 barriers" >&2
 if [ -n "$FAKE_NVCC_GARBAGE" ]; then head -c 4096 /dev/urandom > "$out"; exit 0; fi
 exec cc -shared -fPIC -o "$out" "$FAKE_STUB_C"
 '''
-STUB_C = "int fmla_abi_version(void) { return 1; }\nconst char* fmla_variant_key(void) { return \"fake\"; }\n"
+STUB_C = ("int fmla_abi_version(void) { return %d; }\nconst char* fmla_variant_key(void) { return \"fake\"; }\n"
+          % ABI_VERSION)
 
 
 @pytest.fixture

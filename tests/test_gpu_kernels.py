@@ -241,3 +241,84 @@ def test_sglang_pattern_classic_tensors_copied_into_graph_buffers():
         ref_out, ref_lse = mla_decode_reference(q, k, table, lens, 512, causal=True)
         m = compare(out, ref_out, lse, ref_lse, q.dtype)
         assert m["ok"], m
+
+
+# ------------------------------------------------------------------------------------- float8 KV cache
+
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,sk,causal,page,zero", [
+    (4, 1, 16, 1, 700, False, 64, False),
+    (3, 2, 128, 1, 1500, True, 64, True),
+    (2, 4, 3, 1, 90, True, 32, False),
+    (5, 1, 64, 2, 300, False, 32, True),
+])
+@pytest.mark.parametrize("scale_as", ["tensor", "float"])
+def test_fp8_cache_matches_the_dequantised_reference(b, s_q, h_q, h_kv, sk, causal, page, zero, scale_as):
+    from flash_mla.testing import quantize_e4m3
+    q, k_bf16, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, sk, page, seed=b * 5 + s_q, zero_len=zero)
+    k8, scale = quantize_e4m3(k_bf16)              # NaN-poisoned tails and spare pages stay NaN
+    k_scale = torch.tensor([scale], device="cuda") if scale_as == "tensor" else scale
+    meta, splits = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, is_fp8_kvcache=True)
+    out, lse = flash_mla_with_kvcache(q, k8, block_table, seqlens, 512, meta, splits, causal=causal,
+                                      is_fp8_kvcache=True, k_scale=k_scale)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref_out, ref_lse = mla_decode_reference(q, k8, block_table, seqlens, 512, causal=causal, k_scale=scale)
+    m = compare(out, ref_out, lse, ref_lse, torch.bfloat16)
+    assert m["ok"], m
+    if zero:
+        assert torch.all(out[0] == 0) and torch.all(torch.isinf(lse[0]) & (lse[0] > 0))
+
+
+def test_fp8_widening_is_exact_for_every_e4m3_value():
+    # One token per request, so P = 1 and out = V: every non-NaN e4m3 byte (subnormals, both zeros, +-448)
+    # must come out as exactly its value (bf16 holds every e4m3 value), times a power-of-two scale.
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)   # 254 values
+    b, page = 2, 64
+    k8 = torch.zeros(b + 1, page, 1, 576, dtype=torch.uint8)
+    k8[0, 0, 0, :254] = codes                      # request 0: channels 0..253
+    k8[1, 0, 0, :254] = codes.flip(0)              # request 1: the same values in reverse
+    k8[:, 1:] = 0x7F                               # NaN past the one valid token
+    k8 = k8.view(torch.float8_e4m3fn).cuda()
+    q = torch.randn(b, 1, 16, 576, dtype=torch.bfloat16, device="cuda")
+    bt = torch.tensor([[0], [1]], dtype=torch.int32, device="cuda")
+    lens = torch.ones(b, dtype=torch.int32, device="cuda")
+    meta, splits = get_mla_metadata(lens, 16, 1)
+    out, lse = flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=0.25)
+    want = k8[:2, 0, 0, :512].float() * 0.25       # (b, 512)
+    assert torch.equal(out[:, 0].float(), want[:, None, :].expand(b, 16, 512))
+
+
+def test_fp8_k_scale_tensor_is_read_at_replay():
+    # A CUDA graph captures the pointer of a tensor k_scale: a new value in the tensor applies at the next replay.
+    from flash_mla.testing import quantize_e4m3
+    q, k_bf16, bt, lens = _inputs(4, 1, 32, 1, 900, seed=3)
+    k8, scale = quantize_e4m3(k_bf16)
+    ks = torch.tensor([scale], device="cuda")
+    meta, splits = get_mla_metadata(lens, 32, 1)
+    flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=ks)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=ks)
+    for s in (scale, 2 * scale):
+        ks.fill_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = mla_decode_reference(q, k8, bt, lens, 512, k_scale=s)
+        m = compare(out, ref_out, lse, ref_lse, torch.bfloat16)
+        assert m["ok"], (s, m)
+
+
+def test_fp8_bad_scale_and_format_are_named():
+    q, k_bf16, bt, lens = _inputs(2, 1, 16, 1, 100, seed=4)
+    meta, splits = get_mla_metadata(lens, 16, 1)
+    with pytest.raises(ValueError, match="k_scale applies to a float8_e4m3fn k_cache only"):
+        flash_mla_with_kvcache(q, k_bf16, bt, lens, 512, meta, splits, k_scale=0.5)
+    k8 = k_bf16.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_scale must be a one-element float32 tensor"):
+        flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=torch.ones(2, device="cuda"))
+    with pytest.raises(ValueError, match="k_scale must be on the same device as q"):
+        flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="k_scale must be a finite positive number"):
+        flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=float("nan"))
+    with pytest.raises(TypeError, match="q must be bfloat16 with a float8_e4m3fn k_cache"):
+        flash_mla_with_kvcache(q.half(), k8, bt, lens, 512, meta, splits)

@@ -90,7 +90,7 @@ def test_the_resolver_gets_the_call_and_the_variant_gets_its_params(fake):
     out, lse = mod.decode(q, k, bt, sl, meta, splits, None, True, 2048.0)
     r = fake.resolves[0]
     assert all(a is b for a, b in zip(r[:6], (q, k, bt, sl, meta, splits)))
-    assert r[6:] == (None, True, 2048.0, None, None)
+    assert r[6:] == (None, True, 2048.0, None, None, None, 1.0)      # ..., out, lse, k_scale, k_scale_value
     p = fake.launches[0]
     assert (p["q"], p["k_cache"], p["block_table"], p["cache_seqlens"], p["metadata"], p["num_splits"]) == (
         q.data_ptr(), k.data_ptr(), bt.data_ptr(), sl.data_ptr(), meta.data_ptr(), splits.data_ptr())
@@ -115,7 +115,7 @@ def test_caller_owned_outputs_reach_the_variant(fake):
     o, l = mod.decode(*args, None, False, None, out, lse)
     assert o is out or o.data_ptr() == out.data_ptr()
     assert (fake.launches[0]["out"], fake.launches[0]["lse"]) == (out.data_ptr(), lse.data_ptr())
-    assert fake.resolves[0][-2] is out and fake.resolves[0][-1] is lse      # validated by the resolver
+    assert fake.resolves[0][9] is out and fake.resolves[0][10] is lse       # validated by the resolver
     mod.decode(*args, None, False, None)                 # without outputs: another signature
     assert len(fake.resolves) == 2
 
@@ -220,3 +220,20 @@ def test_without_a_compiler_the_python_operators_are_used_and_one_warning_says_w
 def test_a_bad_launcher_setting_is_one_clear_error():
     r = _run("import flash_mla", FLASH_MLA_LAUNCHER="fast")
     assert r.returncode != 0 and "$FLASH_MLA_LAUNCHER must be 'cpp' (default) or 'python', got 'fast'" in r.stderr
+
+
+@needs_cpp
+def test_a_float8_caches_scale_reaches_the_variant(fake):
+    q, k, bt, sl, meta, splits = _args()
+    k8 = k.to(torch.float8_e4m3fn)
+    ks = torch.tensor([0.5])
+    mod.decode(q, k8, bt, sl, meta, splits, None, False, None, k_scale=ks)
+    assert fake.resolves[0][11] is ks and fake.resolves[0][12] == 1.0
+    assert (fake.launches[0]["k_scale"], fake.launches[0]["k_scale_value"]) == (ks.data_ptr(), 1.0)
+    mod.decode(q, k8, bt, sl, meta, splits, None, False, None, k_scale=torch.tensor([0.25]))  # same signature
+    assert len(fake.resolves) == 1 and fake.launches[1]["k_scale"] != ks.data_ptr()
+    mod.decode(q, k8, bt, sl, meta, splits, None, False, None, k_scale_value=0.75)     # a float: new signature
+    assert len(fake.resolves) == 2
+    assert (fake.launches[2]["k_scale"], fake.launches[2]["k_scale_value"]) == (None, 0.75)
+    mod.decode(q, k, bt, sl, meta, splits, None, False, None)             # a bf16 cache: no scale
+    assert (fake.launches[3]["k_scale"], fake.launches[3]["k_scale_value"]) == (None, 1.0)

@@ -20,7 +20,8 @@ def test_schemas():
     s = str(torch.ops.flash_mla.mla_decode.default._schema)
     assert s.startswith("flash_mla::mla_decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
                         "Tensor tile_scheduler_metadata, Tensor num_splits, float? softmax_scale=None, "
-                        "bool causal=False, float? seqlen_hint=None) -> (Tensor, Tensor)"), s
+                        "bool causal=False, float? seqlen_hint=None, Tensor? k_scale=None, "
+                        "float k_scale_value=1.) -> (Tensor, Tensor)"), s
     s = str(torch.ops.flash_mla.mla_decode_out.default._schema)
     assert "Tensor(a6!) out, Tensor(a7!) lse" in s and s.endswith("-> ()"), s     # mutates out and lse only
 

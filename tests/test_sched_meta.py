@@ -199,7 +199,7 @@ def test_a_copy_of_the_metadata_tensor_alone_is_refused():
         flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta.clone())
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [(dict(is_fp8_kvcache=True), NotImplementedError, "is_fp8_kvcache"),
+@pytest.mark.parametrize("kwargs,exc,match", [(dict(is_fp8_kvcache=1), TypeError, "is_fp8_kvcache"),
                                               (dict(topk=64), NotImplementedError, "topk"),
                                               (dict(num_heads_q=1.5), TypeError, "num_heads_q")])
 def test_flashmlas_other_metadata_arguments(kwargs, exc, match):

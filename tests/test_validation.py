@@ -85,12 +85,26 @@ def test_no_values_read():
 # ------------------------------------------------------------------------------------- dtypes
 
 @pytest.mark.parametrize("name", ["q", "k_cache"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8, torch.float8_e5m2])
 def test_input_dtype(name, dtype):
     args = make_args()
     args[name] = args[name].to(dtype)
     msg = expect(TypeError, name, args)
-    assert "bfloat16 or float16" in msg and str(dtype) in msg
+    assert "bfloat16" in msg and "float16" in msg and str(dtype) in msg
+
+
+def test_q_as_float8_is_refused():
+    args = make_args()
+    args["q"] = args["q"].to(torch.float8_e4m3fn)
+    assert "q must be bfloat16 or float16, got torch.float8_e4m3fn" in expect(TypeError, "q", args)
+
+
+def test_a_float8_cache_goes_with_bfloat16_q():
+    args = make_args()
+    args["k_cache"] = args["k_cache"].to(torch.float8_e4m3fn)
+    assert check(args)["b"] == 2                           # bf16 q + e4m3 cache: accepted
+    args["q"] = args["q"].half()
+    assert "with a float8_e4m3fn k_cache, got torch.float16" in expect(TypeError, "q", args)
 
 
 def test_q_dtype_message():

@@ -155,6 +155,57 @@ def overhead_run(shapes: list[Shape], peers=(), seed: int = 0, progress=None) ->
     return rows
 
 
+FP8 = "bf16_e4m3"
+
+
+def kv_fp8_run(shapes: list[Shape], bf16: dict, fp8, seed: int = 0, progress=None) -> list[dict]:
+    """A float8 e4m3 KV cache beside bf16 on each shape: ``bf16`` maps labels to bf16 variants (or functions of
+    the problem, as in :func:`run`), ``fp8`` is the float8 variant. The float8 cache is the bf16 one of the same
+    seed quantised per tensor (``flash_mla.testing.quantize_e4m3``); each is checked against the reference on
+    its own (dequantised) data, then timed. Rows: shape, impl, dtype, us, gbs (of the bytes that dtype moves)."""
+    from .measure import make_problem, measure_variant
+    rows = []
+    for i, shape in enumerate(shapes):
+        for dtype, impls in (("bf16", bf16), (FP8, {f"fp8 ({fp8.key})": fp8})):
+            problem = make_problem(shape, dtype, 64, seed + i)
+            for label, impl in impls.items():
+                variant = impl(problem) if callable(impl) else impl
+                if variant is None:
+                    continue
+                rows.append({"shape": shape.name, "regime": shape.regime, "b": shape.b, "h_q": shape.h_q,
+                             "impl": label, "dtype": dtype, "variant": variant.key,
+                             **measure_variant(variant, problem)})
+                if progress:
+                    progress(rows[-1])
+            del problem
+    return rows
+
+
+def format_kv_fp8_table(rows: list[dict], ceil: dict) -> str:
+    """Per shape: each bf16 implementation's time, the float8 time, float8 / bf16 (< 1: the float8 cache is
+    faster) and the float8 kernel's bandwidth (of its halved cache bytes) as a fraction of copy."""
+    labels = list(dict.fromkeys(r["impl"] for r in rows if r["dtype"] == "bf16"))
+    head = (f"device {ceil.get('device', '?')}: copy {ceil['copy_gbs']:.0f} GB/s (measured in this run); "
+            "fp8/x = fp8 us / x us (< 1.00: the float8 cache is faster)
+")
+    cols = (f"{'shape':30} " + " ".join(f"{l[:22]:>22}" for l in labels) + f" {'fp8 us':>8} "
+            + " ".join(f"{'fp8/' + l[:8]:>13}" for l in labels) + f" {'fp8 GB/s':>9} {'%copy':>6}")
+    lines = [head + cols, "-" * len(cols)]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        by = {r["impl"]: r for r in rows if r["shape"] == shape}
+        fp8 = next((r for r in by.values() if r["dtype"] == FP8), None)
+        us = {l: by[l]["us"] if l in by and by[l].get("ok") else None for l in labels}
+        f_us = fp8["us"] if fp8 and fp8.get("ok") else None
+
+        def f(x, w, d=1):
+            return f"{x:{w}.{d}f}" if x is not None else f"{'-':>{w}}"
+        lines.append(f"{shape:30} " + " ".join(f(us[l], 22) for l in labels) + f" {f(f_us, 8)} "
+                     + " ".join(f(f_us / us[l] if (f_us and us[l]) else None, 13, 2) for l in labels)
+                     + f" {f(fp8['gbs'] if f_us else None, 9, 0)} "
+                     f"{f(100 * fp8['gbs'] / ceil['copy_gbs'] if f_us else None, 5, 0)}%")
+    return "\n".join(lines)
+
+
 def format_overhead_table(rows: list[dict]) -> str:
     cols = (f"{'shape':26} {'impl':62} {'host us':>8} {'eager us':>9} {'graph us':>9} {'eager-graph':>11}")
     lines = ["per call, back to back, no L2 flush; host = time to issue a call (no sync), eager = until the GPU "

@@ -16,11 +16,9 @@ import torch
 from flash_mla import runtime
 from flash_mla.codegen.variant import Variant
 from flash_mla.reference import mla_decode_reference
-from flash_mla.testing import make_paged_kv, varlen_seqlens
+from flash_mla.testing import varlen_seqlens
 
-from .measure import SCALE, Problem, Shape, check
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from .measure import SCALE, Problem, Shape, check, make_typed_inputs
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,8 @@ def sampled_matrix(n: int = 48, seed: int = 0) -> list[Case]:
     return sorted(picked, key=lambda c: c.name)
 
 
-def make_inputs(case: Case, dtype: torch.dtype, page_size: int, seed: int, device="cuda"):
+def make_inputs(case: Case, dtype: str, page_size: int, seed: int, device="cuda"):
+    """``(q, k_cache, block_table, cache_seqlens, k_scale)`` of a case for a variant dtype name."""
     g = torch.Generator(device=device).manual_seed(seed)
     if case.varlen:
         lens = varlen_seqlens(case.b, case.s_k, case.s_q, g)
@@ -78,15 +77,15 @@ def make_inputs(case: Case, dtype: torch.dtype, page_size: int, seed: int, devic
         lens = [case.s_k] * case.b
     if case.zero_len:
         lens = [0 if i % 2 == 0 else x for i, x in enumerate(lens)]
-    return make_paged_kv(case.b, case.s_q, case.h_q, case.h_kv, lens, page_size, dtype, device, g)
+    return make_typed_inputs(dtype, case.b, case.s_q, case.h_q, case.h_kv, lens, page_size, device, g)
 
 
 def run_case(variant: Variant, case: Case, seed: int) -> dict:
-    inp = make_inputs(case, DTYPES[variant.dtype], variant.page_size, seed)
-    lens = [int(x) for x in inp.cache_seqlens.tolist()]
+    q, k, bt, sl, k_scale = make_inputs(case, variant.dtype, variant.page_size, seed)
+    lens = [int(x) for x in sl.tolist()]
     shape = Shape(case.b, case.s_q, case.h_q, case.s_k, case.h_kv, case.causal, case.varlen)
-    ref_out, ref_lse = mla_decode_reference(*inp, 512, SCALE, case.causal)
-    problem = Problem(shape, variant.dtype, variant.page_size, lens, *inp, ref_out, ref_lse)
+    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, 512, SCALE, case.causal, k_scale=k_scale)
+    problem = Problem(shape, variant.dtype, variant.page_size, lens, q, k, bt, sl, ref_out, ref_lse, k_scale)
     verdict, _ = check(variant, problem)
     return {"case": case.name, **asdict(case), "seed": seed, **verdict}
 

@@ -37,11 +37,13 @@ class Shape:
         return "compute" if self.h_q * self.s_q // self.h_kv >= 128 else "memory"
 
 
-def traffic_bytes(shape: Shape, seqlens: list[int], elem: int = 2) -> int:
-    """Fewest bytes a decode step must move: q and the KV cache read once, out written once."""
+def traffic_bytes(shape: Shape, seqlens: list[int], elem: int = 2, kv_elem: int | None = None) -> int:
+    """Fewest bytes a decode step must move: q and the KV cache read once, out written once (``kv_elem``:
+    bytes per cache element, default ``elem``)."""
     b = len(seqlens)
     mean_sk = sum(seqlens) / max(b, 1)
-    return int(b * (shape.s_q * shape.h_q * HEAD_DIM * elem + mean_sk * shape.h_kv * HEAD_DIM * elem
+    kv_elem = elem if kv_elem is None else kv_elem
+    return int(b * (shape.s_q * shape.h_q * HEAD_DIM * elem + mean_sk * shape.h_kv * HEAD_DIM * kv_elem
                     + shape.s_q * shape.h_q * HEAD_DIM_V * elem))
 
 
@@ -109,10 +111,11 @@ class Problem:
     cache_seqlens: object
     ref_out: object = None
     ref_lse: object = None
+    k_scale: object = None       # a float8 cache's dequantisation scale: one-element float32 tensor, or None
 
     @property
     def nbytes(self) -> int:
-        return traffic_bytes(self.shape, self.seqlens)
+        return traffic_bytes(self.shape, self.seqlens, kv_elem=self.k_cache.element_size())
 
     @property
     def nflop(self) -> int:
@@ -122,13 +125,31 @@ class Problem:
 def make_problem(shape: Shape, dtype: str = "bf16", page_size: int = 64, seed: int = 0) -> Problem:
     import torch
     from flash_mla.reference import mla_decode_reference
-    from flash_mla.testing import make_paged_kv, varlen_seqlens
-    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    from flash_mla.testing import varlen_seqlens
     g = torch.Generator(device="cuda").manual_seed(seed)
     lens = varlen_seqlens(shape.b, shape.mean_sk, shape.s_q, g) if shape.varlen else [shape.mean_sk] * shape.b
-    q, k, bt, sl = make_paged_kv(shape.b, shape.s_q, shape.h_q, shape.h_kv, lens, page_size, tdtype, "cuda", g)
-    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, HEAD_DIM_V, SCALE, shape.causal)
-    return Problem(shape, dtype, page_size, lens, q, k, bt, sl, ref_out, ref_lse)
+    q, k, bt, sl, k_scale = make_typed_inputs(dtype, shape.b, shape.s_q, shape.h_q, shape.h_kv, lens, page_size,
+                                              "cuda", g)
+    ref_out, ref_lse = mla_decode_reference(q, k, bt, sl, HEAD_DIM_V, SCALE, shape.causal, k_scale=k_scale)
+    return Problem(shape, dtype, page_size, lens, q, k, bt, sl, ref_out, ref_lse, k_scale)
+
+
+def make_typed_inputs(dtype: str, b, s_q, h_q, h_kv, lens, page_size, device, generator):
+    """``flash_mla.testing.make_paged_kv`` inputs for a variant dtype name: ``(q, k_cache, block_table,
+    cache_seqlens, k_scale)``. A float8 cache is the bf16 one quantised per tensor
+    (``flash_mla.testing.quantize_e4m3``, NaN poison kept), with ``k_scale`` a one-element float32 tensor on
+    ``device``; otherwise ``k_scale`` is None."""
+    import torch
+    from flash_mla.testing import make_paged_kv, quantize_e4m3
+    from flash_mla.workload_key import DTYPE_ELEMENTS
+    q_el, kv_el = DTYPE_ELEMENTS[dtype]
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[q_el]
+    q, k, bt, sl = make_paged_kv(b, s_q, h_q, h_kv, lens, page_size, tdtype, device, generator)
+    k_scale = None
+    if kv_el == "e4m3":
+        k, scale = quantize_e4m3(k)
+        k_scale = torch.tensor([scale], dtype=torch.float32, device=device)
+    return q, k, bt, sl, k_scale
 
 
 def _rates(problem: Problem, us: float) -> dict:
@@ -158,7 +179,7 @@ def check(variant, problem: Problem):
 
     def call():
         runtime.run_decode(lib, problem.q, problem.k_cache, problem.block_table, problem.cache_seqlens, meta,
-                           splits, SCALE, shape.causal, out=out, lse=lse)
+                           splits, SCALE, shape.causal, out=out, lse=lse, k_scale=problem.k_scale)
 
     call()
     torch.cuda.synchronize()

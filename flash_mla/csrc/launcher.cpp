@@ -2,7 +2,7 @@
 // flash_mla_with_kvcache. Built once per install and torch version (flash_mla/launcher.py), not per variant.
 //
 // A call is keyed by its signature: every tensor's sizes, strides, dtype and device, the softmax scale, the
-// causal flag and the length hint. The first call of a signature goes to the Python resolver
+// causal flag, the length hint and the float part of a float8 cache's dequantisation scale. The first call of a signature goes to the Python resolver
 // (flash_mla.launcher.resolve: the full argument validation, the tuning-DB selection, the variant library's
 // load), which returns the variant's C entry point (templates/kernels/params.h); later calls of that signature
 // skip all of it and only check what the signature does not fix (the data pointers' alignment). The launch
@@ -84,11 +84,12 @@ py::object py_opt(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::
 std::pair<Plan, bool> resolve(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
                               const at::Tensor& cache_seqlens, const at::Tensor& meta, const at::Tensor& splits,
                               std::optional<double> scale, bool causal, std::optional<double> hint,
-                              const at::Tensor& out, const at::Tensor& lse) {
+                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& k_scale,
+                              double k_scale_value) {
   py::gil_scoped_acquire gil;
   TORCH_CHECK(g_resolver != nullptr, "flash_mla launcher: no resolver registered (import flash_mla first)");
   py::tuple r = (*g_resolver)(q, k_cache, block_table, cache_seqlens, meta, splits, py_opt(scale), causal,
-                              py_opt(hint), py_opt(out), py_opt(lse));
+                              py_opt(hint), py_opt(out), py_opt(lse), py_opt(k_scale), k_scale_value);
   Plan plan;
   plan.fn = reinterpret_cast<LaunchFn>(r[0].cast<uintptr_t>());
   plan.scale = r[1].cast<float>();
@@ -106,14 +107,16 @@ void check_aligned(const char* name, const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
                                        const at::Tensor& cache_seqlens, const at::Tensor& meta,
                                        const at::Tensor& splits, std::optional<double> scale, bool causal,
-                                       std::optional<double> hint, const at::Tensor& out_in, const at::Tensor& lse_in) {
+                                       std::optional<double> hint, const at::Tensor& out_in, const at::Tensor& lse_in,
+                                       const at::Tensor& k_scale, double k_scale_value) {
   std::vector<int64_t> sig;
-  sig.reserve(96);
-  for (const at::Tensor* t : {&q, &k_cache, &block_table, &cache_seqlens, &meta, &splits, &out_in, &lse_in})
+  sig.reserve(112);
+  for (const at::Tensor* t : {&q, &k_cache, &block_table, &cache_seqlens, &meta, &splits, &out_in, &lse_in, &k_scale})
     push_tensor(sig, *t);
   sig.push_back(bits_of(scale));
   sig.push_back(causal);
   sig.push_back(bits_of(hint));
+  sig.push_back(bits_of(k_scale_value));
 
   Plan plan;
   bool found = false;
@@ -127,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k_
   }
   if (!found) {
     auto [p, cacheable] = resolve(q, k_cache, block_table, cache_seqlens, meta, splits, scale, causal, hint, out_in,
-                                  lse_in);
+                                  lse_in, k_scale, k_scale_value);
     plan = p;
     if (cacheable) {
       std::lock_guard<std::mutex> lock(g_mutex);
@@ -179,6 +182,8 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k_
   p.max_splits = static_cast<int32_t>(max_splits);
   p.causal = causal && s_q > 1;
   p.scale = plan.scale;
+  p.k_scale = k_scale.defined() ? k_scale.data_ptr<float>() : nullptr;
+  p.k_scale_value = static_cast<float>(k_scale_value);
 
   // The current stream of q's device. Only CUDA tensors pass the resolver; others (the CPU tests' fake
   // variants) get no stream.
@@ -194,15 +199,18 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Tensor& k_
 std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Tensor& k_cache,
                                               const at::Tensor& block_table, const at::Tensor& cache_seqlens,
                                               const at::Tensor& meta, const at::Tensor& splits,
-                                              std::optional<double> scale, bool causal, std::optional<double> hint) {
-  return run(q, k_cache, block_table, cache_seqlens, meta, splits, scale, causal, hint, at::Tensor(), at::Tensor());
+                                              std::optional<double> scale, bool causal, std::optional<double> hint,
+                                              const std::optional<at::Tensor>& k_scale, double k_scale_value) {
+  return run(q, k_cache, block_table, cache_seqlens, meta, splits, scale, causal, hint, at::Tensor(), at::Tensor(),
+             k_scale ? *k_scale : at::Tensor(), k_scale_value);
 }
 
 void mla_decode_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
                     const at::Tensor& cache_seqlens, const at::Tensor& meta, const at::Tensor& splits,
                     at::Tensor& out, at::Tensor& lse, std::optional<double> scale, bool causal,
-                    std::optional<double> hint) {
-  run(q, k_cache, block_table, cache_seqlens, meta, splits, scale, causal, hint, out, lse);
+                    std::optional<double> hint, const std::optional<at::Tensor>& k_scale, double k_scale_value) {
+  run(q, k_cache, block_table, cache_seqlens, meta, splits, scale, causal, hint, out, lse,
+      k_scale ? *k_scale : at::Tensor(), k_scale_value);
 }
 
 }  // namespace
@@ -212,10 +220,11 @@ void mla_decode_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
 TORCH_LIBRARY(flash_mla, m) {
   m.def("mla_decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
         "Tensor tile_scheduler_metadata, Tensor num_splits, float? softmax_scale=None, bool causal=False, "
-        "float? seqlen_hint=None) -> (Tensor, Tensor)");
+        "float? seqlen_hint=None, Tensor? k_scale=None, float k_scale_value=1.0) -> (Tensor, Tensor)");
   m.def("mla_decode_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
         "Tensor tile_scheduler_metadata, Tensor num_splits, Tensor(a6!) out, Tensor(a7!) lse, "
-        "float? softmax_scale=None, bool causal=False, float? seqlen_hint=None) -> ()");
+        "float? softmax_scale=None, bool causal=False, float? seqlen_hint=None, Tensor? k_scale=None, "
+        "float k_scale_value=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(flash_mla, CUDA, m) {
@@ -244,12 +253,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       "decode",
       [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
          const at::Tensor& meta, const at::Tensor& splits, std::optional<double> scale, bool causal,
-         std::optional<double> hint, std::optional<at::Tensor> out, std::optional<at::Tensor> lse) {
+         std::optional<double> hint, std::optional<at::Tensor> out, std::optional<at::Tensor> lse,
+         std::optional<at::Tensor> k_scale, double k_scale_value) {
         py::gil_scoped_release no_gil;
         return run(q, k_cache, block_table, cache_seqlens, meta, splits, scale, causal, hint,
-                   out ? *out : at::Tensor(), lse ? *lse : at::Tensor());
+                   out ? *out : at::Tensor(), lse ? *lse : at::Tensor(), k_scale ? *k_scale : at::Tensor(),
+                   k_scale_value);
       },
       py::arg("q"), py::arg("k_cache"), py::arg("block_table"), py::arg("cache_seqlens"), py::arg("meta"),
       py::arg("splits"), py::arg("softmax_scale"), py::arg("causal"), py::arg("seqlen_hint"),
-      py::arg("out") = py::none(), py::arg("lse") = py::none());
+      py::arg("out") = py::none(), py::arg("lse") = py::none(), py::arg("k_scale") = py::none(),
+      py::arg("k_scale_value") = 1.0);
 }

@@ -14,6 +14,10 @@
 // refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (the stage is released as soon as
 // P V ends); "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of
 // tile j (needs a deeper ring to keep the loads ahead).
+// A float8 e4m3 KV cache (Cfg::KvElement != Element; nsplit only): the TMA ring holds the tiles as stored (one
+// byte per channel, unswizzled 192-channel boxes); at the top of each tile all threads widen it into one
+// bf16 K tile in the swizzled layout the wgmmas read (exact: every e4m3 value is a bf16 value), and the fp8
+// stage is refilled at once. The dequantisation scale multiplies the logits' scale and the output.
 // The body is a template on a configuration struct (rendered per variant by codegen: see
 // templates/variant.cu.j2), the knobs selected with if constexpr.
 #pragma once
@@ -48,6 +52,19 @@ struct alignas(1024) SharedStorageNsplit {
   alignas(8) uint64_t full[kStages];
 };
 
+// Shared memory of the nsplit schedule over a float8 KV cache: the ring of stored (fp8) tiles, one bf16 tile
+// widened from the current stage, P and the row exchanges.
+template <class Element, class LQ, class LK, class LP, int kStages, int kNWG, int kBM, int kStageBytes>
+struct alignas(1024) SharedStorageNsplitFp8 {
+  alignas(1024) Element q[cosize_v<LQ>];
+  alignas(1024) Element k[1][cosize_v<LK>];
+  alignas(1024) Element p[cosize_v<LP>];
+  alignas(128) uint8_t k8[kStages][kStageBytes];
+  float row_max[kNWG][kBM];
+  float row_sum[kNWG][kBM];
+  alignas(8) uint64_t full[kStages];
+};
+
 // Shared memory of the full_wg schedules: P lives in each stage's rope chunk; mbarrier pipeline.
 template <class Element, class LQ, class LK, int kStages, int kBM>
 struct alignas(1024) SharedStorageFullWg {
@@ -64,6 +81,8 @@ struct alignas(1024) SharedStorageFullWg {
 template <class Cfg>
 struct DecodeTraits {
   using Element = typename Cfg::Element;
+  using KvElement = typename Cfg::KvElement;        // Element, or cutlass::float_e4m3_t (widened in shared memory)
+  static constexpr bool kKvFp8 = !std::is_same_v<KvElement, Element>;
   static constexpr int kD = kHeadDim;               // q / k head dim (512 latent + 64 rope)
   static constexpr int kDV = kHeadDimV;             // v head dim = leading channels of k
   static constexpr int kBM = kBlockM;               // q rows per CTA (wgmma M)
@@ -74,7 +93,9 @@ struct DecodeTraits {
   static constexpr int kPage = Cfg::kPageSize;
   static constexpr int kSchedBlock = kSchedBlockN;  // scheduler block (tokens), flash_mla/scheduler.py
   static constexpr int kBoxRows = kBN < kPage ? kBN : kPage;   // TMA box rows: never crosses a page
-  static constexpr int kChunks = kD / 64;           // 64-channel (128-byte) swizzle chunks per row
+  // TMA boxes per row: 64-channel (128-byte) swizzle chunks, or for fp8 three unswizzled 192-channel boxes
+  static constexpr int kBoxCh = kKvFp8 ? 192 : 64;
+  static constexpr int kChunks = kD / kBoxCh;
   // S columns per warpgroup: a share of them (nsplit), or all of them for warpgroup 0 (full_wg).
   static constexpr int kBNw = Cfg::kQk == Qk::kNsplit ? kBN / kNWG : kBN;
   static constexpr int kDVw = kDV / kNWG;           // output channels per warpgroup
@@ -82,6 +103,10 @@ struct DecodeTraits {
   static_assert(kSchedBlock % kBN == 0, "stage size must divide the scheduler block");
   static_assert(kBN % kBoxRows == 0 && kPage % kBoxRows == 0, "page size and stage size must nest");
   static_assert(kBNw % 8 == 0, "wgmma N must be a multiple of 8");
+  static_assert(kD % kBoxCh == 0, "TMA boxes must tile the head dim");
+  static_assert(!kKvFp8 || (Cfg::kQk == Qk::kNsplit && std::is_same_v<KvElement, cutlass::float_e4m3_t> &&
+                            std::is_same_v<Element, cutlass::bfloat16_t>),
+                "a float8 KV cache: e4m3 with bf16 q, nsplit schedule");
   static_assert(Cfg::kQk == Qk::kNsplit || kNWG == 2,
                 "full-width QK: warpgroup 0 computes S, both accumulate half of the output");
 
@@ -101,11 +126,13 @@ struct DecodeTraits {
   using MmaO = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
       Shape<Int<kBM>, Int<kDVw>, Int<kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
 
-  using SharedStorage = std::conditional_t<Cfg::kQk == Qk::kNsplit,
-      SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
-      SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>;
+  using SharedStorage = std::conditional_t<kKvFp8,
+      SharedStorageNsplitFp8<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM, kBN * kD>,
+      std::conditional_t<Cfg::kQk == Qk::kNsplit,
+          SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
+          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
-  static constexpr uint32_t kBoxBytes = kBoxRows * 64 * sizeof(Element);
+  static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
 
 // Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
@@ -145,6 +172,25 @@ __device__ __forceinline__ float quad_max(float v) {
 __device__ __forceinline__ float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Two e4m3 bytes of w (picked by the byte_perm selector into bytes 1 and 3) as two bf16. The byte's sign goes
+// to bit 15 and its exponent and mantissa to bits 4..10: a bf16 with the e4m3 fields in place, worth
+// 2^(7 - 127) times the e4m3 value (subnormals included); the multiply by 2^120 is exact. (The e4m3fn NaN
+// encodings come out as +-480: a cache holds no NaN.)
+template <uint32_t kSel>
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t w) {
+  const uint32_t t = __byte_perm(w, 0u, kSel);
+  uint32_t u = ((t & 0x7f007f00u) >> 4) | (t & 0x80008000u);
+  uint32_t r;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(u), "r"(0x7b807b80u));   // 0x7b80 = bf16 2^120
+  return r;
+}
+
+// Eight e4m3 values (8 bytes, channel order) -> eight bf16 (16 bytes).
+__device__ __forceinline__ uint4 e4m3x8_to_bf16x8(uint2 x) {
+  return make_uint4(e4m3x2_to_bf16x2<0x1404u>(x.x), e4m3x2_to_bf16x2<0x3424u>(x.x),
+                    e4m3x2_to_bf16x2<0x1404u>(x.y), e4m3x2_to_bf16x2<0x3424u>(x.y));
 }
 
 
@@ -197,8 +243,7 @@ template <class Cfg, class Smem>
 __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaParams& p, Smem& s,
                                            int stage, int req, int hk, int tok0, int seqlen) {
   using T = DecodeTraits<Cfg>;
-  using Element = typename T::Element;
-  constexpr int kBN = T::kBN, kPage = T::kPage, kBoxRows = T::kBoxRows, kChunks = T::kChunks;
+  constexpr int kBN = T::kBN, kPage = T::kPage, kBoxRows = T::kBoxRows, kChunks = T::kChunks, kBoxCh = T::kBoxCh;
   constexpr uint32_t kBoxBytes = T::kBoxBytes;
   const int valid = min(kBN, seqlen - tok0);
   const int boxes = (valid + kBoxRows - 1) / kBoxRows;
@@ -216,9 +261,11 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
     // and this function is inlined at every refill site (cold code at small batch).
     #pragma unroll 1
     for (int c = 0; c < kChunks; ++c) {
-      Element* dst = s.k[stage] + c * (kBN * 64) + j * (kBoxRows * 64);
+      void* dst;
+      if constexpr (T::kKvFp8) dst = s.k8[stage] + c * (kBN * kBoxCh) + j * (kBoxRows * kBoxCh);
+      else dst = s.k[stage] + c * (kBN * 64) + j * (kBoxRows * 64);
       SM90_TMA_LOAD_4D::copy(tmap, &s.full[stage], hint, dst,
-                             c * 64, hk, row, page);
+                             c * kBoxCh, hk, row, page);
     }
   }
 }
@@ -327,7 +374,6 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
   const int part = blockIdx.x, hk = blockIdx.y, mb = blockIdx.z;
   const int groups = p.h_q / p.h_kv;              // q heads per kv head
   const int rows = p.s_q * groups;                // q rows of one (request, kv head)
-  const float scale_log2 = p.scale * 1.4426950408889634f;
 
   if (threadIdx.x == 0) cute::prefetch_tma_descriptor(&tmap_k);   // a kernel parameter: no dependency
   if constexpr (Cfg::kMerge == Merge::kWidePdl) {
@@ -337,6 +383,11 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" :::);
   }
+  // fp8: the dequantisation scale multiplies every logit and the output (read after the dependency wait)
+  float kv_scale = 1.f;
+  if constexpr (T::kKvFp8) kv_scale = p.k_scale_value * (p.k_scale != nullptr ? *p.k_scale : 1.f);
+  const float qk_scale = p.scale * kv_scale;      // logits' scale (natural units)
+  const float scale_log2 = qk_scale * 1.4426950408889634f;
   const int* meta = p.metadata + part * kMetadataSize;
   const int begin_req = meta[0], begin_block = meta[1], end_req = meta[2], end_block = meta[3];
   const int begin_split = meta[4];
@@ -436,9 +487,30 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         const int stage = iter % kStages;
         const int tok0 = tok_lo + j * kBN;
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
-        Tensor sK = make_tensor(make_smem_ptr(s.k[stage]), SmemLayoutK{});
+        const int kbuf = T::kKvFp8 ? 0 : stage;     // the bf16 K tile the wgmmas read
+        Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
         const int valid = tok_hi - tok0;            // tokens of this stage inside the sequence
-        if (valid < kBN) {
+        if constexpr (T::kKvFp8) {
+          // Widen the stored tile into sK, 8 channels (one 16-byte bf16 unit) per step: consecutive threads
+          // read consecutive 8-byte pieces and write consecutive (swizzled) units, without bank conflicts.
+          // Rows past the sequence end (NaN-poisoned page tails, stale data) become zeros.
+          constexpr int kUnits = kD / 8;
+          const uint8_t* k8 = s.k8[stage];
+          #pragma unroll 2
+          for (int idx = tid; idx < kBN * kUnits; idx += kThreads) {
+            const int r = idx / kUnits, c8 = (idx % kUnits) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (r < valid)
+              v = e4m3x8_to_bf16x8(*reinterpret_cast<const uint2*>(
+                  k8 + (c8 / T::kBoxCh) * (kBN * T::kBoxCh) + r * T::kBoxCh + c8 % T::kBoxCh));
+            *reinterpret_cast<uint4*>(&sK(r, c8)) = v;
+          }
+          cutlass::arch::fence_view_async_shared();
+          __syncthreads();
+          // The stored stage is free: refill it now, a whole tile earlier than the bf16 ring can.
+          if (tid == 0 && j + kStages < n_iter)
+            load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
+        } else if (valid < kBN) {
           // Rows past the sequence end hold NaN-poisoned page tails or stale data: zero them so that
           // 0-probability columns cannot turn P V into NaN.
           for (int idx = tid; idx < (kBN - valid) * (kD / 8); idx += kThreads) {
@@ -498,12 +570,12 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         __syncthreads();
 
         // O += P V for this warpgroup's output channels.
-        Tensor sVt = make_tensor(make_smem_ptr(s.k[stage]), SmemLayoutVt{});
+        Tensor sVt = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutVt{});
         Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(wg, 0)));
         gemm_ss<true>(mma_o, tOrP, tOrV, acc_o);
         __syncthreads();                            // stage and P free for reuse
 
-        if (tid == 0 && j + kStages < n_iter)
+        if (!T::kKvFp8 && tid == 0 && j + kStages < n_iter)
           load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
       }
 
@@ -519,9 +591,9 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         float l = 0.f;
         CUTE_UNROLL
         for (int w = 0; w < kNWG; ++w) l += s.row_sum[w][r0 + 8 * h];
-        inv[h] = l > 0.f ? 1.f / l : 0.f;
+        inv[h] = l > 0.f ? kv_scale / l : 0.f;
         // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
-        lse[h] = l > 0.f ? m_run[h] * p.scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
+        lse[h] = l > 0.f ? m_run[h] * qk_scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
       }
       __syncthreads();                              // row_sum is rewritten by the next request
     } else {
@@ -623,7 +695,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
           const float l = quad_sum(l_run[h]);
           inv[h] = l > 0.f ? 1.f / l : 0.f;
           // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
-          lse[h] = l > 0.f ? m_run[h] * p.scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
+          lse[h] = l > 0.f ? m_run[h] * qk_scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
         }
       } else {
         for (int j = 0; j < n_iter; ++j) {

@@ -33,20 +33,24 @@ inline EncodeTiledFn encode_tiled() {
 template <class Cfg>
 int make_kv_tensor_map(CUtensorMap* map, const FmlaParams& p) {
   using T = DecodeTraits<Cfg>;
-  using Element = typename T::Element;
+  using KvElement = typename T::KvElement;
   EncodeTiledFn encode = encode_tiled();
   if (!encode) return int(cudaErrorNotSupported);
-  const cuuint64_t es = sizeof(Element);
+  const cuuint64_t es = sizeof(KvElement);
   cuuint64_t dims[4] = {cuuint64_t(T::kD), cuuint64_t(p.h_kv), cuuint64_t(T::kPage), cuuint64_t(p.num_blocks)};
   cuuint64_t strides[3] = {cuuint64_t(p.k_head_stride) * es, cuuint64_t(p.k_row_stride) * es,
                            cuuint64_t(p.k_block_stride) * es};
-  cuuint32_t box[4] = {64, 1, cuuint32_t(T::kBoxRows), 1};
+  cuuint32_t box[4] = {cuuint32_t(T::kBoxCh), 1, cuuint32_t(T::kBoxRows), 1};
   cuuint32_t estr[4] = {1, 1, 1, 1};
-  CUresult r = encode(map, std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                      const_cast<void*>(p.k_cache), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  // bf16 / fp16 tiles land in the 128-byte swizzle the wgmmas read; fp8 tiles as plain bytes (widened by the
+  // kernel into the swizzled bf16 tile).
+  const CUtensorMapDataType dt = T::kKvFp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                 : std::is_same_v<KvElement, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                                  : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUresult r = encode(map, dt, 4, const_cast<void*>(p.k_cache), dims, strides, box, estr,
+                      CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      T::kKvFp8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
+                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? 0 : int(cudaErrorInvalidValue);
 }
 

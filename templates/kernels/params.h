@@ -3,12 +3,12 @@
 #pragma once
 #include <stdint.h>
 
-#define FMLA_ABI_VERSION 1
+#define FMLA_ABI_VERSION 2
 
 typedef struct FmlaParams {
   // inputs
   const void* q;              // (b, s_q, h_q, 576) bf16/fp16, last dim contiguous
-  const void* k_cache;        // (num_blocks, page_size, h_kv, 576), last dim contiguous
+  const void* k_cache;        // (num_blocks, page_size, h_kv, 576), last dim contiguous; q's dtype or float8 e4m3
   const int32_t* block_table; // (b, block_table_stride) page indices
   const int32_t* cache_seqlens;   // (b,)
   const int32_t* metadata;        // (num_parts, 8) tile scheduler rows, see flash_mla/scheduler.py
@@ -26,4 +26,8 @@ typedef struct FmlaParams {
   int32_t batch, s_q, h_q, h_kv, num_blocks, num_parts, max_splits;
   int32_t causal;
   float scale;                // softmax scale (natural units)
+  // float8 e4m3 KV cache only: dequantised value = stored value * k_scale_value * (*k_scale) (k_scale: a
+  // device float, or null for 1)
+  const float* k_scale;
+  float k_scale_value;
 } FmlaParams;
