@@ -186,8 +186,7 @@ def format_kv_fp8_table(rows: list[dict], ceil: dict) -> str:
     faster) and the float8 kernel's bandwidth (of its halved cache bytes) as a fraction of copy."""
     labels = list(dict.fromkeys(r["impl"] for r in rows if r["dtype"] == "bf16"))
     head = (f"device {ceil.get('device', '?')}: copy {ceil['copy_gbs']:.0f} GB/s (measured in this run); "
-            "fp8/x = fp8 us / x us (< 1.00: the float8 cache is faster)
-")
+            "fp8/x = fp8 us / x us (< 1.00: the float8 cache is faster)\n")
     cols = (f"{'shape':30} " + " ".join(f"{l[:22]:>22}" for l in labels) + f" {'fp8 us':>8} "
             + " ".join(f"{'fp8/' + l[:8]:>13}" for l in labels) + f" {'fp8 GB/s':>9} {'%copy':>6}")
     lines = [head + cols, "-" * len(cols)]

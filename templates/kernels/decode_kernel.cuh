@@ -104,6 +104,8 @@ struct DecodeTraits {
   static_assert(kBN % kBoxRows == 0 && kPage % kBoxRows == 0, "page size and stage size must nest");
   static_assert(kBNw % 8 == 0, "wgmma N must be a multiple of 8");
   static_assert(kD % kBoxCh == 0, "TMA boxes must tile the head dim");
+  static_assert(!kKvFp8 || (kBoxCh % 64 == 0 && kBN % 4 == 0 && sizeof(Element) == 2),
+                "fp8 widening: whole 64-channel chunks per box, four rows per warp step, 128-byte bf16 rows");
   static_assert(!kKvFp8 || (Cfg::kQk == Qk::kNsplit && std::is_same_v<KvElement, cutlass::float_e4m3_t> &&
                             std::is_same_v<Element, cutlass::bfloat16_t>),
                 "a float8 KV cache: e4m3 with bf16 q, nsplit schedule");
@@ -491,19 +493,30 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
         const int valid = tok_hi - tok0;            // tokens of this stage inside the sequence
         if constexpr (T::kKvFp8) {
-          // Widen the stored tile into sK, 8 channels (one 16-byte bf16 unit) per step: consecutive threads
-          // read consecutive 8-byte pieces and write consecutive (swizzled) units, without bank conflicts.
-          // Rows past the sequence end (NaN-poisoned page tails, stale data) become zeros.
-          constexpr int kUnits = kD / 8;
+          // Widen the stored tile into sK. A warp takes four rows at a time, a lane one 8-channel piece (8 bytes
+          // in, one 16-byte bf16 unit out) of each of the row's nine 64-channel chunks: per thread the row and
+          // the unit's place in the 128-byte swizzle (unit ^ row % 8) are computed once, every chunk is a
+          // compile-time offset from them. Reads (half-warps over two rows) and writes (eight lanes over one
+          // row's eight units) are free of bank conflicts. Rows past the sequence end (NaN-poisoned page
+          // tails, stale data) become zeros.
+          constexpr int kWarps = kThreads / 32, kBoxCh = T::kBoxCh;
+          const int lane = tid % 32, u = lane % 8;
           const uint8_t* k8 = s.k8[stage];
-          #pragma unroll 2
-          for (int idx = tid; idx < kBN * kUnits; idx += kThreads) {
-            const int r = idx / kUnits, c8 = (idx % kUnits) * 8;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (r < valid)
-              v = e4m3x8_to_bf16x8(*reinterpret_cast<const uint2*>(
-                  k8 + (c8 / T::kBoxCh) * (kBN * T::kBoxCh) + r * T::kBoxCh + c8 % T::kBoxCh));
-            *reinterpret_cast<uint4*>(&sK(r, c8)) = v;
+          char* kb = reinterpret_cast<char*>(s.k[0]);
+          #pragma unroll 1
+          for (int quad = tid / 32; quad < kBN / 4; quad += kWarps) {
+            const int r = quad * 4 + lane / 8;
+            const uint8_t* src = k8 + r * kBoxCh + u * 8;
+            char* dst = kb + r * 128 + ((u ^ (r % 8)) << 4);
+            const bool live = r < valid;
+            CUTE_UNROLL
+            for (int c = 0; c < kD / 64; ++c) {
+              uint4 v = make_uint4(0, 0, 0, 0);
+              if (live)
+                v = e4m3x8_to_bf16x8(*reinterpret_cast<const uint2*>(
+                    src + (c * 64 / kBoxCh) * (kBN * kBoxCh) + (c * 64) % kBoxCh));
+              *reinterpret_cast<uint4*>(dst + c * (kBN * 128)) = v;
+            }
           }
           cutlass::arch::fence_view_async_shared();
           __syncthreads();
