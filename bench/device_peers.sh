@@ -13,7 +13,8 @@
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
 # evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
 # overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA),
-# full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID (flash-mla bench --kv-fp8).
+# full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID (flash-mla bench --kv-fp8),
+# coldstart (import, warm_up and first calls with no nvcc or CUTLASS reachable: binaries from the carried cache).
 # Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
 out=${1:?usage: device_peers.sh OUTDIR STEP...}; shift
@@ -54,6 +55,10 @@ for step in "$@"; do
     full:*) IFS=: read -r _ keys <<< "$step"
             python3 -m flash_mla.cli check --variants "$keys" --full --jobs 8 > "$out/full-keys.txt" 2>&1
             echo "full check rc=$?"; grep -A20 "^variant " "$out/full-keys.txt"; tail -2 "$out/full-keys.txt";;
+    coldstart) mkdir -p /tmp/no-cuda /tmp/no-cutlass     # no nvcc, no CUTLASS: binaries from the cache only
+               env PATH=$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd:) FLASH_MLA_CUDA_HOME=/tmp/no-cuda \
+                 FLASH_MLA_CUTLASS_INCLUDE=/tmp/no-cutlass python3 "$repo/bench/cold_start.py" > "$out/coldstart.txt" 2>&1
+               echo "coldstart rc=$?"; cat "$out/coldstart.txt" | tail -8;;
     kvfp8:*) IFS=: read -r _ grid <<< "$step"
              python3 -m flash_mla.cli bench --kv-fp8 --grid "$grid" --jobs 8 --out "$out" > "$out/kvfp8-$grid.txt" 2>&1
              echo "bench --kv-fp8 rc=$?"; grep -B1 -A80 "^device" "$out/kvfp8-$grid.txt"; grep FAILED "$out/kvfp8-$grid.txt" | head;;
