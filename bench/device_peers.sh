@@ -13,7 +13,7 @@
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
 # evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
 # overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA),
-# full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID (flash-mla bench --kv-fp8),
+# full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID[:KEYS] (flash-mla bench --kv-fp8, KEYS: more bf16 / fp8 variants),
 # coldstart (import, warm_up and first calls with no nvcc or CUTLASS reachable: binaries from the carried cache).
 # Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
@@ -59,8 +59,9 @@ for step in "$@"; do
                env PATH=$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd:) FLASH_MLA_CUDA_HOME=/tmp/no-cuda \
                  FLASH_MLA_CUTLASS_INCLUDE=/tmp/no-cutlass python3 "$repo/bench/cold_start.py" > "$out/coldstart.txt" 2>&1
                echo "coldstart rc=$?"; cat "$out/coldstart.txt" | tail -8;;
-    kvfp8:*) IFS=: read -r _ grid <<< "$step"
-             python3 -m flash_mla.cli bench --kv-fp8 --grid "$grid" --jobs 8 --out "$out" > "$out/kvfp8-$grid.txt" 2>&1
+    kvfp8:*) IFS=: read -r _ grid keys <<< "$step"
+             python3 -m flash_mla.cli bench --kv-fp8 --grid "$grid" --jobs 8 ${keys:+--variants "$keys"} --out "$out" \
+               > "$out/kvfp8-$grid.txt" 2>&1
              echo "bench --kv-fp8 rc=$?"; grep -B1 -A80 "^device" "$out/kvfp8-$grid.txt"; grep FAILED "$out/kvfp8-$grid.txt" | head;;
     check:*) IFS=: read -r _ keys <<< "$step"
              python3 -m flash_mla.cli check --variants "$keys" --jobs 8 > "$out/check-keys.txt" 2>&1

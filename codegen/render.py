@@ -43,7 +43,9 @@ def template_context(v: Variant) -> dict:
         "knobs": v.compile_knobs(),
         "cute_type": _CUTE_TYPES[v.q_dtype],
         "kv_cute_type": _CUTE_TYPES[v.kv_dtype],
-        "qk_enum": {"nsplit": "kNsplit", "full_wg": "kFullWg", "full_wg_ahead": "kFullWgAhead"}[v.qk],
+        "qk_enum": {"nsplit": "kNsplit", "full_wg": "kFullWg", "full_wg_ahead": "kFullWgAhead", "swap16": "kSwap",
+                    "swap32": "kSwap"}[v.qk],
+        "rows_n": v.rows_per_cta,
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
     }
 

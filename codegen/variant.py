@@ -32,8 +32,10 @@ _MERGE_TAGS = {"separate": "sep", "wide_pdl": "wide"}
 # warpgroup 0 computes all block_n columns and the softmax, P goes into the stage's rope chunk, both
 # warpgroups accumulate half of the output channels, on mbarriers (P V of tile j issued before Q K^T of
 # tile j+1). "full_wg_ahead": the same with Q K^T of tile j+1 issued first, so its softmax overlaps P V.
-QKS = ("nsplit", "full_wg", "full_wg_ahead")
-_QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa"}
+# "swap16" / "swap32" (swapped operands, for up to 16 / 32 q rows per KV head): the 64 tokens of a tile are the
+# wgmma M and the 16 / 32 q rows its N (S^T = K Q^T, O^T = V^T P^T), so no work goes to padding rows.
+QKS = ("nsplit", "full_wg", "full_wg_ahead", "swap16", "swap32")
+_QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa", "swap16": "_qs16", "swap32": "_qs32"}
 
 
 class InvalidVariant(ValueError):
@@ -119,6 +121,11 @@ class Variant:
     def kv_fp8(self) -> bool:
         return self.kv_dtype == "e4m3"
 
+    @property
+    def rows_per_cta(self) -> int:
+        """q rows one CTA computes: 64 (the wgmma M), or the swapped schedules' N."""
+        return int(self.qk[4:]) if self.qk.startswith("swap") else BLOCK_M
+
     # -- resources ------------------------------------------------------------------------------
     @property
     def threads(self) -> int:
@@ -128,10 +135,15 @@ class Variant:
         """Shared memory the decode kernel asks for, mirroring the SharedStorage structs of
         templates/kernels/decode_kernel.cuh."""
         el = 2
-        q = BLOCK_M * HEAD_DIM * el
+        q = self.rows_per_cta * HEAD_DIM * el
         k = self.stages * self.block_n * HEAD_DIM * el
         if self.kv_fp8:                         # the stored (1-byte) ring + one widened bf16 tile
             k = self.stages * self.block_n * HEAD_DIM + self.block_n * HEAD_DIM * el
+        if self.qk.startswith("swap"):          # SharedStorageSwap: P^T, (unused 128 B ring for bf16), exchanges
+            n = self.rows_per_cta
+            p = n * self.block_n * el
+            tail = (0 if self.kv_fp8 else 128) + (4 * n + 3 * n) * 4 + 8 * self.stages
+            return -(-(q + k + p + tail) // 1024) * 1024 + 1024
         if self.qk == "nsplit":
             p = BLOCK_M * self.block_n * el
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
@@ -143,6 +155,9 @@ class Variant:
 
     def accumulator_regs(self) -> int:
         """fp32 registers per thread held by the O and S accumulators."""
+        if self.qk.startswith("swap"):          # O^T: this warpgroup's channels x N; S^T: 64 tokens x N
+            n = self.rows_per_cta
+            return (HEAD_DIM_V // self.num_warpgroups) * n // 128 + self.block_n * n // 128
         o = BLOCK_M * (HEAD_DIM_V // self.num_warpgroups) // 128
         s = BLOCK_M * (self.block_n // (1 if self.qk != "nsplit" else self.num_warpgroups)) // 128
         return o + s
@@ -169,11 +184,13 @@ class Variant:
             bad("one warpgroup would hold a 64x512 fp32 accumulator (256 registers/thread)")
         if self.qk not in QKS:
             bad(f"qk must be one of {QKS}")
-        if self.kv_fp8 and self.qk != "nsplit":
-            bad(f"a float8 KV cache is widened in the nsplit schedule only (qk=nsplit), got qk={self.qk}")
-        if self.qk != "nsplit" and self.num_warpgroups != 2:
+        if self.kv_fp8 and self.qk not in ("nsplit", "swap16", "swap32"):
+            bad(f"a float8 KV cache is widened in the nsplit and swapped schedules only, got qk={self.qk}")
+        if self.qk.startswith("swap") and (self.block_n != 64 or self.num_warpgroups != 2):
+            bad(f"qk={self.qk}: a tile's 64 tokens are warpgroup 0's wgmma M: block_n must be 64, num_warpgroups 2")
+        if self.qk in ("full_wg", "full_wg_ahead") and self.num_warpgroups != 2:
             bad(f"qk={self.qk} has warpgroup 0 compute S and two warpgroups share the output: num_warpgroups must be 2")
-        if self.qk != "nsplit" and self.stages < 2:
+        if self.qk in ("full_wg", "full_wg_ahead") and self.stages < 2:
             bad(f"qk={self.qk} keeps two tiles in use at once (P V of one, Q K^T of the next): stages must be >= 2")
         if self.qk == "nsplit" and (self.block_n // self.num_warpgroups) % 8:
             bad("S columns per warpgroup (block_n / num_warpgroups) must be a multiple of 8 (wgmma N)")

@@ -209,11 +209,14 @@ def _bench_kv_fp8(args, shapes) -> int:
     from flash_mla.codegen.variant import default_variant
     from flash_mla.tuner import bench
     from flash_mla.tuner.measure import ceilings
-    fp8 = default_variant(bench.FP8, 64)
+    fp8 = {f"fp8 default ({default_variant(bench.FP8, 64).key})": default_variant(bench.FP8, 64)}
     impls = {f"bf16 default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
         impls["bf16 " + bench.TUNED] = bench.tuned_variant
-    fixed = [fp8] + [v for v in impls.values() if not callable(v)]
+    for v in _variants_by_key(args.variants) if args.variants else []:    # more variants of either dtype
+        if v.page_size == 64 and v.dtype in ("bf16", bench.FP8):
+            (impls if v.dtype == "bf16" else fp8)[v.key] = v
+    fixed = list(fp8.values()) + [v for v in impls.values() if not callable(v)]
     arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
     bad = [a for a in arts if not a.ok and a.variant.build_key in {v.build_key for v in fixed}]
     if bad:
@@ -503,9 +506,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="time implementations over a shape grid against measured ceilings (SM90 GPU)")
-    p.add_argument("--grid", choices=["default", "quick", "latency", "overhead"], default="default",
+    p.add_argument("--grid", choices=["default", "quick", "latency", "memory", "overhead"], default="default",
                    help="default: memory-bound, compute-bound, MTP and fixed-length shapes; latency: its b <= 8 "
-                        "shapes; quick: one shape per regime; overhead: b1 shapes and the quick grid")
+                        "shapes; memory: its h_q <= 32 shapes; quick: one shape per regime; overhead: b1 shapes "
+                        "and the quick grid")
     p.add_argument("--overhead", action="store_true",
                    help="host overhead instead of kernel time: per-call host, eager and CUDA-graph times of the "
                         "public API, the registered operator, the Python path and each --peer")

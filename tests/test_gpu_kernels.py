@@ -322,3 +322,29 @@ def test_fp8_bad_scale_and_format_are_named():
         flash_mla_with_kvcache(q, k8, bt, lens, 512, meta, splits, k_scale=float("nan"))
     with pytest.raises(TypeError, match="q must be bfloat16 with a float8_e4m3fn k_cache"):
         flash_mla_with_kvcache(q.half(), k8, bt, lens, 512, meta, splits)
+
+
+# ------------------------------------------------------------------------------------- swapped schedule
+
+@pytest.mark.parametrize("qk", ["swap16", "swap32"])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,sk,causal,zero", [
+    (4, 1, 16, 1, 700, False, False),
+    (3, 2, 16, 1, 1500, True, True),       # 32 rows: two CTAs of 16 (swap16) or one of 32
+    (2, 4, 3, 1, 90, True, False),
+    (5, 1, 64, 2, 300, False, True),       # 32 rows per kv head, two kv heads
+    (2, 1, 128, 1, 2000, False, False),    # 128 rows: 8 / 4 CTAs over the same tiles
+])
+def test_swapped_schedule_matches_reference(qk, fp8, b, s_q, h_q, h_kv, sk, causal, zero):
+    from flash_mla.codegen.variant import Variant
+    from flash_mla.testing import quantize_e4m3
+    q, k, bt, lens = _inputs(b, s_q, h_q, h_kv, sk, seed=b * 3 + h_q, zero_len=zero)
+    scale = None
+    if fp8:
+        k, scale = quantize_e4m3(k)
+    v = Variant(dtype="bf16_e4m3" if fp8 else "bf16", qk=qk, merge="wide_pdl").validate()
+    meta, splits = get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+    out, lse = flash_mla_with_kvcache(q, k, bt, lens, 512, meta, splits, causal=causal, k_scale=scale, variant=v)
+    ref_out, ref_lse = mla_decode_reference(q, k, bt, lens, 512, causal=causal, k_scale=scale)
+    m = compare(out, ref_out, lse, ref_lse, torch.bfloat16)
+    assert m["ok"], m

@@ -41,7 +41,13 @@ def overhead_grid() -> list[Shape]:
     return [Shape(1, 1, h, sk) for h in (16, 32, 128) for sk in (1024, 4096)] + quick_grid()
 
 
-GRIDS = {"default": default_grid, "quick": quick_grid, "latency": latency_grid, "overhead": overhead_grid}
+def memory_grid() -> list[Shape]:
+    """The memory-bound (h_q <= 32) shapes of the default grid."""
+    return [s for s in default_grid() if s.h_q <= 32]
+
+
+GRIDS = {"default": default_grid, "quick": quick_grid, "latency": latency_grid, "overhead": overhead_grid,
+         "memory": memory_grid}
 
 
 def with_ceilings(row: dict, ceil: dict) -> dict:
@@ -158,15 +164,15 @@ def overhead_run(shapes: list[Shape], peers=(), seed: int = 0, progress=None) ->
 FP8 = "bf16_e4m3"
 
 
-def kv_fp8_run(shapes: list[Shape], bf16: dict, fp8, seed: int = 0, progress=None) -> list[dict]:
-    """A float8 e4m3 KV cache beside bf16 on each shape: ``bf16`` maps labels to bf16 variants (or functions of
-    the problem, as in :func:`run`), ``fp8`` is the float8 variant. The float8 cache is the bf16 one of the same
+def kv_fp8_run(shapes: list[Shape], bf16: dict, fp8: dict, seed: int = 0, progress=None) -> list[dict]:
+    """A float8 e4m3 KV cache beside bf16 on each shape: ``bf16`` and ``fp8`` map labels to variants of each
+    dtype (or functions of the problem, as in :func:`run`). The float8 cache is the bf16 one of the same
     seed quantised per tensor (``flash_mla.testing.quantize_e4m3``); each is checked against the reference on
     its own (dequantised) data, then timed. Rows: shape, impl, dtype, us, gbs (of the bytes that dtype moves)."""
     from .measure import make_problem, measure_variant
     rows = []
     for i, shape in enumerate(shapes):
-        for dtype, impls in (("bf16", bf16), (FP8, {f"fp8 ({fp8.key})": fp8})):
+        for dtype, impls in (("bf16", bf16), (FP8, fp8)):
             problem = make_problem(shape, dtype, 64, seed + i)
             for label, impl in impls.items():
                 variant = impl(problem) if callable(impl) else impl
@@ -182,17 +188,20 @@ def kv_fp8_run(shapes: list[Shape], bf16: dict, fp8, seed: int = 0, progress=Non
 
 
 def format_kv_fp8_table(rows: list[dict], ceil: dict) -> str:
-    """Per shape: each bf16 implementation's time, the float8 time, float8 / bf16 (< 1: the float8 cache is
-    faster) and the float8 kernel's bandwidth (of its halved cache bytes) as a fraction of copy."""
+    """Per shape: each bf16 implementation's time, the (first) float8 implementation's time, float8 / bf16 (< 1:
+    the float8 cache is faster) and the float8 kernel's bandwidth (of its halved cache bytes) as a fraction of
+    copy; further float8 implementations follow as plain times."""
     labels = list(dict.fromkeys(r["impl"] for r in rows if r["dtype"] == "bf16"))
+    more = list(dict.fromkeys(r["impl"] for r in rows if r["dtype"] == FP8))[1:]
     head = (f"device {ceil.get('device', '?')}: copy {ceil['copy_gbs']:.0f} GB/s (measured in this run); "
             "fp8/x = fp8 us / x us (< 1.00: the float8 cache is faster)\n")
     cols = (f"{'shape':30} " + " ".join(f"{l[:22]:>22}" for l in labels) + f" {'fp8 us':>8} "
-            + " ".join(f"{'fp8/' + l[:8]:>13}" for l in labels) + f" {'fp8 GB/s':>9} {'%copy':>6}")
+            + " ".join(f"{'fp8/' + l[:8]:>13}" for l in labels) + f" {'fp8 GB/s':>9} {'%copy':>6}"
+            + "".join(f" {l[-24:]:>24}" for l in more))
     lines = [head + cols, "-" * len(cols)]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by = {r["impl"]: r for r in rows if r["shape"] == shape}
-        fp8 = next((r for r in by.values() if r["dtype"] == FP8), None)
+        fp8 = next((r for r in rows if r["shape"] == shape and r["dtype"] == FP8), None)
         us = {l: by[l]["us"] if l in by and by[l].get("ok") else None for l in labels}
         f_us = fp8["us"] if fp8 and fp8.get("ok") else None
 
@@ -201,7 +210,8 @@ def format_kv_fp8_table(rows: list[dict], ceil: dict) -> str:
         lines.append(f"{shape:30} " + " ".join(f(us[l], 22) for l in labels) + f" {f(f_us, 8)} "
                      + " ".join(f(f_us / us[l] if (f_us and us[l]) else None, 13, 2) for l in labels)
                      + f" {f(fp8['gbs'] if f_us else None, 9, 0)} "
-                     f"{f(100 * fp8['gbs'] / ceil['copy_gbs'] if f_us else None, 5, 0)}%")
+                     f"{f(100 * fp8['gbs'] / ceil['copy_gbs'] if f_us else None, 5, 0)}%"
+                     + "".join(f" {f(by[l]['us'] if l in by and by[l].get('ok') else None, 24)}" for l in more))
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ namespace fmla {
 using namespace cute;
 
 // Who computes S = Q K^T (codegen/variant.py, QKS) and how split requests are merged (MERGES).
-enum class Qk { kNsplit, kFullWg, kFullWgAhead };
+enum class Qk { kNsplit, kFullWg, kFullWgAhead, kSwap };
 enum class Merge { kSeparate, kWidePdl };
 
 // Shared memory of the nsplit schedule: a P buffer and row exchanges.
@@ -65,6 +65,21 @@ struct alignas(1024) SharedStorageNsplitFp8 {
   alignas(8) uint64_t full[kStages];
 };
 
+// Shared memory of the swapped schedule (decode_swap.cuh): Q of Cfg::kRowsN rows, the K ring (bf16), or the
+// stored fp8 ring plus one widened tile, P^T, and the per-q-row exchanges of warpgroup 0.
+template <class Element, class LQ, class LK, class LP, int kBufs, int kStages, int kN, int kStages8, int kStageBytes8>
+struct alignas(1024) SharedStorageSwap {
+  alignas(1024) Element q[cosize_v<LQ>];
+  alignas(1024) Element k[kBufs][cosize_v<LK>];
+  alignas(1024) Element p[cosize_v<LP>];
+  alignas(128) uint8_t k8[kStages8][kStageBytes8];
+  float red[4][kN];                       // per-warp column maxima / sums of warpgroup 0
+  float alpha[kN];                        // per-q-row rescale of O for the current tile
+  float inv[kN];                          // a request's (dequantisation scale) / row sum
+  float lse[kN];
+  alignas(8) uint64_t full[kStages];
+};
+
 // Shared memory of the full_wg schedules: P lives in each stage's rope chunk; mbarrier pipeline.
 template <class Element, class LQ, class LK, int kStages, int kBM>
 struct alignas(1024) SharedStorageFullWg {
@@ -77,6 +92,22 @@ struct alignas(1024) SharedStorageFullWg {
   uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
 };
 
+// The tiled MMAs of a schedule (a specialisation per kind, so that only the chosen one is instantiated).
+template <bool kSwap, class Element, int kBM, int kBN, int kBNw, int kDVw, int kD>
+struct MmaPlan {                          // S = Q K^T (64 rows x this warpgroup's columns), O += P V
+  using S = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<kBM>, Int<kBNw>, Int<kD>>>()));
+  using O = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<kBM>, Int<kDVw>, Int<kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
+};
+template <class Element, int kBM, int kBN, int kBNw, int kDVw, int kD>
+struct MmaPlan<true, Element, kBM, kBN, kBNw, kDVw, kD> {   // swapped: S^T = K Q^T, O^T += V^T P^T
+  using S = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<kBN>, Int<kBM>, Int<kD>>>()));
+  using O = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<64>, Int<kBM>, Int<kBN>>, GMMA::Major::MN, GMMA::Major::K>()));
+};
+
 // Everything a variant's configuration implies: sizes, shared-memory layouts, MMAs, shared storage.
 template <class Cfg>
 struct DecodeTraits {
@@ -85,7 +116,9 @@ struct DecodeTraits {
   static constexpr bool kKvFp8 = !std::is_same_v<KvElement, Element>;
   static constexpr int kD = kHeadDim;               // q / k head dim (512 latent + 64 rope)
   static constexpr int kDV = kHeadDimV;             // v head dim = leading channels of k
-  static constexpr int kBM = kBlockM;               // q rows per CTA (wgmma M)
+  static constexpr bool kSwap = Cfg::kQk == Qk::kSwap;
+  // q rows per CTA: the wgmma M of Q K^T, or in the swapped schedule its N (the tokens are M)
+  static constexpr int kBM = kSwap ? Cfg::kRowsN : kBlockM;
   static constexpr int kBN = Cfg::kBlockN;          // KV tokens per pipeline stage
   static constexpr int kStages = Cfg::kStages;
   static constexpr int kNWG = Cfg::kNumWarpgroups;
@@ -106,9 +139,11 @@ struct DecodeTraits {
   static_assert(kD % kBoxCh == 0, "TMA boxes must tile the head dim");
   static_assert(!kKvFp8 || (kBoxCh % 64 == 0 && kBN % 4 == 0 && sizeof(Element) == 2),
                 "fp8 widening: whole 64-channel chunks per box, four rows per warp step, 128-byte bf16 rows");
-  static_assert(!kKvFp8 || (Cfg::kQk == Qk::kNsplit && std::is_same_v<KvElement, cutlass::float_e4m3_t> &&
+  static_assert(!kKvFp8 || ((Cfg::kQk == Qk::kNsplit || kSwap) && std::is_same_v<KvElement, cutlass::float_e4m3_t> &&
                             std::is_same_v<Element, cutlass::bfloat16_t>),
-                "a float8 KV cache: e4m3 with bf16 q, nsplit schedule");
+                "a float8 KV cache: e4m3 with bf16 q, nsplit or swapped schedule");
+  static_assert(!kSwap || (kBN == 64 && kNWG == 2 && kBM % 8 == 0 && kBM <= 64),
+                "swapped schedule: the 64 tokens of a tile are warpgroup 0's wgmma M; 8..64 q rows are its N");
   static_assert(Cfg::kQk == Qk::kNsplit || kNWG == 2,
                 "full-width QK: warpgroup 0 computes S, both accumulate half of the output");
 
@@ -120,19 +155,22 @@ struct DecodeTraits {
   using SmemLayoutP = decltype(tile_to_shape(
       std::conditional_t<(kBN >= 64), GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_K_SW64_Atom<Element>>{},
       Shape<Int<kBM>, Int<kBN>>{}));
-  static_assert(Cfg::kQk == Qk::kNsplit || cosize_v<SmemLayoutP> == kBN * 64,
+  static_assert(Cfg::kQk == Qk::kNsplit || kSwap || cosize_v<SmemLayoutP> == kBN * 64,
                 "P must fill exactly the rope chunk of a stage");
 
-  using MmaS = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
-      Shape<Int<kBM>, Int<kBNw>, Int<kD>>>()));
-  using MmaO = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
-      Shape<Int<kBM>, Int<kDVw>, Int<kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
+  // S = Q K^T and O += P V; swapped: S^T = K Q^T (A = the K tile, B = Q) and O^T += V^T P^T (A = V^T, the
+  // MN-major view of the K tile, B = P^T).
+  using MmaS = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::S;
+  using MmaO = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::O;
 
-  using SharedStorage = std::conditional_t<kKvFp8,
+  using SharedStorage = std::conditional_t<kSwap,
+      SharedStorageSwap<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kKvFp8 ? 1 : kStages, kStages, kBM,
+                        kKvFp8 ? kStages : 1, kKvFp8 ? kBN * kD : 128>,
+      std::conditional_t<kKvFp8,
       SharedStorageNsplitFp8<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM, kBN * kD>,
       std::conditional_t<Cfg::kQk == Qk::kNsplit,
           SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
-          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>>;
+          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>>>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
   static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
@@ -273,6 +311,36 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
 }
 
 
+// Widen a stored fp8 tile (stage `stage` of the ring) into the bf16 K tile s.k[0]. A warp takes four rows at a
+// time, a lane one 8-channel piece (8 bytes in, one 16-byte bf16 unit out) of each of the row's nine 64-channel
+// chunks: per thread the row and the unit's place in the 128-byte swizzle (unit ^ row % 8) are computed once,
+// every chunk is a compile-time offset from them. Reads (half-warps over two rows) and writes (eight lanes over
+// one row's eight units) are free of bank conflicts. Rows past `valid` (NaN-poisoned page tails, stale data)
+// become zeros. The caller fences and synchronises before the wgmmas read the tile.
+template <class Cfg, class Smem>
+__device__ __forceinline__ void widen_fp8_tile(Smem& s, int stage, int valid, int tid) {
+  using T = DecodeTraits<Cfg>;
+  constexpr int kWarps = T::kThreads / 32, kBoxCh = T::kBoxCh, kBN = T::kBN, kD = T::kD;
+  const int lane = tid % 32, u = lane % 8;
+  const uint8_t* k8 = s.k8[stage];
+  char* kb = reinterpret_cast<char*>(s.k[0]);
+  #pragma unroll 1
+  for (int quad = tid / 32; quad < kBN / 4; quad += kWarps) {
+    const int r = quad * 4 + lane / 8;
+    const uint8_t* src = k8 + r * kBoxCh + u * 8;
+    char* dst = kb + r * 128 + ((u ^ (r % 8)) << 4);
+    const bool live = r < valid;
+    CUTE_UNROLL
+    for (int c = 0; c < kD / 64; ++c) {
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (live)
+        v = e4m3x8_to_bf16x8(*reinterpret_cast<const uint2*>(src + (c * 64 / kBoxCh) * (kBN * kBoxCh) +
+                                                             (c * 64) % kBoxCh));
+      *reinterpret_cast<uint4*>(dst + c * (kBN * 128)) = v;
+    }
+  }
+}
+
 // Softmax of tile t of the full_wg schedules (acc_s complete): mask, new row maxima, alpha, P into the
 // stage's rope chunk, alpha into shared memory; then publish both to warpgroup 1.
 template <class Cfg, class AccS, class CoordS, class MmaSType, class Smem>
@@ -351,9 +419,9 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
   cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
 }
 
+// The nsplit and full_wg schedules (the swapped one is in decode_swap.cuh).
 template <class Cfg>
-__global__ void __launch_bounds__(DecodeTraits<Cfg>::kThreads, 1)
-decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ FmlaParams p) {
+__device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const FmlaParams& p) {
   using T = DecodeTraits<Cfg>;
   using Element = typename T::Element;
   using SharedStorage = typename T::SharedStorage;
@@ -493,31 +561,7 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
         Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
         const int valid = tok_hi - tok0;            // tokens of this stage inside the sequence
         if constexpr (T::kKvFp8) {
-          // Widen the stored tile into sK. A warp takes four rows at a time, a lane one 8-channel piece (8 bytes
-          // in, one 16-byte bf16 unit out) of each of the row's nine 64-channel chunks: per thread the row and
-          // the unit's place in the 128-byte swizzle (unit ^ row % 8) are computed once, every chunk is a
-          // compile-time offset from them. Reads (half-warps over two rows) and writes (eight lanes over one
-          // row's eight units) are free of bank conflicts. Rows past the sequence end (NaN-poisoned page
-          // tails, stale data) become zeros.
-          constexpr int kWarps = kThreads / 32, kBoxCh = T::kBoxCh;
-          const int lane = tid % 32, u = lane % 8;
-          const uint8_t* k8 = s.k8[stage];
-          char* kb = reinterpret_cast<char*>(s.k[0]);
-          #pragma unroll 1
-          for (int quad = tid / 32; quad < kBN / 4; quad += kWarps) {
-            const int r = quad * 4 + lane / 8;
-            const uint8_t* src = k8 + r * kBoxCh + u * 8;
-            char* dst = kb + r * 128 + ((u ^ (r % 8)) << 4);
-            const bool live = r < valid;
-            CUTE_UNROLL
-            for (int c = 0; c < kD / 64; ++c) {
-              uint4 v = make_uint4(0, 0, 0, 0);
-              if (live)
-                v = e4m3x8_to_bf16x8(*reinterpret_cast<const uint2*>(
-                    src + (c * 64 / kBoxCh) * (kBN * kBoxCh) + (c * 64) % kBoxCh));
-              *reinterpret_cast<uint4*>(dst + c * (kBN * 128)) = v;
-            }
-          }
+          widen_fp8_tile<Cfg>(s, stage, valid, tid);
           cutlass::arch::fence_view_async_shared();
           __syncthreads();
           // The stored stage is free: refill it now, a whole tile earlier than the bf16 ring can.
@@ -782,5 +826,18 @@ decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant_
   }
 }
 
+
+}  // namespace fmla
+
+#include "decode_swap.cuh"
+
+namespace fmla {
+
+template <class Cfg>
+__global__ void __launch_bounds__(DecodeTraits<Cfg>::kThreads, 1)
+decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ FmlaParams p) {
+  if constexpr (Cfg::kQk == Qk::kSwap) decode_swap_tiles<Cfg>(tmap_k, p);
+  else decode_tiles<Cfg>(tmap_k, p);
+}
 
 }  // namespace fmla

@@ -1,0 +1,273 @@
+// The swapped schedule (qk = "swap16" / "swap32"): for few q rows per KV head (h_q / h_kv x s_q <= 32), the
+// 64 tokens of a KV tile are the wgmma M and the q rows its N, so no tensor-core work or shared-memory
+// bandwidth goes to padding rows (the other schedules pad the rows to M = 64).
+//   warpgroup 0: S^T (64 tokens x N rows) = K Q^T (A = the K tile, B = Q, both K-major); the softmax runs down
+//   the columns: per-column maxima across the thread's two tokens, the quad's lanes (shuffles) and the four
+//   warps (shared memory); P^T goes to shared memory as the K-major B operand of P V, the per-row rescale
+//   as `alpha`.
+//   both warpgroups: O^T (256 channels x N rows each) += V^T P^T (A = V^T, the MN-major view of the K tile).
+// The tile flow is the nsplit one: TMA ring on mbarriers, __syncthreads between the phases; a float8 cache is
+// widened into one bf16 tile first (widen_fp8_tile). Included by decode_kernel.cuh.
+#pragma once
+
+namespace fmla {
+
+template <class Cfg>
+__device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, const FmlaParams& p) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  using SharedStorage = typename T::SharedStorage;
+  using SmemLayoutQ = typename T::SmemLayoutQ;     // (N, 576)
+  using SmemLayoutK = typename T::SmemLayoutK;     // (64 tokens, 576)
+  using SmemLayoutVt = typename T::SmemLayoutVt;   // (512 channels, 64 tokens)
+  using SmemLayoutP = typename T::SmemLayoutP;     // (N, 64 tokens): P^T, K-major
+  using MmaS = typename T::MmaS;
+  using MmaO = typename T::MmaO;
+  constexpr int kD = T::kD, kDV = T::kDV, kN = T::kBM, kBN = T::kBN, kStages = T::kStages;
+  constexpr int kThreads = T::kThreads, kPage = T::kPage, kSchedBlock = T::kSchedBlock, kDVw = T::kDVw;
+  constexpr int kCols = kN / 4;                   // q rows (columns of S^T and O^T) per thread
+  extern __shared__ char smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>(aligned_smem<2>(smem_raw));
+  const int tid = threadIdx.x;
+  const int wg = cutlass::canonical_warp_group_idx();
+  const int wtid = tid % 128, warp = wtid / 32, lane = tid % 32;
+  const int part = blockIdx.x, hk = blockIdx.y, mb = blockIdx.z;
+  const int groups = p.h_q / p.h_kv;
+  const int rows = p.s_q * groups;
+
+  if (tid == 0) cute::prefetch_tma_descriptor(&tmap_k);
+  if constexpr (Cfg::kMerge == Merge::kWidePdl) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+  }
+  float kv_scale = 1.f;
+  if constexpr (T::kKvFp8) kv_scale = p.k_scale_value * (p.k_scale != nullptr ? *p.k_scale : 1.f);
+  const float qk_scale = p.scale * kv_scale;
+  const float scale_log2 = qk_scale * 1.4426950408889634f;
+  const int* meta = p.metadata + part * kMetadataSize;
+  const int begin_req = meta[0], begin_block = meta[1], end_req = meta[2], end_block = meta[3];
+  const int begin_split = meta[4];
+  if (end_req < begin_req) return;
+
+  if (tid == 0) {
+    CUTE_UNROLL
+    for (int st = 0; st < kStages; ++st) cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(s.q), SmemLayoutQ{});
+  Tensor sP = make_tensor(make_smem_ptr(s.p), SmemLayoutP{});
+  MmaS mma_s;
+  MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(wtid);
+  auto thr_o = mma_o.get_thread_slice(wtid);
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);
+  Tensor tOrP = thr_o.partition_fragment_B(sP);
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBN>, Int<kN>>{}));    // (token, q row)
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kDVw>, Int<kN>>{}));   // (channel, q row)
+  // A thread's columns of a wgmma accumulator: 8 * j + 2 * (lane % 4) + k (j < N / 8, k < 2); element i of a
+  // fragment holds column slot (i % 2) + 2 * j, j = (i % (N / 2)) / 4 (values ordered (k, row half, j), then
+  // the M tiles).
+  auto col_of = [&](int c) { return 8 * (c / 2) + 2 * (lane % 4) + (c % 2); };
+  auto slot_of = [](int i) { return (i % 2) + 2 * ((i % (kN / 2)) / 4); };
+
+  int iter = 0;
+  for (int req = begin_req; req <= end_req; ++req) {
+    if (tid == 0) {
+      const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
+                          (req == begin_req ? begin_block : 0) * kSchedBlock / kPage;
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
+    }
+    {
+      // Q rows mb * N .. + N - 1 of this (request, kv head), one warp per row, padding rows zero-filled.
+      const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
+      #pragma unroll 1
+      for (int r = tid / 32; r < kN; r += kThreads / 32) {
+        const int rr = mb * kN + r;
+        const bool valid = rr < rows;
+        const Element* src = q_req;
+        if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
+        CUTE_UNROLL
+        for (int c8 = (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
+          const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8)));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                       :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
+        }
+      }
+    }
+    const int seqlen = max(p.cache_seqlens[req], 0);
+    const int nblk_sched = (seqlen + kSchedBlock - 1) / kSchedBlock;
+    const int blk_lo = req == begin_req ? begin_block : 0;
+    const int blk_hi = req == end_req ? end_block : nblk_sched;
+    const int tok_lo = blk_lo * kSchedBlock;
+    const int tok_hi = min(blk_hi * kSchedBlock, seqlen);
+    const int n_iter = tok_hi > tok_lo ? (tok_hi - tok_lo + kBN - 1) / kBN : 0;
+    const int split = (req == begin_req ? begin_split : 0);
+    const int n_splits = p.num_splits[req + 1] - p.num_splits[req];
+    const int slot = p.num_splits[req] + split;
+
+    if (tid == 0) {
+      for (int j = 0; j < min(n_iter, kStages); ++j)
+        load_stage<Cfg>(&tmap_k, p, s, (iter + j) % kStages, req, hk, tok_lo + j * kBN, seqlen);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+
+    // Column (q row) state of warpgroup 0: causal limit, running max and this thread's share of the sum.
+    int limit[kCols];
+    float m_run[kCols], l_run[kCols];
+    int min_limit = seqlen;
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const int rr = mb * kN + col_of(c);
+      limit[c] = (p.causal && rr < rows) ? seqlen - (p.s_q - 1 - rr / groups) : seqlen;
+      min_limit = min(min_limit, limit[c]);
+      m_run[c] = -INFINITY;
+      l_run[c] = 0.f;
+    }
+    Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kDVw>, Int<kN>>{});
+    clear(acc_o);
+
+    for (int j = 0; j < n_iter; ++j, ++iter) {
+      const int stage = iter % kStages;
+      const int tok0 = tok_lo + j * kBN;
+      cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
+      const int kbuf = T::kKvFp8 ? 0 : stage;
+      Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
+      const int valid = tok_hi - tok0;
+      if constexpr (T::kKvFp8) {
+        widen_fp8_tile<Cfg>(s, stage, valid, tid);
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+        if (tid == 0 && j + kStages < n_iter)
+          load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
+      } else if (valid < kBN) {
+        // Tokens past the sequence end hold NaN-poisoned page tails or stale data: zero them.
+        for (int idx = tid; idx < (kBN - valid) * (kD / 8); idx += kThreads) {
+          const int r = valid + idx / (kD / 8), c8 = (idx % (kD / 8)) * 8;
+          *reinterpret_cast<uint4*>(&sK(r, c8)) = make_uint4(0, 0, 0, 0);
+        }
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+      }
+
+      if (wg == 0) {
+        Tensor tSrK = thr_s.partition_fragment_A(sK);
+        Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBN>, Int<kN>>{});
+        gemm_ss<false>(mma_s, tSrK, tSrQ, acc_s);
+
+        // Mask, then per-column maxima: the thread's two tokens, the 8 lanes sharing its columns, the 4 warps.
+        float mx[kCols];
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) mx[c] = -INFINITY;
+        const bool need_mask = tok0 + kBN > min_limit;
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int c = slot_of(i);
+          if (need_mask && tok0 + get<0>(cS(i)) >= limit[c]) acc_s(i) = -INFINITY;
+          mx[c] = fmaxf(mx[c], acc_s(i));
+        }
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 4));
+          mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 8));
+          mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
+          if (lane < 4) s.red[warp][col_of(c)] = mx[c];
+        }
+        cutlass::arch::NamedBarrier::sync(128, 1);
+        float base[kCols];
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int col = col_of(c);
+          const float m = fmaxf(fmaxf(m_run[c], fmaxf(s.red[0][col], s.red[1][col])), fmaxf(s.red[2][col], s.red[3][col]));
+          base[c] = m == -INFINITY ? 0.f : m * scale_log2;
+          const float alpha = m_run[c] == -INFINITY ? 0.f : exp2f(m_run[c] * scale_log2 - base[c]);
+          m_run[c] = m;
+          l_run[c] *= alpha;
+          if (warp == 0 && lane < 4) s.alpha[col] = alpha;
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int c = slot_of(i);
+          const float pr = exp2f(acc_s(i) * scale_log2 - base[c]);
+          l_run[c] += pr;
+          sP(get<1>(cS(i)), get<0>(cS(i))) = Element(pr);
+        }
+      }
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();                            // P^T and alpha published
+
+      float a[kCols];
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) a[c] = s.alpha[col_of(c)];
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= a[slot_of(i)];
+      Tensor sVt = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutVt{});
+      Tensor tOrV = thr_o.partition_fragment_A(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(wg, 0)));
+      gemm_ss<true>(mma_o, tOrV, tOrP, acc_o);
+      __syncthreads();                            // stage, P^T and alpha free for reuse
+
+      if (!T::kKvFp8 && tid == 0 && j + kStages < n_iter)
+        load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
+    }
+
+    // Column sums (warpgroup 0) -> (dequantisation scale) / sum and lse per q row, in shared memory.
+    if (wg == 0) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        float l = l_run[c];
+        l += __shfl_xor_sync(0xffffffffu, l, 4);
+        l += __shfl_xor_sync(0xffffffffu, l, 8);
+        l += __shfl_xor_sync(0xffffffffu, l, 16);
+        if (lane < 4) s.red[warp][col_of(c)] = l;
+      }
+      cutlass::arch::NamedBarrier::sync(128, 1);
+      if (warp == 0 && lane < 4) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int col = col_of(c);
+          const float l = s.red[0][col] + s.red[1][col] + s.red[2][col] + s.red[3][col];
+          s.inv[col] = l > 0.f ? kv_scale / l : 0.f;
+          // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
+          s.lse[col] = l > 0.f ? m_run[c] * qk_scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
+        }
+      }
+    }
+    __syncthreads();
+
+    // Output: O^T (channel, q row) -> row-major out / o_accum; each thread's (channel, row) pairs.
+    const bool is_split = n_splits > 1;
+    float inv[kCols];
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) inv[c] = s.inv[col_of(c)];
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) {
+      const int col = get<1>(cO(i));
+      const int rr = mb * kN + col;
+      if (rr >= rows) continue;
+      const int ch = wg * kDVw + get<0>(cO(i));
+      const float v = acc_o(i) * inv[slot_of(i)];
+      if (is_split) {
+        p.o_accum[((int64_t(slot) * p.h_kv + hk) * rows + rr) * kDV + ch] = v;
+      } else {
+        static_cast<Element*>(p.out)[((int64_t(req) * p.s_q + rr / groups) * p.h_q + hk * groups + rr % groups) * kDV
+                                     + ch] = Element(v);
+      }
+    }
+    if (tid < kN) {
+      const int rr = mb * kN + tid;
+      if (rr < rows) {
+        if (is_split) {
+          p.lse_accum[(int64_t(slot) * p.h_kv + hk) * rows + rr] = s.lse[tid];
+        } else {
+          p.lse[(int64_t(req) * p.h_q + hk * groups + rr % groups) * p.s_q + rr / groups] = s.lse[tid];
+        }
+      }
+    }
+    __syncthreads();                              // Q, inv, lse and red are rewritten by the next request
+  }
+}
+
+}  // namespace fmla
