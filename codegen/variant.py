@@ -237,7 +237,9 @@ KNOBS = {
     # full_wg passes the reference check and compute-sanitizer's racecheck (H100, 1 / row sum published with
     # the last tile's P under its P-ready barrier). full_wg_ahead shares that code but has not been through
     # racecheck on a GPU yet: it runs only when named (--variants, variant=).
-    "qk": ("nsplit", "full_wg"),
+    # swap16 / swap32 pass the sampled matrix (H100, bf16 and float8 caches); on a float8 cache swap16 is up to
+    # 15% faster than nsplit at h_q = 16 (bench/results/h100-fp8-kv-cache-2026-11-23.txt).
+    "qk": ("nsplit", "full_wg", "swap16", "swap32"),
 }
 
 

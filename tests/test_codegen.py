@@ -11,7 +11,7 @@ import pytest
 
 from flash_mla.codegen import ptxas
 from flash_mla.codegen.render import render
-from flash_mla.codegen.variant import (ALL_KNOBS, KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
+from flash_mla.codegen.variant import (ALL_KNOBS, DTYPES, KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
                                        search_space)
 
 
@@ -24,7 +24,7 @@ def test_space_is_large_and_valid():
         assert v.smem_bytes() <= SMEM_LIMIT
     for knob, values in ALL_KNOBS.items():   # every knob keeps >= 2 buildable values
         assert len({getattr(v, knob) for v in space}) >= 2, knob
-    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit", "full_wg"}   # what the tuner searches
+    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit", "full_wg", "swap16", "swap32"}  # searched
     assert {v for v in full_space()} < set(space)
 
 
@@ -95,6 +95,9 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4, merge="wide_pdl"),
     Variant(dtype="fp16", page_size=64, block_n=32, stages=4, num_warpgroups=4),
     Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead"),
+    Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="swap16"),
+    Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=3, num_warpgroups=2, qk="swap32"),
+    Variant(dtype="bf16_e4m3", page_size=64, block_n=32, stages=4, num_warpgroups=4, merge="wide_pdl"),
 ]
 
 
@@ -113,7 +116,7 @@ def test_serialised_wgmma_notes_are_found():
 
 
 def test_compile_subset_covers_every_knob():
-    for knob, values in {**ALL_KNOBS, "dtype": ("bf16", "fp16"), "page_size": (64, 32)}.items():
+    for knob, values in {**ALL_KNOBS, "dtype": DTYPES, "page_size": (64, 32)}.items():
         if knob in ("split_overhead", "split_min_blocks"):     # launch-time knobs: no code difference
             continue
         assert {getattr(v, knob) for v in COMPILE_SUBSET} >= set(values), knob

@@ -32,10 +32,10 @@ def test_fp8_variants_widen_in_the_nsplit_schedule_only():
     v = default_variant(FP8, 64)
     assert (v.q_dtype, v.kv_dtype, v.kv_fp8, v.qk) == ("bf16", "e4m3", True, "nsplit")
     assert v.key.startswith("bf16_e4m3_p64_") and v.smem_bytes() <= SMEM_LIMIT
-    with pytest.raises(InvalidVariant, match="nsplit schedule only"):
+    with pytest.raises(InvalidVariant, match="nsplit and swapped schedules only"):
         Variant(dtype=FP8, merge="wide_pdl", qk="full_wg").validate()
     space = search_space(FP8, 64)
-    assert space and all(s.qk == "nsplit" for s in space)
+    assert space and {s.qk for s in space} == {"nsplit", "swap16", "swap32"}
     # a one-byte ring: more stages fit than with bf16 at block_n = 64
     assert Variant(dtype=FP8, block_n=32, stages=4).smem_bytes() < Variant(block_n=32, stages=4).smem_bytes()
 
