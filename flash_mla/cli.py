@@ -209,14 +209,17 @@ def _bench_kv_fp8(args, shapes) -> int:
     from flash_mla.codegen.variant import default_variant
     from flash_mla.tuner import bench
     from flash_mla.tuner.measure import ceilings
-    fp8 = {f"fp8 default ({default_variant(bench.FP8, 64).key})": default_variant(bench.FP8, 64)}
+    fp8_default = default_variant(bench.FP8, 64)
+    fp8 = {f"fp8 default ({fp8_default.key})": fp8_default}
     impls = {f"bf16 default ({default_variant().key})": default_variant()}
     if not args.no_tuned:
         impls["bf16 " + bench.TUNED] = bench.tuned_variant
+        # first: the float8 call's selection (its DB winner, else the default), the ratios' numerator
+        fp8 = {"fp8 selection (DB winner, else default)": lambda pr: bench.tuned_variant(pr) or fp8_default, **fp8}
     for v in _variants_by_key(args.variants) if args.variants else []:    # more variants of either dtype
         if v.page_size == 64 and v.dtype in ("bf16", bench.FP8):
             (impls if v.dtype == "bf16" else fp8)[v.key] = v
-    fixed = list(fp8.values()) + [v for v in impls.values() if not callable(v)]
+    fixed = [v for v in list(fp8.values()) + list(impls.values()) if not callable(v)]
     arts = build(_unique_builds(fixed + (_db_winners_all() if not args.no_tuned else [])), jobs=args.jobs)
     bad = [a for a in arts if not a.ok and a.variant.build_key in {v.build_key for v in fixed}]
     if bad:
