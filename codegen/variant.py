@@ -36,6 +36,10 @@ _MERGE_TAGS = {"separate": "sep", "wide_pdl": "wide"}
 # wgmma M and the 16 / 32 q rows its N (S^T = K Q^T, O^T = V^T P^T), so no work goes to padding rows.
 QKS = ("nsplit", "full_wg", "full_wg_ahead", "swap16", "swap32")
 _QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa", "swap16": "_qs16", "swap32": "_qs32"}
+# How a float8 tile reaches the bf16 tile the wgmmas read in the swapped schedules. "inline": every thread widens
+# it at the top of the tile (one widened tile). "ahead": two widened tiles, warpgroup 1 widens tile j+1 while
+# warpgroup 0 computes S of tile j (needs one stored stage to fit in shared memory).
+WIDENS = ("inline", "ahead")
 
 
 class InvalidVariant(ValueError):
@@ -56,6 +60,7 @@ class Variant:
     combine_rows: int = 4       # q rows (one warp each) per combine CTA of the "separate" merge
     merge: str = "separate"     # merge path of split requests, one of MERGES
     qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
+    widen: str = "inline"       # float8 cache, swapped schedules: "ahead" = warpgroup 1 widens the next tile, one of WIDENS
 
     # -- identity -----------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -66,14 +71,18 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._min_blocks_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._min_blocks_tag}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}")
+                f"{self._qk_tag}{self._widen_tag}")
+
+    @property
+    def _widen_tag(self) -> str:
+        return "" if self.widen == "inline" else "_wa"
 
     @property
     def _qk_tag(self) -> str:
@@ -137,8 +146,8 @@ class Variant:
         el = 2
         q = self.rows_per_cta * HEAD_DIM * el
         k = self.stages * self.block_n * HEAD_DIM * el
-        if self.kv_fp8:                         # the stored (1-byte) ring + one widened bf16 tile
-            k = self.stages * self.block_n * HEAD_DIM + self.block_n * HEAD_DIM * el
+        if self.kv_fp8:                         # the stored (1-byte) ring + one (two: widen ahead) widened bf16 tile(s)
+            k = self.stages * self.block_n * HEAD_DIM + (1 + (self.widen == "ahead")) * self.block_n * HEAD_DIM * el
         if self.qk.startswith("swap"):          # SharedStorageSwap: P^T, (unused 128 B ring for bf16), exchanges
             n = self.rows_per_cta
             p = n * self.block_n * el
@@ -186,6 +195,11 @@ class Variant:
             bad(f"qk must be one of {QKS}")
         if self.kv_fp8 and self.qk not in ("nsplit", "swap16", "swap32"):
             bad(f"a float8 KV cache is widened in the nsplit and swapped schedules only, got qk={self.qk}")
+        if self.widen not in WIDENS:
+            bad(f"widen must be one of {WIDENS}")
+        if self.widen == "ahead" and not (self.kv_fp8 and self.qk.startswith("swap") and self.stages == 1):
+            bad("widen=ahead (two widened tiles, warpgroup 1 widening the next) needs a float8 cache, a swapped "
+                "schedule and one stored stage")
         if self.qk.startswith("swap") and (self.block_n != 64 or self.num_warpgroups != 2):
             bad(f"qk={self.qk}: a tile's 64 tokens are warpgroup 0's wgmma M: block_n must be 64, num_warpgroups 2")
         if self.qk in ("full_wg", "full_wg_ahead") and self.num_warpgroups != 2:
@@ -240,6 +254,7 @@ KNOBS = {
     # swap16 / swap32 pass the sampled matrix (H100, bf16 and float8 caches); on a float8 cache swap16 is up to
     # 15% faster than nsplit at h_q = 16 (bench/results/h100-fp8-kv-cache-2026-11-23.txt).
     "qk": ("nsplit", "full_wg", "swap16", "swap32"),
+    "widen": WIDENS,
 }
 
 

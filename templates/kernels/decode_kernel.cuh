@@ -142,6 +142,8 @@ struct DecodeTraits {
   static_assert(!kKvFp8 || ((Cfg::kQk == Qk::kNsplit || kSwap) && std::is_same_v<KvElement, cutlass::float_e4m3_t> &&
                             std::is_same_v<Element, cutlass::bfloat16_t>),
                 "a float8 KV cache: e4m3 with bf16 q, nsplit or swapped schedule");
+  static_assert(!Cfg::kWidenAhead || (kKvFp8 && kSwap && kStages == 1),
+                "widen ahead: a float8 cache in the swapped schedule, one stored stage and two widened tiles");
   static_assert(!kSwap || (kBN == 64 && kNWG == 2 && kBM % 8 == 0 && kBM <= 64),
                 "swapped schedule: the 64 tokens of a tile are warpgroup 0's wgmma M; 8..64 q rows are its N");
   static_assert(Cfg::kQk == Qk::kNsplit || kNWG == 2,
@@ -164,7 +166,8 @@ struct DecodeTraits {
   using MmaO = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::O;
 
   using SharedStorage = std::conditional_t<kSwap,
-      SharedStorageSwap<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kKvFp8 ? 1 : kStages, kStages, kBM,
+      SharedStorageSwap<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP,
+                        kKvFp8 ? (Cfg::kWidenAhead ? 2 : 1) : kStages, kStages, kBM,
                         kKvFp8 ? kStages : 1, kKvFp8 ? kBN * kD : 128>,
       std::conditional_t<kKvFp8,
       SharedStorageNsplitFp8<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM, kBN * kD>,
@@ -316,14 +319,15 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
 // chunks: per thread the row and the unit's place in the 128-byte swizzle (unit ^ row % 8) are computed once,
 // every chunk is a compile-time offset from them. Reads (half-warps over two rows) and writes (eight lanes over
 // one row's eight units) are free of bank conflicts. Rows past `valid` (NaN-poisoned page tails, stale data)
-// become zeros. The caller fences and synchronises before the wgmmas read the tile.
-template <class Cfg, class Smem>
-__device__ __forceinline__ void widen_fp8_tile(Smem& s, int stage, int valid, int tid) {
+// become zeros. The caller fences and synchronises before the wgmmas read the tile. kWorkers threads (ids `tid`
+// 0..kWorkers-1) share the work; the tile goes to bf16 buffer `buf`.
+template <class Cfg, int kWorkers = DecodeTraits<Cfg>::kThreads, class Smem>
+__device__ __forceinline__ void widen_fp8_tile(Smem& s, int stage, int valid, int tid, int buf = 0) {
   using T = DecodeTraits<Cfg>;
-  constexpr int kWarps = T::kThreads / 32, kBoxCh = T::kBoxCh, kBN = T::kBN, kD = T::kD;
+  constexpr int kWarps = kWorkers / 32, kBoxCh = T::kBoxCh, kBN = T::kBN, kD = T::kD;
   const int lane = tid % 32, u = lane % 8;
   const uint8_t* k8 = s.k8[stage];
-  char* kb = reinterpret_cast<char*>(s.k[0]);
+  char* kb = reinterpret_cast<char*>(s.k[buf]);
   #pragma unroll 1
   for (int quad = tid / 32; quad < kBN / 4; quad += kWarps) {
     const int r = quad * 4 + lane / 8;

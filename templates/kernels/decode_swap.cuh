@@ -7,7 +7,10 @@
 //   as `alpha`.
 //   both warpgroups: O^T (256 channels x N rows each) += V^T P^T (A = V^T, the MN-major view of the K tile).
 // The tile flow is the nsplit one: TMA ring on mbarriers, __syncthreads between the phases; a float8 cache is
-// widened into one bf16 tile first (widen_fp8_tile). Included by decode_kernel.cuh.
+// widened into one bf16 tile first (widen_fp8_tile) by all threads. With Cfg::kWidenAhead (float8, one stored
+// stage) there are two widened tiles: warpgroup 1 widens tile j+1 and starts the load of tile j+2 while
+// warpgroup 0 computes S and the softmax of tile j, so the widening leaves the critical path and a tile costs
+// two barriers instead of three. Included by decode_kernel.cuh.
 #pragma once
 
 namespace fmla {
@@ -26,6 +29,7 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
   constexpr int kD = T::kD, kDV = T::kDV, kN = T::kBM, kBN = T::kBN, kStages = T::kStages;
   constexpr int kThreads = T::kThreads, kPage = T::kPage, kSchedBlock = T::kSchedBlock, kDVw = T::kDVw;
   constexpr int kCols = kN / 4;                   // q rows (columns of S^T and O^T) per thread
+  constexpr bool kAhead = Cfg::kWidenAhead;
   extern __shared__ char smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>(aligned_smem<2>(smem_raw));
   const int tid = threadIdx.x;
@@ -129,15 +133,27 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
     }
     Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kDVw>, Int<kN>>{});
     clear(acc_o);
+    if constexpr (kAhead) {
+      // The request's first tile: widened by everyone; then the stored stage takes the second.
+      if (n_iter > 0) {
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[0], iter & 1);
+        widen_fp8_tile<Cfg>(s, 0, tok_hi - tok_lo, tid, iter % 2);
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+        if (tid == 0 && n_iter > 1) load_stage<Cfg>(&tmap_k, p, s, 0, req, hk, tok_lo + kBN, seqlen);
+      }
+    }
 
     for (int j = 0; j < n_iter; ++j, ++iter) {
       const int stage = iter % kStages;
       const int tok0 = tok_lo + j * kBN;
-      cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
-      const int kbuf = T::kKvFp8 ? 0 : stage;
+      if constexpr (!kAhead) cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
+      const int kbuf = kAhead ? iter % 2 : T::kKvFp8 ? 0 : stage;
       Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
       const int valid = tok_hi - tok0;
-      if constexpr (T::kKvFp8) {
+      if constexpr (kAhead) {
+        // tile j is widened already (the previous iteration, or the request's first tile above)
+      } else if constexpr (T::kKvFp8) {
         widen_fp8_tile<Cfg>(s, stage, valid, tid);
         cutlass::arch::fence_view_async_shared();
         __syncthreads();
@@ -194,6 +210,17 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
           const float pr = exp2f(acc_s(i) * scale_log2 - base[c]);
           l_run[c] += pr;
           sP(get<1>(cS(i)), get<0>(cS(i))) = Element(pr);
+        }
+      } else if constexpr (kAhead) {
+        // Warpgroup 1: tile j+1 into the other widened buffer (free: both warpgroups passed the end of
+        // iteration j-1, where it was last read), then the stored stage takes tile j+2.
+        if (j + 1 < n_iter) {
+          cutlass::arch::ClusterTransactionBarrier::wait(&s.full[0], (iter + 1) & 1);
+          widen_fp8_tile<Cfg, 128>(s, 0, tok_hi - (tok0 + kBN), wtid, (iter + 1) % 2);
+          if (j + 2 < n_iter) {
+            cutlass::arch::NamedBarrier::sync(128, 2);      // every read of the stored stage done
+            if (wtid == 0) load_stage<Cfg>(&tmap_k, p, s, 0, req, hk, tok0 + 2 * kBN, seqlen);
+          }
         }
       }
       cutlass::arch::fence_view_async_shared();
