@@ -254,7 +254,6 @@ KNOBS = {
     # swap16 / swap32 pass the sampled matrix (H100, bf16 and float8 caches); on a float8 cache swap16 is up to
     # 15% faster than nsplit at h_q = 16 (bench/results/h100-fp8-kv-cache-2026-11-23.txt).
     "qk": ("nsplit", "full_wg", "swap16", "swap32"),
-    "widen": WIDENS,
 }
 
 
@@ -271,7 +270,10 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 
 
 # Every knob value a variant may take, searched or not (variants_by_key resolves all of them).
-ALL_KNOBS = {**KNOBS, "qk": QKS, "split_min_blocks": (1, 4, 16)}
+# widen=ahead passes the sampled matrix but was slower than the searched float8 winner on every memory-bound
+# shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
+# load in flight): it runs when named.
+ALL_KNOBS = {**KNOBS, "qk": QKS, "split_min_blocks": (1, 4, 16), "widen": WIDENS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

@@ -112,3 +112,17 @@ def test_is_fp8_kvcache_names_the_supported_layout():
 def test_get_mla_metadata_takes_is_fp8_kvcache():
     sched, none = get_mla_metadata(is_fp8_kvcache=True)
     assert none is None and not sched.have_initialized
+
+
+def test_widen_ahead_constraints():
+    v = Variant(dtype=FP8, qk="swap16", stages=1, widen="ahead").validate()
+    assert v.key.endswith("_qs16_wa") and v.build_key.endswith("_qs16_wa") and v.smem_bytes() <= SMEM_LIMIT
+    # two widened tiles: one bf16 tile more than inline
+    assert v.smem_bytes() - Variant(dtype=FP8, qk="swap16", stages=1).smem_bytes() == 64 * 576 * 2
+    for bad in (dict(dtype="bf16", qk="swap16", stages=1), dict(dtype=FP8, qk="nsplit", stages=1),
+                dict(dtype=FP8, qk="swap16", stages=2)):
+        with pytest.raises(InvalidVariant, match="widen=ahead"):
+            Variant(widen="ahead", **bad).validate()
+    with pytest.raises(InvalidVariant, match="widen must be one of"):
+        Variant(widen="sideways").validate()
+    assert "static constexpr bool kWidenAhead = true;" in render(v)
