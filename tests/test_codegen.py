@@ -97,7 +97,6 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="swap16"),
     Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=1, num_warpgroups=2, qk="swap32", widen="ahead"),
-    Variant(dtype="bf16_e4m3", page_size=64, block_n=32, stages=4, num_warpgroups=4, merge="wide_pdl"),
 ]
 
 
