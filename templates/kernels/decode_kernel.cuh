@@ -423,6 +423,141 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
   cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
 }
 
+// What a CTA reads before its first request (after the programmatic-dependent-launch wait, where the merge path
+// uses it): its partition's row of the tile schedule and the logits' scales.
+struct CtaStart {
+  int begin_req, begin_block, end_req, end_block, begin_split;
+  float kv_scale;                         // fp8: the dequantisation scale (multiplies the logits and the output)
+  float qk_scale, scale_log2;             // the logits' scale, natural and base-2 units
+};
+
+template <class Cfg>
+__device__ __forceinline__ CtaStart cta_start(const CUtensorMap& tmap_k, const FmlaParams& p) {
+  if (threadIdx.x == 0) cute::prefetch_tma_descriptor(&tmap_k);   // a kernel parameter: no dependency
+  if constexpr (Cfg::kMerge == Merge::kWidePdl) {
+    // Programmatic dependent launch: this CTA may start while the previous kernel of the stream finishes.
+    // Nothing it reads may be touched before the wait; the merge kernel behind may launch from here on
+    // (it waits for this grid's completion before reading any partial).
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+  }
+  CtaStart c;
+  c.kv_scale = 1.f;
+  if constexpr (DecodeTraits<Cfg>::kKvFp8) c.kv_scale = p.k_scale_value * (p.k_scale != nullptr ? *p.k_scale : 1.f);
+  c.qk_scale = p.scale * c.kv_scale;
+  c.scale_log2 = c.qk_scale * 1.4426950408889634f;
+  const int* meta = p.metadata + blockIdx.x * kMetadataSize;
+  c.begin_req = meta[0];
+  c.begin_block = meta[1];
+  c.end_req = meta[2];
+  c.end_block = meta[3];
+  c.begin_split = meta[4];
+  return c;
+}
+
+// Request `req`'s share of this partition: its length, the token range, the tiles, and where split partials go.
+struct RequestSpan {
+  int seqlen, tok_lo, tok_hi, n_iter, n_splits, slot;
+};
+
+template <class Cfg>
+__device__ __forceinline__ RequestSpan request_span(const FmlaParams& p, const CtaStart& c, int req) {
+  constexpr int kSchedBlock = DecodeTraits<Cfg>::kSchedBlock, kBN = DecodeTraits<Cfg>::kBN;
+  RequestSpan r;
+  r.seqlen = max(p.cache_seqlens[req], 0);
+  const int blk_lo = req == c.begin_req ? c.begin_block : 0;
+  const int blk_hi = req == c.end_req ? c.end_block : (r.seqlen + kSchedBlock - 1) / kSchedBlock;
+  r.tok_lo = blk_lo * kSchedBlock;
+  r.tok_hi = min(blk_hi * kSchedBlock, r.seqlen);
+  r.n_iter = r.tok_hi > r.tok_lo ? (r.tok_hi - r.tok_lo + kBN - 1) / kBN : 0;
+  r.n_splits = p.num_splits[req + 1] - p.num_splits[req];
+  r.slot = p.num_splits[req] + (req == c.begin_req ? c.begin_split : 0);
+  return r;
+}
+
+// The start of a request: its first block-table entry into L2, and the Q tile (rows mb * kBM .. + kBM - 1 of this
+// (request, kv head); padding rows zero-filled) by cp.async, every 16-byte piece in flight at once (a blocking load
+// per piece would chain ~18 DRAM round trips per thread before the first wgmma). Issued first: it depends on the
+// request alone, so it overlaps the loads of the schedule. One warp per row (the row's head and query position
+// computed once), lanes over its 72 pieces. The caller waits (cp.async.wait_all) and synchronises.
+template <class Cfg, class TensorQ>
+__device__ __forceinline__ void start_request(const FmlaParams& p, const CtaStart& c, TensorQ& sQ, int req, int hk,
+                                              int mb, int groups, int rows) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  constexpr int kBM = T::kBM, kD = T::kD, kThreads = T::kThreads;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    // (a prefetch never faults, so an entry past the table's end is harmless)
+    const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
+                        (req == c.begin_req ? c.begin_block : 0) * T::kSchedBlock / T::kPage;
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
+  }
+  const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
+  #pragma unroll 1
+  for (int r = tid / 32; r < kBM; r += kThreads / 32) {
+    const int rr = mb * kBM + r;
+    const bool valid = rr < rows;
+    const Element* src = q_req;
+    if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
+    CUTE_UNROLL
+    for (int c8 = (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8)));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                   :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
+    }
+  }
+}
+
+// Tokens valid..kBN-1 of a bf16 / fp16 tile hold NaN-poisoned page tails or stale data: zero them (all threads) so
+// that 0-probability columns cannot turn P V into NaN. The caller fences and synchronises.
+template <class Cfg, class TensorK>
+__device__ __forceinline__ void zero_tail(TensorK& sK, int valid) {
+  using T = DecodeTraits<Cfg>;
+  constexpr int kD = T::kD;
+  for (int idx = threadIdx.x; idx < (T::kBN - valid) * (kD / 8); idx += T::kThreads) {
+    const int r = valid + idx / (kD / 8), c8 = (idx % (kD / 8)) * 8;
+    *reinterpret_cast<uint4*>(&sK(r, c8)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The nsplit and swapped schedules' start of a request: the ring's first tiles (all stages are free: the previous
+// request ended on a barrier), then the wait for the request's Q tile; every thread synchronises.
+template <class Cfg, class Smem>
+__device__ __forceinline__ void fill_ring(const CUtensorMap* tmap, const FmlaParams& p, Smem& s, int iter, int req,
+                                          int hk, const RequestSpan& span) {
+  constexpr int kStages = DecodeTraits<Cfg>::kStages, kBN = DecodeTraits<Cfg>::kBN;
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < min(span.n_iter, kStages); ++j)
+      load_stage<Cfg>(tmap, p, s, (iter + j) % kStages, req, hk, span.tok_lo + j * kBN, span.seqlen);
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  cutlass::arch::fence_view_async_shared();
+  __syncthreads();
+}
+
+// A landed tile (stage `stage`, tile j of the request) made ready for the wgmmas of the nsplit and swapped
+// schedules: a float8 tile is widened into sK and its stored stage refilled at once with the tile kStages ahead;
+// a short bf16 / fp16 tile has its tail zeroed. Either way every thread fences and synchronises.
+template <class Cfg, class Smem, class TensorK>
+__device__ __forceinline__ void prepare_tile(const CUtensorMap* tmap, const FmlaParams& p, Smem& s, TensorK& sK,
+                                             int stage, int j, int req, int hk, int tok0, const RequestSpan& span) {
+  using T = DecodeTraits<Cfg>;
+  constexpr int kStages = T::kStages, kBN = T::kBN;
+  const int valid = span.tok_hi - tok0;           // tokens of this tile inside the sequence
+  if constexpr (T::kKvFp8) {
+    widen_fp8_tile<Cfg>(s, stage, valid, threadIdx.x);
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    if (threadIdx.x == 0 && j + kStages < span.n_iter)   // a whole tile earlier than the bf16 ring can
+      load_stage<Cfg>(tmap, p, s, stage, req, hk, tok0 + kStages * kBN, span.seqlen);
+  } else if (valid < kBN) {
+    zero_tail<Cfg>(sK, valid);
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+  }
+}
+
 // The nsplit and full_wg schedules (the swapped one is in decode_swap.cuh).
 template <class Cfg>
 __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const FmlaParams& p) {
@@ -436,7 +571,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
   using MmaS = typename T::MmaS;
   using MmaO = typename T::MmaO;
   constexpr int kD = T::kD, kDV = T::kDV, kBM = T::kBM, kBN = T::kBN, kStages = T::kStages, kNWG = T::kNWG;
-  constexpr int kThreads = T::kThreads, kPage = T::kPage, kSchedBlock = T::kSchedBlock, kBNw = T::kBNw, kDVw = T::kDVw;
+  constexpr int kThreads = T::kThreads, kBNw = T::kBNw, kDVw = T::kDVw;
   constexpr int kProducer = T::kProducer;
   constexpr Qk kQk = Cfg::kQk;
   (void)kProducer;                                // the full_wg schedules' producer thread
@@ -445,27 +580,13 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
   const int tid = threadIdx.x;
   const int wg = cutlass::canonical_warp_group_idx();   // warp-uniform to the compiler
   const int wtid = tid % 128;
-  const int part = blockIdx.x, hk = blockIdx.y, mb = blockIdx.z;
+  const int hk = blockIdx.y, mb = blockIdx.z;     // blockIdx.x: the partition (cta_start reads its schedule row)
   const int groups = p.h_q / p.h_kv;              // q heads per kv head
   const int rows = p.s_q * groups;                // q rows of one (request, kv head)
 
-  if (threadIdx.x == 0) cute::prefetch_tma_descriptor(&tmap_k);   // a kernel parameter: no dependency
-  if constexpr (Cfg::kMerge == Merge::kWidePdl) {
-    // Programmatic dependent launch: this CTA may start while the previous kernel of the stream finishes.
-    // Nothing it reads may be touched before the wait; the merge kernel behind may launch from here on
-    // (it waits for this grid's completion before reading any partial).
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-  }
-  // fp8: the dequantisation scale multiplies every logit and the output (read after the dependency wait)
-  float kv_scale = 1.f;
-  if constexpr (T::kKvFp8) kv_scale = p.k_scale_value * (p.k_scale != nullptr ? *p.k_scale : 1.f);
-  const float qk_scale = p.scale * kv_scale;      // logits' scale (natural units)
-  const float scale_log2 = qk_scale * 1.4426950408889634f;
-  const int* meta = p.metadata + part * kMetadataSize;
-  const int begin_req = meta[0], begin_block = meta[1], end_req = meta[2], end_block = meta[3];
-  const int begin_split = meta[4];
-  if (end_req < begin_req) return;                // idle partition
+  const CtaStart cs = cta_start<Cfg>(tmap_k, p);
+  const float kv_scale = cs.kv_scale, qk_scale = cs.qk_scale, scale_log2 = cs.scale_log2;
+  if (cs.end_req < cs.begin_req) return;          // idle partition
 
   if (tid == 0) {
     CUTE_UNROLL
@@ -497,58 +618,16 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
   const int r0 = get<0>(cS(0));
 
   int iter = 0;                                   // global stage counter: drives mbarrier phases
-  for (int req = begin_req; req <= end_req; ++req) {
-    if (tid == 0) {
-      // The first block-table entry the prologue needs, into L2 while Q and the length are on their way
-      // (a prefetch never faults, so an entry past the table's end is harmless).
-      const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
-                          (req == begin_req ? begin_block : 0) * kSchedBlock / kPage;
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
-    }
-    // Q tile: rows mb*64 .. +63 of this (request, kv head); padding rows are zero-filled. Every 16-byte
-    // piece is an asynchronous copy, all in flight at once (a blocking load per piece would chain ~18
-    // DRAM round trips per thread before the first wgmma). Issued first: it depends on the request
-    // alone, so it overlaps the loads of the schedule below.
-    {
-      // One warp per row (the row's head and query position computed once), lanes over its 72 pieces.
-      const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
-      #pragma unroll 1
-      for (int r = tid / 32; r < kBM; r += kThreads / 32) {
-        const int rr = mb * kBM + r;
-        const bool valid = rr < rows;
-        const Element* src = q_req;
-        if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
-        CUTE_UNROLL
-        for (int c8 = (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
-          const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8)));
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                       :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
-        }
-      }
-    }
-    const int seqlen = max(p.cache_seqlens[req], 0);
-    const int nblk_sched = (seqlen + kSchedBlock - 1) / kSchedBlock;
-    const int blk_lo = req == begin_req ? begin_block : 0;
-    const int blk_hi = req == end_req ? end_block : nblk_sched;
-    const int tok_lo = blk_lo * kSchedBlock;
-    const int tok_hi = min(blk_hi * kSchedBlock, seqlen);
-    const int n_iter = tok_hi > tok_lo ? (tok_hi - tok_lo + kBN - 1) / kBN : 0;
-    const int split = (req == begin_req ? begin_split : 0);
-    const int n_splits = p.num_splits[req + 1] - p.num_splits[req];
-    const int slot = p.num_splits[req] + split;
+  for (int req = cs.begin_req; req <= cs.end_req; ++req) {
+    start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
+    const RequestSpan span = request_span<Cfg>(p, cs, req);
+    const int seqlen = span.seqlen, tok_lo = span.tok_lo, tok_hi = span.tok_hi, n_iter = span.n_iter;
+    const int n_splits = span.n_splits, slot = span.slot;
 
     Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBM>, Int<kDVw>>{});
     float inv[2], lse[2];
     if constexpr (kQk == Qk::kNsplit) {
-      // Prologue: fill the ring (all stages are free: the previous request ended on a barrier).
-      if (tid == 0) {
-        for (int j = 0; j < min(n_iter, kStages); ++j)
-          load_stage<Cfg>(&tmap_k, p, s, (iter + j) % kStages, req, hk, tok_lo + j * kBN, seqlen);
-      }
-
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
-      cutlass::arch::fence_view_async_shared();
-      __syncthreads();
+      fill_ring<Cfg>(&tmap_k, p, s, iter, req, hk, span);
 
       // Per-thread row bookkeeping for rows r0 and r0 + 8.
       int limit[2];
@@ -563,24 +642,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
         const int kbuf = T::kKvFp8 ? 0 : stage;     // the bf16 K tile the wgmmas read
         Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
-        const int valid = tok_hi - tok0;            // tokens of this stage inside the sequence
-        if constexpr (T::kKvFp8) {
-          widen_fp8_tile<Cfg>(s, stage, valid, tid);
-          cutlass::arch::fence_view_async_shared();
-          __syncthreads();
-          // The stored stage is free: refill it now, a whole tile earlier than the bf16 ring can.
-          if (tid == 0 && j + kStages < n_iter)
-            load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
-        } else if (valid < kBN) {
-          // Rows past the sequence end hold NaN-poisoned page tails or stale data: zero them so that
-          // 0-probability columns cannot turn P V into NaN.
-          for (int idx = tid; idx < (kBN - valid) * (kD / 8); idx += kThreads) {
-            const int r = valid + idx / (kD / 8), c8 = (idx % (kD / 8)) * 8;
-            *reinterpret_cast<uint4*>(&sK(r, c8)) = make_uint4(0, 0, 0, 0);
-          }
-          cutlass::arch::fence_view_async_shared();
-          __syncthreads();
-        }
+        prepare_tile<Cfg>(&tmap_k, p, s, sK, stage, j, req, hk, tok0, span);
 
         // S = Q K^T for this warpgroup's columns.
         Tensor tSrK = thr_s.partition_fragment_B(local_tile(sK, Shape<Int<kBNw>, Int<kD>>{}, make_coord(wg, 0)));

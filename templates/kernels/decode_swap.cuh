@@ -27,7 +27,7 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
   using MmaS = typename T::MmaS;
   using MmaO = typename T::MmaO;
   constexpr int kD = T::kD, kDV = T::kDV, kN = T::kBM, kBN = T::kBN, kStages = T::kStages;
-  constexpr int kThreads = T::kThreads, kPage = T::kPage, kSchedBlock = T::kSchedBlock, kDVw = T::kDVw;
+  constexpr int kDVw = T::kDVw;
   constexpr int kCols = kN / 4;                   // q rows (columns of S^T and O^T) per thread
   constexpr bool kAhead = Cfg::kWidenAhead;
   extern __shared__ char smem_raw[];
@@ -35,23 +35,13 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
   const int tid = threadIdx.x;
   const int wg = cutlass::canonical_warp_group_idx();
   const int wtid = tid % 128, warp = wtid / 32, lane = tid % 32;
-  const int part = blockIdx.x, hk = blockIdx.y, mb = blockIdx.z;
+  const int hk = blockIdx.y, mb = blockIdx.z;
   const int groups = p.h_q / p.h_kv;
   const int rows = p.s_q * groups;
 
-  if (tid == 0) cute::prefetch_tma_descriptor(&tmap_k);
-  if constexpr (Cfg::kMerge == Merge::kWidePdl) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-  }
-  float kv_scale = 1.f;
-  if constexpr (T::kKvFp8) kv_scale = p.k_scale_value * (p.k_scale != nullptr ? *p.k_scale : 1.f);
-  const float qk_scale = p.scale * kv_scale;
-  const float scale_log2 = qk_scale * 1.4426950408889634f;
-  const int* meta = p.metadata + part * kMetadataSize;
-  const int begin_req = meta[0], begin_block = meta[1], end_req = meta[2], end_block = meta[3];
-  const int begin_split = meta[4];
-  if (end_req < begin_req) return;
+  const CtaStart cs = cta_start<Cfg>(tmap_k, p);
+  const float kv_scale = cs.kv_scale, qk_scale = cs.qk_scale, scale_log2 = cs.scale_log2;
+  if (cs.end_req < cs.begin_req) return;          // idle partition
 
   if (tid == 0) {
     CUTE_UNROLL
@@ -77,47 +67,13 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
   auto slot_of = [](int i) { return (i % 2) + 2 * ((i % (kN / 2)) / 4); };
 
   int iter = 0;
-  for (int req = begin_req; req <= end_req; ++req) {
-    if (tid == 0) {
-      const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
-                          (req == begin_req ? begin_block : 0) * kSchedBlock / kPage;
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
-    }
-    {
-      // Q rows mb * N .. + N - 1 of this (request, kv head), one warp per row, padding rows zero-filled.
-      const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
-      #pragma unroll 1
-      for (int r = tid / 32; r < kN; r += kThreads / 32) {
-        const int rr = mb * kN + r;
-        const bool valid = rr < rows;
-        const Element* src = q_req;
-        if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
-        CUTE_UNROLL
-        for (int c8 = (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
-          const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8)));
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                       :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
-        }
-      }
-    }
-    const int seqlen = max(p.cache_seqlens[req], 0);
-    const int nblk_sched = (seqlen + kSchedBlock - 1) / kSchedBlock;
-    const int blk_lo = req == begin_req ? begin_block : 0;
-    const int blk_hi = req == end_req ? end_block : nblk_sched;
-    const int tok_lo = blk_lo * kSchedBlock;
-    const int tok_hi = min(blk_hi * kSchedBlock, seqlen);
-    const int n_iter = tok_hi > tok_lo ? (tok_hi - tok_lo + kBN - 1) / kBN : 0;
-    const int split = (req == begin_req ? begin_split : 0);
-    const int n_splits = p.num_splits[req + 1] - p.num_splits[req];
-    const int slot = p.num_splits[req] + split;
+  for (int req = cs.begin_req; req <= cs.end_req; ++req) {
+    start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
+    const RequestSpan span = request_span<Cfg>(p, cs, req);
+    const int seqlen = span.seqlen, tok_lo = span.tok_lo, tok_hi = span.tok_hi, n_iter = span.n_iter;
+    const int n_splits = span.n_splits, slot = span.slot;
 
-    if (tid == 0) {
-      for (int j = 0; j < min(n_iter, kStages); ++j)
-        load_stage<Cfg>(&tmap_k, p, s, (iter + j) % kStages, req, hk, tok_lo + j * kBN, seqlen);
-    }
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    cutlass::arch::fence_view_async_shared();
-    __syncthreads();
+    fill_ring<Cfg>(&tmap_k, p, s, iter, req, hk, span);
 
     // Column (q row) state of warpgroup 0: causal limit, running max and this thread's share of the sum.
     int limit[kCols];
@@ -150,24 +106,8 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
       if constexpr (!kAhead) cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
       const int kbuf = kAhead ? iter % 2 : T::kKvFp8 ? 0 : stage;
       Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
-      const int valid = tok_hi - tok0;
-      if constexpr (kAhead) {
-        // tile j is widened already (the previous iteration, or the request's first tile above)
-      } else if constexpr (T::kKvFp8) {
-        widen_fp8_tile<Cfg>(s, stage, valid, tid);
-        cutlass::arch::fence_view_async_shared();
-        __syncthreads();
-        if (tid == 0 && j + kStages < n_iter)
-          load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
-      } else if (valid < kBN) {
-        // Tokens past the sequence end hold NaN-poisoned page tails or stale data: zero them.
-        for (int idx = tid; idx < (kBN - valid) * (kD / 8); idx += kThreads) {
-          const int r = valid + idx / (kD / 8), c8 = (idx % (kD / 8)) * 8;
-          *reinterpret_cast<uint4*>(&sK(r, c8)) = make_uint4(0, 0, 0, 0);
-        }
-        cutlass::arch::fence_view_async_shared();
-        __syncthreads();
-      }
+      // (widen ahead: tile j was widened in the previous iteration, or above for the request's first tile)
+      if constexpr (!kAhead) prepare_tile<Cfg>(&tmap_k, p, s, sK, stage, j, req, hk, tok0, span);
 
       if (wg == 0) {
         Tensor tSrK = thr_s.partition_fragment_A(sK);
