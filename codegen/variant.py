@@ -151,7 +151,7 @@ class Variant:
         if self.qk.startswith("swap"):          # SharedStorageSwap: P^T, (unused 128 B ring for bf16), exchanges
             n = self.rows_per_cta
             p = n * self.block_n * el
-            tail = (0 if self.kv_fp8 else 128) + (4 * n + 3 * n) * 4 + 8 * self.stages
+            tail = (0 if self.kv_fp8 else 128) + (4 * n + 3 * 2 * n) * 4 + 8 * self.stages
             return -(-(q + k + p + tail) // 1024) * 1024 + 1024
         if self.qk == "nsplit":
             p = BLOCK_M * self.block_n * el

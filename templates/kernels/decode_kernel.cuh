@@ -74,9 +74,9 @@ struct alignas(1024) SharedStorageSwap {
   alignas(1024) Element p[cosize_v<LP>];
   alignas(128) uint8_t k8[kStages8][kStageBytes8];
   float red[4][kN];                       // per-warp column maxima / sums of warpgroup 0
-  float alpha[kN];                        // per-q-row rescale of O for the current tile
-  float inv[kN];                          // a request's (dequantisation scale) / row sum
-  float lse[kN];
+  float alpha[2][kN];                     // per-q-row rescale of O, by tile parity
+  float inv[2][kN];                       // a request's (dequantisation scale) / row sum, by request parity
+  float lse[2][kN];
   alignas(8) uint64_t full[kStages];
 };
 

@@ -109,9 +109,9 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
       // (widen ahead: tile j was widened in the previous iteration, or above for the request's first tile)
       if constexpr (!kAhead) prepare_tile<Cfg>(&tmap_k, p, s, sK, stage, j, req, hk, tok0, span);
 
+      Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBN>, Int<kN>>{});
       if (wg == 0) {
         Tensor tSrK = thr_s.partition_fragment_A(sK);
-        Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBN>, Int<kN>>{});
         gemm_ss<false>(mma_s, tSrK, tSrQ, acc_s);
 
         // Mask, then per-column maxima: the thread's two tokens, the 8 lanes sharing its columns, the 4 warps.
@@ -132,25 +132,6 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
           mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
           if (lane < 4) s.red[warp][col_of(c)] = mx[c];
         }
-        cutlass::arch::NamedBarrier::sync(128, 1);
-        float base[kCols];
-        CUTE_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          const int col = col_of(c);
-          const float m = fmaxf(fmaxf(m_run[c], fmaxf(s.red[0][col], s.red[1][col])), fmaxf(s.red[2][col], s.red[3][col]));
-          base[c] = m == -INFINITY ? 0.f : m * scale_log2;
-          const float alpha = m_run[c] == -INFINITY ? 0.f : exp2f(m_run[c] * scale_log2 - base[c]);
-          m_run[c] = m;
-          l_run[c] *= alpha;
-          if (warp == 0 && lane < 4) s.alpha[col] = alpha;
-        }
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) {
-          const int c = slot_of(i);
-          const float pr = exp2f(acc_s(i) * scale_log2 - base[c]);
-          l_run[c] += pr;
-          sP(get<1>(cS(i)), get<0>(cS(i))) = Element(pr);
-        }
       } else if constexpr (kAhead) {
         // Warpgroup 1: tile j+1 into the other widened buffer (free: both warpgroups passed the end of
         // iteration j-1, where it was last read), then the stored stage takes tile j+2.
@@ -163,12 +144,36 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
           }
         }
       }
+      // Warpgroup 1 takes part in the exchange barriers too: a CTA-wide barrier between every write and read of
+      // the exchanges (compute-sanitizer's racecheck reported hazards on them with a warpgroup-0 named barrier).
+      __syncthreads();
+      const int ab = iter % 2;                    // alpha of this tile (double-buffered across tiles)
+      if (wg == 0) {
+        float base[kCols];
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int col = col_of(c);
+          const float m = fmaxf(fmaxf(m_run[c], fmaxf(s.red[0][col], s.red[1][col])), fmaxf(s.red[2][col], s.red[3][col]));
+          base[c] = m == -INFINITY ? 0.f : m * scale_log2;
+          const float alpha = m_run[c] == -INFINITY ? 0.f : exp2f(m_run[c] * scale_log2 - base[c]);
+          m_run[c] = m;
+          l_run[c] *= alpha;
+          if (warp == 0 && lane < 4) s.alpha[ab][col] = alpha;
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int c = slot_of(i);
+          const float pr = exp2f(acc_s(i) * scale_log2 - base[c]);
+          l_run[c] += pr;
+          sP(get<1>(cS(i)), get<0>(cS(i))) = Element(pr);
+        }
+      }
       cutlass::arch::fence_view_async_shared();
-      __syncthreads();                            // P^T and alpha published
+      __syncthreads();                            // P^T and alpha published (and a tile widened ahead)
 
       float a[kCols];
       CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) a[c] = s.alpha[col_of(c)];
+      for (int c = 0; c < kCols; ++c) a[c] = s.alpha[ab][col_of(c)];
       CUTE_UNROLL
       for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= a[slot_of(i)];
       Tensor sVt = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutVt{});
@@ -190,15 +195,18 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
         l += __shfl_xor_sync(0xffffffffu, l, 16);
         if (lane < 4) s.red[warp][col_of(c)] = l;
       }
-      cutlass::arch::NamedBarrier::sync(128, 1);
+    }
+    __syncthreads();
+    const int rb = req % 2;                       // inv / lse of this request (double-buffered across requests)
+    if (wg == 0) {
       if (warp == 0 && lane < 4) {
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) {
           const int col = col_of(c);
           const float l = s.red[0][col] + s.red[1][col] + s.red[2][col] + s.red[3][col];
-          s.inv[col] = l > 0.f ? kv_scale / l : 0.f;
+          s.inv[rb][col] = l > 0.f ? kv_scale / l : 0.f;
           // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
-          s.lse[col] = l > 0.f ? m_run[c] * qk_scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
+          s.lse[rb][col] = l > 0.f ? m_run[c] * qk_scale + logf(l) : (n_splits > 1 ? -INFINITY : INFINITY);
         }
       }
     }
@@ -208,7 +216,7 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
     const bool is_split = n_splits > 1;
     float inv[kCols];
     CUTE_UNROLL
-    for (int c = 0; c < kCols; ++c) inv[c] = s.inv[col_of(c)];
+    for (int c = 0; c < kCols; ++c) inv[c] = s.inv[rb][col_of(c)];
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) {
       const int col = get<1>(cO(i));
@@ -227,9 +235,9 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
       const int rr = mb * kN + tid;
       if (rr < rows) {
         if (is_split) {
-          p.lse_accum[(int64_t(slot) * p.h_kv + hk) * rows + rr] = s.lse[tid];
+          p.lse_accum[(int64_t(slot) * p.h_kv + hk) * rows + rr] = s.lse[rb][tid];
         } else {
-          p.lse[(int64_t(req) * p.h_q + hk * groups + rr % groups) * p.s_q + rr / groups] = s.lse[tid];
+          p.lse[(int64_t(req) * p.h_q + hk * groups + rr % groups) * p.s_q + rr / groups] = s.lse[rb][tid];
         }
       }
     }
