@@ -93,3 +93,29 @@ def test_overhead_grid_and_table():
     line = next(ln for ln in t.splitlines() if "ours: api" in ln)
     assert line.split()[-4:] == ["6.0", "15.5", "14.0", "1.5"]
     assert "FAILED" in next(ln for ln in t.splitlines() if "peer x" in ln)
+
+
+def test_kv_fp8_table():
+    ceil = {"copy_gbs": 3000.0, "gemm_tflops": 700.0, "device": "X"}
+    rows = [
+        {"shape": "b8 sq1 hq16 sk4096", "impl": "bf16 default", "dtype": "bf16", "ok": True, "us": 40.0, "gbs": 1000.0},
+        {"shape": "b8 sq1 hq16 sk4096", "impl": "bf16 tuned", "dtype": "bf16", "ok": False, "error": "x"},
+        {"shape": "b8 sq1 hq16 sk4096", "impl": "fp8 selection", "dtype": bench.FP8, "ok": True, "us": 30.0,
+         "gbs": 600.0},
+        {"shape": "b8 sq1 hq16 sk4096", "impl": "fp8 default (k)", "dtype": bench.FP8, "ok": True, "us": 35.0,
+         "gbs": 500.0},
+        {"shape": "b1 sq1 hq16 sk1024", "impl": "bf16 default", "dtype": "bf16", "ok": True, "us": 10.0, "gbs": 1.0},
+    ]
+    t = bench.format_kv_fp8_table(rows, ceil)
+    lines = t.splitlines()
+    assert lines[0].startswith("device X: copy 3000 GB/s") and "fp8/x = fp8 us / x us" in lines[0]
+    row = next(ln for ln in lines if ln.startswith("b8 sq1"))
+    # bf16 40.0 | tuned failed (-) | fp8 30.0 | fp8/bf16 0.75 | - | 600 GB/s = 20% of copy | the default 35.0
+    assert row.split() == ["b8", "sq1", "hq16", "sk4096", "40.0", "-", "30.0", "0.75", "-", "600", "20%", "35.0"]
+    short = next(ln for ln in lines if ln.startswith("b1 sq1"))     # no float8 row: dashes, no crash
+    assert short.split()[4:8] == ["10.0", "-", "-", "-"]
+
+
+def test_bytes_of_a_float8_cache():
+    s = Shape(4, 1, 16, 1000)
+    assert traffic_bytes(s, [1000] * 4, kv_elem=1) == 4 * (16 * 576 * 2 + 1000 * 576 * 1 + 16 * 512 * 2)
