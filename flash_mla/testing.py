@@ -150,19 +150,17 @@ def quantize_e4m3(k_cache: torch.Tensor) -> tuple[torch.Tensor, float]:
     A float8 cache is checked with the tolerances of bf16: the kernel widens the stored values to bf16
     exactly (every e4m3 value is a bf16 value) and applies ``scale`` in float32, so the only roundings are
     those of the bf16 path, against a reference that dequantises first."""
-    # In slices of the leading dimension, so that a cache of tens of GB needs no float32 copy of itself.
-    step = max(1, (1 << 26) // max(1, k_cache[0].numel())) if k_cache.dim() and len(k_cache) else 1
+    # In slices of 2^26 elements, so that a cache of tens of GB needs no float32 copy of itself.
+    flat, step = k_cache.reshape(-1), 1 << 26
     amax = 0.0
-    for i in range(0, len(k_cache) if k_cache.dim() else 1, step):
-        c = (k_cache[i:i + step] if k_cache.dim() else k_cache).abs()
-        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-        amax = max(amax, float(c.max())) if c.numel() else amax
+    for i in range(0, flat.numel(), step):
+        c = flat[i:i + step].abs()
+        amax = max(amax, float(torch.where(torch.isfinite(c), c, torch.zeros_like(c)).max()))
     scale = amax / E4M3_MAX if amax > 0 else 1.0
-    out = torch.empty(k_cache.shape, dtype=torch.float8_e4m3fn, device=k_cache.device)
-    for i in range(0, len(k_cache) if k_cache.dim() else 1, step):
-        src = k_cache[i:i + step] if k_cache.dim() else k_cache
-        (out[i:i + step] if k_cache.dim() else out).copy_((src.float() / scale).to(torch.float8_e4m3fn))
-    return out, scale
+    out = torch.empty(flat.shape, dtype=torch.float8_e4m3fn, device=k_cache.device)
+    for i in range(0, flat.numel(), step):
+        out[i:i + step] = (flat[i:i + step].float() / scale).to(torch.float8_e4m3fn)
+    return out.view(k_cache.shape), scale
 
 
 def tolerances_for(dtype: torch.dtype) -> dict:

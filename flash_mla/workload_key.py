@@ -36,19 +36,20 @@ NO_HINT = 0
 #: e4m3 KV cache (per-tensor dequantisation scale) with bf16 q and output.
 DTYPE_ELEMENTS = {"bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"), "bf16_e4m3": ("bf16", "e4m3")}
 DTYPES = tuple(DTYPE_ELEMENTS)
-#: ``str(tensor.dtype)`` of q (with a KV cache of the same dtype) -> the dtype name of keys and variants.
-TORCH_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+_DTYPE_OF_ELEMENTS = {pair: name for name, pair in DTYPE_ELEMENTS.items()}
 #: ``str(tensor.dtype)`` -> element name of :data:`DTYPE_ELEMENTS`.
 TORCH_ELEMENT_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "e4m3"}
+#: ``str(tensor.dtype)`` of q (with a KV cache of the same dtype) -> the dtype name of keys and variants.
+TORCH_DTYPE_NAMES = {t: e for t, e in TORCH_ELEMENT_NAMES.items() if (e, e) in _DTYPE_OF_ELEMENTS}
 
 
 def problem_dtype(q_dtype, kv_dtype=None) -> str:
     """The dtype name of a call from its q and KV cache dtypes (KV default: q's); KeyError if unsupported."""
-    elems = (TORCH_ELEMENT_NAMES[str(q_dtype)], TORCH_ELEMENT_NAMES[str(kv_dtype if kv_dtype is not None else q_dtype)])
-    for name, pair in DTYPE_ELEMENTS.items():
-        if pair == elems:
-            return name
-    raise KeyError(f"no kernels for q {q_dtype} with a {kv_dtype} KV cache")
+    kv_dtype = q_dtype if kv_dtype is None else kv_dtype
+    elems = (TORCH_ELEMENT_NAMES[str(q_dtype)], TORCH_ELEMENT_NAMES[str(kv_dtype)])
+    if elems not in _DTYPE_OF_ELEMENTS:
+        raise KeyError(f"no kernels for q {q_dtype} with a {kv_dtype} KV cache")
+    return _DTYPE_OF_ELEMENTS[elems]
 
 
 def bucket_batch(b: int) -> int:
