@@ -14,12 +14,13 @@ import json
 from dataclasses import dataclass
 
 from ..scheduler import FIXED_OVERHEAD_BLOCKS, SplitPolicy
-from ..constants import BLOCK_M, HEAD_DIM, HEAD_DIM_V, SCHED_BLOCK_N
+from ..constants import BLOCK_M, HEAD_DIM, HEAD_DIM_V, QREG_CHANNELS, SCHED_BLOCK_N
 from ..workload_key import DTYPE_ELEMENTS, DTYPES
 SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90
 REGS_PER_SM = 64 * 1024
 MAX_REGS_PER_THREAD = 255
 REG_MARGIN = 60        # registers beyond the accumulators a decode kernel needs (ptxas, nvcc 13.0)
+QREG_MARGIN = 32       # the same for the qreg schedule's output warpgroups (no S, no softmax)
 
 PAGE_SIZES = (64, 32)
 # How split requests are merged. "separate": a plain second launch, one warp per q row walking every
@@ -34,8 +35,12 @@ _MERGE_TAGS = {"separate": "sep", "wide_pdl": "wide"}
 # tile j+1). "full_wg_ahead": the same with Q K^T of tile j+1 issued first, so its softmax overlaps P V.
 # "swap16" / "swap32" (swapped operands, for up to 16 / 32 q rows per KV head): the 64 tokens of a tile are the
 # wgmma M and the 16 / 32 q rows its N (S^T = K Q^T, O^T = V^T P^T), so no work goes to padding rows.
-QKS = ("nsplit", "full_wg", "full_wg_ahead", "swap16", "swap32")
-_QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa", "swap16": "_qs16", "swap32": "_qs32"}
+# "qreg" (three warpgroups): warpgroup 0 keeps 384 of Q's channels in registers and computes the whole S tile
+# and its softmax; warpgroups 1 and 2 each accumulate half of the output. With less of Q in shared memory a
+# deeper ring fits (five 32-token stages; templates/kernels/decode_qreg.cuh).
+QKS = ("nsplit", "full_wg", "full_wg_ahead", "swap16", "swap32", "qreg")
+_QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa", "swap16": "_qs16", "swap32": "_qs32",
+            "qreg": "_qr"}
 # How a float8 tile reaches the bf16 tile the wgmmas read in the swapped schedules. "inline": every thread widens
 # it at the top of the tile (one widened tile). "ahead": two widened tiles, warpgroup 1 widens tile j+1 while
 # warpgroup 0 computes S of tile j (needs one stored stage to fit in shared memory).
@@ -144,6 +149,10 @@ class Variant:
         """Shared memory the decode kernel asks for, mirroring the SharedStorage structs of
         templates/kernels/decode_kernel.cuh."""
         el = 2
+        if self.qk == "qreg":                   # SharedStorageQreg: the ring, Q's shared channels, per-stage rescales
+            k = self.stages * self.block_n * HEAD_DIM * el
+            tail = -(-(2 * self.stages * BLOCK_M * 4 + 3 * 8 * self.stages) // 1024) * 1024
+            return k + BLOCK_M * (HEAD_DIM - QREG_CHANNELS) * el + tail + 1024
         q = self.rows_per_cta * HEAD_DIM * el
         k = self.stages * self.block_n * HEAD_DIM * el
         if self.kv_fp8:                         # the stored (1-byte) ring + one (two: widen ahead) widened bf16 tile(s)
@@ -163,7 +172,9 @@ class Variant:
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 
     def accumulator_regs(self) -> int:
-        """fp32 registers per thread held by the O and S accumulators."""
+        """fp32 registers per thread held by the O and S accumulators (qreg: by its output warpgroups)."""
+        if self.qk == "qreg":                   # the larger role: an output warpgroup's half of O
+            return BLOCK_M * (HEAD_DIM_V // 2) // 128
         if self.qk.startswith("swap"):          # O^T: this warpgroup's channels x N; S^T: 64 tokens x N
             n = self.rows_per_cta
             return (HEAD_DIM_V // self.num_warpgroups) * n // 128 + self.block_n * n // 128
@@ -187,8 +198,12 @@ class Variant:
         box = min(self.block_n, self.page_size)
         if self.block_n % box or self.page_size % box or box % 8:
             bad("page size and block_n must nest in multiples of 8 rows")
-        if self.num_warpgroups not in (1, 2, 4):
-            bad("num_warpgroups must be 1, 2 or 4")
+        if self.num_warpgroups not in (1, 2, 3, 4):
+            bad("num_warpgroups must be 1, 2, 3 or 4")
+        if (self.num_warpgroups == 3) != (self.qk == "qreg"):
+            bad("qk=qreg and three warpgroups go together (one computes S from Q in registers, two hold the output)")
+        if self.qk == "qreg" and self.kv_fp8:
+            bad("qk=qreg reads the K tile as it lands: the cache must be bf16 / fp16")
         if self.num_warpgroups == 1:
             bad("one warpgroup would hold a 64x512 fp32 accumulator (256 registers/thread)")
         if self.qk not in QKS:
@@ -215,7 +230,8 @@ class Variant:
         reg_cap = min(MAX_REGS_PER_THREAD, REGS_PER_SM // self.threads)
         # Accumulators plus the addressing/softmax state must fit under the cap. The margin is measured:
         # 4 warpgroups (cap 128) with block_n=64 (72 accumulator regs) spilled 544 B, block_n=32 (68) none.
-        if self.accumulator_regs() + REG_MARGIN > reg_cap:
+        # qreg's output warpgroups hold no S and run no softmax: their margin is smaller (QREG_MARGIN).
+        if self.accumulator_regs() + (REG_MARGIN if self.qk != "qreg" else QREG_MARGIN) > reg_cap:
             bad(f"accumulators need {self.accumulator_regs()} regs/thread, cap is {reg_cap}")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")
@@ -273,7 +289,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # widen=ahead passes the sampled matrix but was slower than the searched float8 winner on every memory-bound
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
-ALL_KNOBS = {**KNOBS, "qk": QKS, "split_min_blocks": (1, 4, 16), "widen": WIDENS}
+ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

@@ -9,7 +9,9 @@ ROPE_DIM = 64           # rope channels (the last 64 of q / k)
 BLOCK_M = 64            # q rows per CTA (wgmma M)
 SCHED_BLOCK_N = 64      # scheduler block in KV tokens (flash_mla/scheduler.py)
 METADATA_SIZE = 8       # int32 columns of a tile-scheduler metadata row
+QREG_CHANNELS = 384     # qreg schedule: Q channels held in registers (the other 192 in shared memory)
 
 # name in mla_constants.h -> value here
 KERNEL_CONSTANTS = {"kHeadDim": HEAD_DIM, "kHeadDimV": HEAD_DIM_V, "kRopeDim": ROPE_DIM, "kBlockM": BLOCK_M,
-                    "kSchedBlockN": SCHED_BLOCK_N, "kMetadataSize": METADATA_SIZE}
+                    "kSchedBlockN": SCHED_BLOCK_N, "kMetadataSize": METADATA_SIZE,
+                    "kQregChannels": QREG_CHANNELS}

@@ -28,6 +28,7 @@
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #include "mla_constants.h"
@@ -38,7 +39,7 @@ namespace fmla {
 using namespace cute;
 
 // Who computes S = Q K^T (codegen/variant.py, QKS) and how split requests are merged (MERGES).
-enum class Qk { kNsplit, kFullWg, kFullWgAhead, kSwap };
+enum class Qk { kNsplit, kFullWg, kFullWgAhead, kSwap, kQreg };
 enum class Merge { kSeparate, kWidePdl };
 
 // Shared memory of the nsplit schedule: a P buffer and row exchanges.
@@ -92,6 +93,20 @@ struct alignas(1024) SharedStorageFullWg {
   uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
 };
 
+// Shared memory of the qreg schedule (decode_qreg.cuh): Q's first kQregChannels channels live in warpgroup 0's
+// registers, only the rest is here, which leaves room for a deeper ring; P lives in each stage's rope chunk;
+// mbarrier pipeline.
+template <class Element, class LQr, class LK, int kStages, int kBM>
+struct alignas(1024) SharedStorageQreg {
+  alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK
+  alignas(1024) Element q[cosize_v<LQr>];           // Q's channels kQregChannels..575 (64 rows)
+  float alpha[kStages][kBM];              // per-row rescale of O for the stage's tile (from warpgroup 0)
+  float row_inv[kStages][kBM];            // 1 / row sum of a request, with the P of its last tile (warpgroup 0)
+  alignas(8) uint64_t full[kStages];      // TMA bytes landed
+  uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
+  uint64_t empty[kStages];                // stage consumed (256 arrivals: warpgroups 1 and 2)
+};
+
 // The tiled MMAs of a schedule (a specialisation per kind, so that only the chosen one is instantiated).
 template <bool kSwap, class Element, int kBM, int kBN, int kBNw, int kDVw, int kD>
 struct MmaPlan {                          // S = Q K^T (64 rows x this warpgroup's columns), O += P V
@@ -117,6 +132,7 @@ struct DecodeTraits {
   static constexpr int kD = kHeadDim;               // q / k head dim (512 latent + 64 rope)
   static constexpr int kDV = kHeadDimV;             // v head dim = leading channels of k
   static constexpr bool kSwap = Cfg::kQk == Qk::kSwap;
+  static constexpr bool kQreg = Cfg::kQk == Qk::kQreg;
   // q rows per CTA: the wgmma M of Q K^T, or in the swapped schedule its N (the tokens are M)
   static constexpr int kBM = kSwap ? Cfg::kRowsN : kBlockM;
   static constexpr int kBN = Cfg::kBlockN;          // KV tokens per pipeline stage
@@ -131,7 +147,8 @@ struct DecodeTraits {
   static constexpr int kChunks = kD / kBoxCh;
   // S columns per warpgroup: a share of them (nsplit), or all of them for warpgroup 0 (full_wg).
   static constexpr int kBNw = Cfg::kQk == Qk::kNsplit ? kBN / kNWG : kBN;
-  static constexpr int kDVw = kDV / kNWG;           // output channels per warpgroup
+  // output channels per warpgroup (qreg: warpgroups 1 and 2 hold the output, warpgroup 0 computes S)
+  static constexpr int kDVw = kDV / (kQreg ? 2 : kNWG);
   static constexpr int kProducer = 128;             // full_wg: thread that issues the TMA loads (first of wg 1)
   static_assert(kSchedBlock % kBN == 0, "stage size must divide the scheduler block");
   static_assert(kBN % kBoxRows == 0 && kPage % kBoxRows == 0, "page size and stage size must nest");
@@ -146,10 +163,15 @@ struct DecodeTraits {
                 "widen ahead: a float8 cache in the swapped schedule, one stored stage and two widened tiles");
   static_assert(!kSwap || (kBN == 64 && kNWG == 2 && kBM % 8 == 0 && kBM <= 64),
                 "swapped schedule: the 64 tokens of a tile are warpgroup 0's wgmma M; 8..64 q rows are its N");
-  static_assert(Cfg::kQk == Qk::kNsplit || kNWG == 2,
+  static_assert(Cfg::kQk == Qk::kNsplit || kQreg || kNWG == 2,
                 "full-width QK: warpgroup 0 computes S, both accumulate half of the output");
+  static_assert(!kQreg || (kNWG == 3 && !kKvFp8 && (kD - kQregChannels) % 64 == 0 && kQregChannels % 64 == 0),
+                "qreg: warpgroup 0 computes S from Q partly in registers, warpgroups 1 and 2 the two output halves; "
+                "bf16 / fp16 cache; whole 64-channel chunks on each side");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
+  using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                              Shape<Int<kBM>, Int<kD - kQregChannels>>{}));
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBN>, Int<kD>>{}));
   // V^T: (channel, token) view of the same bytes as K, channel-contiguous => MN-major B operand of P V.
   using SmemLayoutVt = decltype(composition(SmemLayoutK{},
@@ -157,7 +179,7 @@ struct DecodeTraits {
   using SmemLayoutP = decltype(tile_to_shape(
       std::conditional_t<(kBN >= 64), GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_K_SW64_Atom<Element>>{},
       Shape<Int<kBM>, Int<kBN>>{}));
-  static_assert(Cfg::kQk == Qk::kNsplit || kSwap || cosize_v<SmemLayoutP> == kBN * 64,
+  static_assert(Cfg::kQk == Qk::kNsplit || kSwap || cosize_v<SmemLayoutP> == kBN * kRopeDim,
                 "P must fill exactly the rope chunk of a stage");
 
   // S = Q K^T and O += P V; swapped: S^T = K Q^T (A = the K tile, B = Q) and O^T += V^T P^T (A = V^T, the
@@ -165,7 +187,8 @@ struct DecodeTraits {
   using MmaS = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::S;
   using MmaO = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::O;
 
-  using SharedStorage = std::conditional_t<kSwap,
+  using SharedStorage = std::conditional_t<kQreg, SharedStorageQreg<Element, SmemLayoutQr, SmemLayoutK, kStages, kBM>,
+      std::conditional_t<kSwap,
       SharedStorageSwap<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP,
                         kKvFp8 ? (Cfg::kWidenAhead ? 2 : 1) : kStages, kStages, kBM,
                         kKvFp8 ? kStages : 1, kKvFp8 ? kBN * kD : 128>,
@@ -173,7 +196,7 @@ struct DecodeTraits {
       SharedStorageNsplitFp8<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM, kBN * kD>,
       std::conditional_t<Cfg::kQk == Qk::kNsplit,
           SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
-          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>>>;
+          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>>>>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
   static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
@@ -420,7 +443,8 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
   }
   cutlass::arch::fence_view_async_shared();   // generic-proxy stores -> wgmma (async proxy) reads
   cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
-  cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
+  if constexpr (Cfg::kQk != Qk::kQreg)
+    cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
 }
 
 // What a CTA reads before its first request (after the programmatic-dependent-launch wait, where the merge path
@@ -555,6 +579,73 @@ __device__ __forceinline__ void prepare_tile(const CUtensorMap* tmap, const Fmla
     zero_tail<Cfg>(sK, valid);
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
+  }
+}
+
+// Where a (request, kv head, row block)'s output goes: the final tensors, or its split slot's partials.
+struct OutRows {
+  int req, slot;
+  bool is_split;
+  int mb, hk, groups, rows;
+};
+
+// A warpgroup's output accumulator (rows r0 and r0 + 8 of the row block, channels c_base + ...) times the rows'
+// 1 / sum. Each thread holds, per 8-column group, two adjacent columns; row addresses are formed once and every
+// store is its row pointer plus a compile-time offset. (Written per element, the address arithmetic and row
+// checks made this ~3000 instructions that each CTA runs once: at small batch the kernel waited on instruction
+// fetch more than on anything else.)
+template <class Cfg, class AccO, class CoordO>
+__device__ __forceinline__ void store_o(const FmlaParams& p, const OutRows& o, AccO const& acc_o, CoordO const& cO,
+                                        int r0, int c_base, const float (&inv)[2]) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  constexpr int kDV = T::kDV, kBM = T::kBM;
+  const int c0 = c_base + get<1>(cO(0));
+  int64_t row_off[2];
+  bool row_ok[2];
+  CUTE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int rr = o.mb * kBM + r0 + 8 * h;
+    row_ok[h] = rr < o.rows;
+    row_off[h] = o.is_split ? ((int64_t(o.slot) * p.h_kv + o.hk) * o.rows + rr) * kDV + c0
+                            : ((int64_t(o.req) * p.s_q + rr / o.groups) * p.h_q + o.hk * o.groups + rr % o.groups) * kDV + c0;
+  }
+  if (o.is_split) {
+    float* dst[2] = {p.o_accum + row_off[0], p.o_accum + row_off[1]};
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2) {
+      const int h = (get<0>(cO(i)) - r0) >= 8;
+      const int dc = get<1>(cO(i)) - get<1>(cO(0));     // compile-time
+      if (row_ok[h])
+        *reinterpret_cast<float2*>(dst[h] + dc) = make_float2(acc_o(i) * inv[h], acc_o(i + 1) * inv[h]);
+    }
+  } else {
+    Element* dst[2] = {static_cast<Element*>(p.out) + row_off[0], static_cast<Element*>(p.out) + row_off[1]};
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2) {
+      const int h = (get<0>(cO(i)) - r0) >= 8;
+      const int dc = get<1>(cO(i)) - get<1>(cO(0));
+      Element pair[2] = {Element(acc_o(i) * inv[h]), Element(acc_o(i + 1) * inv[h])};
+      if (row_ok[h]) *reinterpret_cast<uint32_t*>(dst[h] + dc) = *reinterpret_cast<uint32_t*>(pair);
+    }
+  }
+}
+
+// The lse of rows r0 and r0 + 8 (one lane per quad of the warpgroup that holds the row statistics writes).
+template <class Cfg>
+__device__ __forceinline__ void store_lse(const FmlaParams& p, const OutRows& o, int r0, int wtid,
+                                          const float (&lse)[2]) {
+  if ((wtid & 3) != 0) return;
+  CUTE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int rr = o.mb * DecodeTraits<Cfg>::kBM + r0 + 8 * h;
+    if (rr >= o.rows) continue;
+    if (o.is_split) {
+      p.lse_accum[(int64_t(o.slot) * p.h_kv + o.hk) * o.rows + rr] = lse[h];
+    } else {
+      const int sq = rr / o.groups, head = o.hk * o.groups + rr % o.groups;
+      p.lse[(int64_t(o.req) * p.h_q + head) * p.s_q + sq] = lse[h];
+    }
   }
 }
 
@@ -842,53 +933,9 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
       iter += n_iter;
       __syncthreads();                              // every wgmma of this request done (Q is rewritten next)
     }
-    // Output: each thread holds rows r0 and r0 + 8 and, per 8-column group, two adjacent columns. Row
-    // addresses are formed once; every store is then its row pointer plus a compile-time offset. (Written
-    // per element, the address arithmetic and row checks made this ~3000 instructions that each CTA runs
-    // once: at small batch the kernel waited on instruction fetch more than on anything else.)
-    const bool is_split = n_splits > 1;
-    const int c0 = wg * kDVw + get<1>(cO(0));
-    int64_t row_off[2];
-    bool row_ok[2];
-    CUTE_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      const int rr = mb * kBM + r0 + 8 * h;
-      row_ok[h] = rr < rows;
-      row_off[h] = is_split ? ((int64_t(slot) * p.h_kv + hk) * rows + rr) * kDV + c0
-                            : ((int64_t(req) * p.s_q + rr / groups) * p.h_q + hk * groups + rr % groups) * kDV + c0;
-    }
-    if (is_split) {
-      float* dst[2] = {p.o_accum + row_off[0], p.o_accum + row_off[1]};
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); i += 2) {
-        const int h = (get<0>(cO(i)) - r0) >= 8;
-        const int dc = get<1>(cO(i)) - get<1>(cO(0));     // compile-time
-        if (row_ok[h])
-          *reinterpret_cast<float2*>(dst[h] + dc) = make_float2(acc_o(i) * inv[h], acc_o(i + 1) * inv[h]);
-      }
-    } else {
-      Element* dst[2] = {static_cast<Element*>(p.out) + row_off[0], static_cast<Element*>(p.out) + row_off[1]};
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); i += 2) {
-        const int h = (get<0>(cO(i)) - r0) >= 8;
-        const int dc = get<1>(cO(i)) - get<1>(cO(0));
-        Element pair[2] = {Element(acc_o(i) * inv[h]), Element(acc_o(i + 1) * inv[h])};
-        if (row_ok[h]) *reinterpret_cast<uint32_t*>(dst[h] + dc) = *reinterpret_cast<uint32_t*>(pair);
-      }
-    }
-    if (wg == 0 && (wtid & 3) == 0) {
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int rr = mb * kBM + r0 + 8 * h;
-        if (rr >= rows) continue;
-        if (is_split) {
-          p.lse_accum[(int64_t(slot) * p.h_kv + hk) * rows + rr] = lse[h];
-        } else {
-          const int sq = rr / groups, head = hk * groups + rr % groups;
-          p.lse[(int64_t(req) * p.h_q + head) * p.s_q + sq] = lse[h];
-        }
-      }
-    }
+    const OutRows out{req, slot, n_splits > 1, mb, hk, groups, rows};
+    store_o<Cfg>(p, out, acc_o, cO, r0, wg * kDVw, inv);
+    if (wg == 0) store_lse<Cfg>(p, out, r0, wtid, lse);
   }
 }
 
@@ -896,6 +943,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
 }  // namespace fmla
 
 #include "decode_swap.cuh"
+#include "decode_qreg.cuh"
 
 namespace fmla {
 
@@ -903,6 +951,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(DecodeTraits<Cfg>::kThreads, 1)
 decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ FmlaParams p) {
   if constexpr (Cfg::kQk == Qk::kSwap) decode_swap_tiles<Cfg>(tmap_k, p);
+  else if constexpr (Cfg::kQk == Qk::kQreg) decode_qreg_tiles<Cfg>(tmap_k, p);
   else decode_tiles<Cfg>(tmap_k, p);
 }
 

@@ -10,5 +10,6 @@ constexpr int kRopeDim = 64;         // rope channels (the last 64 of q / k)
 constexpr int kBlockM = 64;          // q rows per CTA (wgmma M)
 constexpr int kSchedBlockN = 64;     // scheduler block in KV tokens (flash_mla/scheduler.py)
 constexpr int kMetadataSize = 8;     // int32 columns of a tile-scheduler metadata row
+constexpr int kQregChannels = 384;   // qreg schedule: Q channels held in registers (the other 192 in shared memory)
 
 }  // namespace fmla

@@ -1,0 +1,206 @@
+// The qreg schedule (qk = "qreg"): three warpgroups with distinct roles, for the compute-bound shapes.
+//   warpgroup 0 holds the first kQregChannels channels of its 64 Q rows in registers for the whole request
+//   (96 registers) and computes the full 64 x BLOCK_N S of every tile: register-A wgmmas over those channels, then
+//   shared-memory wgmmas over the other 192 (Q's rest stays in shared memory). Then the softmax, P (stmatrix) into
+//   the stage's rope chunk, the rows' rescale into shared memory, and on to the next tile at once: its softmax
+//   and QK overlap the P V of the other two.
+//   warpgroups 1 and 2 each accumulate one half of the 512 output channels, O += P V; the first thread of
+//   warpgroup 1 issues the TMA loads of the ring.
+// Q's smaller shared-memory share leaves room for a deeper ring (five 32-token stages: four tiles in flight while
+// one is computed; the nsplit and full_wg schedules hold two 64-token stages). Every role fits the 168 registers
+// of a 384-thread CTA. No CTA-wide barrier after the start: full (TMA bytes), pready (P and the rescale of a stage
+// published by warpgroup 0) and empty (warpgroups 1 and 2 done with a stage) mbarriers.
+// Included by decode_kernel.cuh.
+#pragma once
+
+namespace fmla {
+
+template <class Cfg>
+__device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, const FmlaParams& p) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  using SharedStorage = typename T::SharedStorage;
+  using SmemLayoutK = typename T::SmemLayoutK;     // (64 tokens, 576)
+  using SmemLayoutVt = typename T::SmemLayoutVt;   // (512 channels, 64 tokens)
+  using SmemLayoutP = typename T::SmemLayoutP;     // (64 rows, 64 tokens): a stage's rope chunk
+  using SmemLayoutQr = typename T::SmemLayoutQr;   // (64 rows, the 192 channels of Q not in registers)
+  using MmaO = typename T::MmaO;                   // 64 x 256 x BLOCK_N, P and V from shared memory
+  constexpr int kD = T::kD, kBM = T::kBM, kBN = T::kBN, kStages = T::kStages, kDVw = T::kDVw;
+  constexpr int kQc = kQregChannels, kQs = kD - kQregChannels;
+  // S = Q K^T in two parts accumulating into one fragment: channels [0, kQc) with Q from registers, [kQc, 576)
+  // with Q from shared memory. Same accumulator layout.
+  using MmaQn = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
+      Shape<Int<kBM>, Int<kBN>, Int<kQc>>>()));
+  using MmaQr = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+      Shape<Int<kBM>, Int<kBN>, Int<kQs>>>()));
+  extern __shared__ char smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>(aligned_smem<2>(smem_raw));
+  const int tid = threadIdx.x;
+  const int wg = cutlass::canonical_warp_group_idx();
+  const int wtid = tid % 128;
+  const int hk = blockIdx.y, mb = blockIdx.z;
+  const int groups = p.h_q / p.h_kv;
+  const int rows = p.s_q * groups;
+
+  const CtaStart cs = cta_start<Cfg>(tmap_k, p);
+  const float qk_scale = cs.qk_scale, scale_log2 = cs.scale_log2;
+  if (cs.end_req < cs.begin_req) return;          // idle partition
+
+  if (tid == 0) {
+    CUTE_UNROLL
+    for (int st = 0; st < kStages; ++st) {
+      cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
+      cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
+      cutlass::arch::ClusterBarrier::init(&s.empty[st], 256);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  int iter = 0;                                   // global stage counter: drives mbarrier phases
+  if (wg == 0) {
+    MmaQn mma_qn;
+    MmaQr mma_qr;
+    auto thr_qn = mma_qn.get_thread_slice(wtid);
+    auto thr_qr = mma_qr.get_thread_slice(wtid);
+    // Q's first kQc channels as the register A operand, and the (row, channel) of each of its elements.
+    Tensor tSrQ = thr_qn.partition_fragment_A(make_tensor(make_smem_ptr(s.q), Shape<Int<kBM>, Int<kQc>>{}));
+    Tensor cQ = thr_qn.partition_A(make_identity_tensor(Shape<Int<kBM>, Int<kQc>>{}));
+    Tensor cS = thr_qr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    const int r0 = get<0>(cS(0));
+    Tensor acc_s = partition_fragment_C(mma_qr, Shape<Int<kBM>, Int<kBN>>{});
+
+    for (int req = cs.begin_req; req <= cs.end_req; ++req) {
+      const RequestSpan span = request_span<Cfg>(p, cs, req);
+      // Q of this (request, kv head, row block): channels [kQc, 576) into shared memory (cp.async), the others
+      // into registers (two adjacent channels per 32-bit load: elements i and i + 1 of the fragment). Rows past
+      // the request's rows are zeros. The previous request's last Q K^T has completed (waited below).
+      const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
+      const Element* qrow[2];
+      bool qok[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int rr = mb * kBM + r0 + 8 * h;
+        qok[h] = rr < rows;
+        qrow[h] = q_req + (qok[h] ? (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride : 0);
+      }
+      Tensor sQr = make_tensor(make_smem_ptr(s.q), SmemLayoutQr{});
+      #pragma unroll 1
+      for (int idx = wtid; idx < kBM * (kQs / 8); idx += 128) {
+        const int r = idx / (kQs / 8), c8 = (idx % (kQs / 8)) * 8;
+        const int rr = mb * kBM + r;
+        const bool valid = rr < rows;
+        const Element* src = q_req + kQc + c8;
+        if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
+        const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQr(r, c8)));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+      }
+      CUTE_UNROLL
+      for (int i = 0; i < size(tSrQ); i += 2) {
+        const int h = get<0>(cQ(i)) != r0;
+        cutlass::Array<Element, 2> pair;
+        pair.clear();
+        if (qok[h]) pair = *reinterpret_cast<const cutlass::Array<Element, 2>*>(qrow[h] + get<1>(cQ(i)));
+        tSrQ(i) = pair[0];
+        tSrQ(i + 1) = pair[1];
+      }
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(128, 1);  // every shared-memory piece of Q landed before the wgmmas read it
+
+      int limit[2];
+      causal_limits<kBM>(p, mb, r0, groups, rows, span.seqlen, limit);
+      float m_run[2] = {-INFINITY, -INFINITY};
+      float l_run[2] = {0.f, 0.f};
+      float alpha[2];
+      for (int j = 0; j < span.n_iter; ++j) {
+        const int it = iter + j, st = it % kStages;
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[st], (it / kStages) & 1);
+        Tensor sK = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{});
+        Tensor tSrKn = thr_qn.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQc>>{}, make_coord(0, 0)));
+        Tensor tSrKr = thr_qr.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQs>>{}, make_coord(0, kQc / kQs)));
+        // Q's shared-memory descriptors from an opaque pointer per tile (hoisted, they would live in registers).
+        Tensor tSsQr = thr_qr.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQr{}));
+        warpgroup_fence_operand(acc_s);
+        warpgroup_arrive();
+        mma_qn.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+          cute::gemm(mma_qn, tSrQ(_, _, kb), tSrKn(_, _, kb), acc_s);
+          mma_qn.accumulate_ = GMMA::ScaleOut::One;
+        }
+        mma_qr.accumulate_ = GMMA::ScaleOut::One;
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc_s);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        softmax_tile<Cfg>(j, acc_s, cS, mma_qr, s, iter, span.tok_lo, span.tok_hi, limit, r0, wtid, scale_log2,
+                          m_run, l_run, alpha);
+      }
+      iter += span.n_iter;
+
+      float lse[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const float l = quad_sum(l_run[h]);
+        // Empty rows: +inf is the final convention, -inf marks "no mass" in split partials.
+        lse[h] = l > 0.f ? m_run[h] * qk_scale + logf(l) : (span.n_splits > 1 ? -INFINITY : INFINITY);
+      }
+      const OutRows out{req, span.slot, span.n_splits > 1, mb, hk, groups, rows};
+      store_lse<Cfg>(p, out, r0, wtid, lse);
+    }
+  } else {
+    constexpr int kProducer = T::kProducer;
+    const int half = wg - 1;                      // output channels [half * 256, half * 256 + 256)
+    MmaO mma_o;
+    auto thr_o = mma_o.get_thread_slice(wtid);
+    Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kDVw>>{}));
+    const int r0 = get<0>(cO(0));
+
+    for (int req = cs.begin_req; req <= cs.end_req; ++req) {
+      const RequestSpan span = request_span<Cfg>(p, cs, req);
+      const int n_iter = span.n_iter;
+      // The producer fills the ring for this request: a stage is reloaded only after warpgroups 1 and 2 arrived
+      // on its empty barrier for the tile it held.
+      if (tid == kProducer) {
+        for (int j = 0; j < min(n_iter, kStages); ++j) {
+          const int it = iter + j;
+          if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[it % kStages], (it / kStages - 1) & 1);
+          load_stage<Cfg>(&tmap_k, p, s, it % kStages, req, hk, span.tok_lo + j * kBN, span.seqlen);
+        }
+      }
+      Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBM>, Int<kDVw>>{});
+      clear(acc_o);
+      float inv[2] = {0.f, 0.f};
+      for (int j = 0; j < n_iter; ++j) {
+        const int it = iter + j, st = it % kStages;
+        cutlass::arch::ClusterBarrier::wait(&s.pready[st], (it / kStages) & 1);
+        const float a0 = s.alpha[st][r0], a1 = s.alpha[st][r0 + 8];
+        if (a0 != 1.f || a1 != 1.f) {             // row maxima unchanged: most tiles after the first ones
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= (get<0>(cO(i)) - r0) >= 8 ? a1 : a0;
+        }
+        if (j + 1 == n_iter) {                    // the last tile: 1 / row sum came with it
+          inv[0] = s.row_inv[st][r0];
+          inv[1] = s.row_inv[st][r0 + 8];
+        }
+        Tensor tOrP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(p_tile<Cfg>(s, st)), SmemLayoutP{}));
+        Tensor sVt = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutVt{});
+        Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(half, 0)));
+        issue_ss<true>(mma_o, tOrP, tOrV, acc_o);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+        if (tid == kProducer && j + kStages < n_iter) {
+          cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
+          load_stage<Cfg>(&tmap_k, p, s, st, req, hk, span.tok_lo + (j + kStages) * kBN, span.seqlen);
+        }
+      }
+      iter += n_iter;
+      const OutRows out{req, span.slot, span.n_splits > 1, mb, hk, groups, rows};
+      store_o<Cfg>(p, out, acc_o, cO, r0, half * kDVw, inv);
+    }
+  }
+}
+
+}  // namespace fmla
