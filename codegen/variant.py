@@ -257,7 +257,7 @@ class Variant:
 KNOBS = {
     "block_n": (32, 64),
     "stages": (1, 2, 3, 4),
-    "num_warpgroups": (2, 4),
+    "num_warpgroups": (2, 3, 4),            # 3: the qreg schedule only
     "split_overhead": (2, 5),
     # Above 1 (4, 16) it was slower on every shape measured (H100, b1-16, h_q 16-128, s_k 1024-4096 fixed and
     # varlen): one CTA takes ~1.8 us per 64-token tile at 64 padded rows, more than a merge of more
@@ -269,7 +269,8 @@ KNOBS = {
     # racecheck on a GPU yet: it runs only when named (--variants, variant=).
     # swap16 / swap32 pass the sampled matrix (H100, bf16 and float8 caches); on a float8 cache swap16 is up to
     # 15% faster than nsplit at h_q = 16 (bench/results/h100-fp8-kv-cache-2026-11-23.txt).
-    "qk": ("nsplit", "full_wg", "swap16", "swap32"),
+    # qreg passes the sampled matrix (H100, n64 s2 and n32 s5); n64 s2 is 6-8% faster than nsplit on h_q >= 64.
+    "qk": ("nsplit", "full_wg", "swap16", "swap32", "qreg"),
 }
 
 

@@ -24,7 +24,7 @@ def test_space_is_large_and_valid():
         assert v.smem_bytes() <= SMEM_LIMIT
     for knob, values in ALL_KNOBS.items():   # every knob keeps >= 2 buildable values
         assert len({getattr(v, knob) for v in space}) >= 2, knob
-    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit", "full_wg", "swap16", "swap32"}  # searched
+    assert {v.qk for v in full_space()} == set(KNOBS["qk"]) == {"nsplit", "full_wg", "swap16", "swap32", "qreg"}
     assert {v for v in full_space()} < set(space)
 
 
@@ -55,10 +55,24 @@ def test_key_is_stable_and_roundtrips():
     (dict(split_min_blocks=0), "split_min_blocks"),
     (dict(merge="fused_later"), "merge must be one of"),
     (dict(merge="wide_pdl", combine_rows=8), "combine_rows shapes only the separate merge"),
+    (dict(num_warpgroups=3), "qreg and three warpgroups go together"),
+    (dict(qk="qreg"), "qreg and three warpgroups go together"),
+    (dict(qk="qreg", num_warpgroups=3, block_n=64, stages=3), "shared memory"),
+    (dict(qk="qreg", num_warpgroups=3, block_n=32, stages=6), "shared memory"),
+    (dict(dtype="bf16_e4m3", qk="qreg", num_warpgroups=3), "cache must be bf16 / fp16"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
         Variant(**kwargs).validate()
+
+
+def test_qreg_shared_memory_mirrors_its_struct():
+    # SharedStorageQreg: the ring, Q's 192 shared-memory channels, per-stage rescales (1024-aligned), + base slack
+    v = Variant(block_n=64, stages=2, num_warpgroups=3, qk="qreg").validate()
+    assert v.smem_bytes() == 2 * 64 * 576 * 2 + 64 * 192 * 2 + 2048 + 1024
+    deep = Variant(block_n=32, stages=5, num_warpgroups=3, qk="qreg").validate()
+    assert deep.smem_bytes() == 5 * 32 * 576 * 2 + 64 * 192 * 2 + 3072 + 1024
+    assert v.threads == 384 and v.key.endswith("_qr") and v.accumulator_regs() == 128
 
 
 def test_every_variant_renders():
@@ -97,6 +111,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="swap16"),
     Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=1, num_warpgroups=2, qk="swap32", widen="ahead"),
+    Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg"),
 ]
 
 

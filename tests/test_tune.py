@@ -38,7 +38,7 @@ class SyntheticMeasurer:
             return {"state": "failed_check", "error": "synthetic mismatch"}
         us = 100.0 + 7 * abs(v.block_n - 64) / 32 + 3 * abs(v.stages - 2) + 5 * (v.num_warpgroups - 2) \
             + 0.5 * v.split_overhead + 0.25 * abs(v.split_min_blocks - 4) / 4 \
-            + (0.0 if v.merge == "wide_pdl" else 2.0) + {"nsplit": 1.0, "full_wg": 0.0, "full_wg_ahead": 1.5, "swap16": 2.5, "swap32": 3.0}[v.qk]
+            + (0.0 if v.merge == "wide_pdl" else 2.0) + {"nsplit": 1.0, "full_wg": 0.0, "full_wg_ahead": 1.5, "swap16": 2.5, "swap32": 3.0, "qreg": 2.0}[v.qk]
         return {"state": "ok", "us": us, "gbs": 1.0, "tflops": 1.0}
 
     def stop(self):

@@ -68,7 +68,7 @@ class LengthAwareMeasurer:
         v = Variant.from_dict(variant)
         self.calls.append((v.key, shape["mean_sk"]))
         us = 100.0 + 3 * abs(v.stages - 2) + 5 * (v.num_warpgroups - 2) + 0.5 * v.split_overhead \
-            + (0.0 if v.merge == "wide_pdl" else 2.0) + {"nsplit": 1.0, "full_wg": 0.5, "full_wg_ahead": 1.5, "swap16": 2.5, "swap32": 3.0}[v.qk]
+            + (0.0 if v.merge == "wide_pdl" else 2.0) + {"nsplit": 1.0, "full_wg": 0.5, "full_wg_ahead": 1.5, "swap16": 2.5, "swap32": 3.0, "qreg": 2.0}[v.qk]
         if v.block_n == 32:
             us += -6.0 if shape["mean_sk"] <= 2048 else 9.0
         return {"state": "ok", "us": us * shape["mean_sk"] / 1024, "gbs": 1.0, "tflops": 1.0}
