@@ -302,11 +302,17 @@ def test_engine_block_table_is_as_wide_as_max_model_len():
     assert wide.shape == (2, 10) and torch.equal(wide[:, :3], bt) and not wide[:, 3:].any()
 
 
-def test_a_new_study_measures_the_default_and_its_one_knob_neighbours_first():
+def test_a_new_study_measures_the_default_and_its_nearest_neighbour_per_knob_value_first():
     w = Workload(16, 1, 32, 2048)
     seeds = tune.seed_points(w)
     d = default_variant()
     assert seeds[0] == d and len(seeds) == len({v.key for v in seeds}) >= 4
-    for v in seeds[1:]:
-        assert sum(getattr(v, k) != getattr(d, k) for k in tune.KNOBS) == 1
+    changed = [sum(getattr(v, k) != getattr(d, k) for k in tune.KNOBS) for v in seeds[1:]]
     assert any(v.merge != d.merge for v in seeds)
+    # every searched value of every knob is seen once, one knob away where that is valid
+    for knob, values in tune.KNOBS.items():
+        assert {getattr(v, knob) for v in seeds} == set(values), knob
+    # qk=qreg needs three warpgroups: its seed changes exactly those two knobs
+    (qreg,) = [v for v in seeds if v.qk == "qreg"]
+    assert qreg.num_warpgroups == 3 and sum(getattr(qreg, k) != getattr(d, k) for k in tune.KNOBS) == 2
+    assert max(changed) <= 2

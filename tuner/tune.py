@@ -194,19 +194,27 @@ def _enqueue_unmeasured(study, w: Workload, valid: set, known: dict, claims, nam
 
 
 def seed_points(w: Workload) -> list[Variant]:
-    """The default variant and every valid variant one knob away from it, in KNOBS order: a new study measures
-    these first. Each knob's effect on this workload is then seen once (the merge path alone moves times by
-    4-14% at batch >= 8 on the H100: bench/results/h100-held-out-evaluation-2026-11-23.txt), which 5 random
-    startup trials of a 56-point space often miss."""
+    """The default variant and, for every other knob value, the valid variant nearest to it with that value (one
+    knob away where that is valid; otherwise the fewest knobs changed, e.g. qk=qreg with its three warpgroups),
+    in KNOBS order: a new study measures these first. Each knob value's effect on this workload is then seen once
+    (the merge path alone moves times by 4-14% at batch >= 8 on the H100:
+    bench/results/h100-held-out-evaluation-2026-11-23.txt), which 5 random startup trials of the space often miss."""
     d = default_variant(w.dtype, w.page_size)
-    valid = {v.key for v in search_space(w.dtype, w.page_size)}
+    space = search_space(w.dtype, w.page_size)
+    valid = {v.key for v in space}
     out = [d]
     for knob, values in KNOBS.items():
         for value in values:
-            if value != getattr(d, knob):
-                v = dataclasses.replace(d, **{knob: value})
-                if v.key in valid and v not in out:
-                    out.append(v)
+            if value == getattr(d, knob):
+                continue
+            v = dataclasses.replace(d, **{knob: value})
+            if v.key not in valid:
+                with_value = [c for c in space if getattr(c, knob) == value]
+                if not with_value:
+                    continue
+                v = min(with_value, key=lambda c: sum(getattr(c, k) != getattr(d, k) for k in KNOBS))
+            if v not in out:
+                out.append(v)
     return out
 
 
