@@ -149,11 +149,8 @@ class Variant:
         """Shared memory the decode kernel asks for, mirroring the SharedStorage structs of
         templates/kernels/decode_kernel.cuh."""
         el = 2
-        if self.qk == "qreg":                   # SharedStorageQreg: the ring, Q's shared channels, per-stage rescales
-            k = self.stages * self.block_n * HEAD_DIM * el
-            tail = -(-(2 * self.stages * BLOCK_M * 4 + 3 * 8 * self.stages) // 1024) * 1024
-            return k + BLOCK_M * (HEAD_DIM - QREG_CHANNELS) * el + tail + 1024
-        q = self.rows_per_cta * HEAD_DIM * el
+        # Q in shared memory: all its channels, or qreg's share (the rest is in warpgroup 0's registers)
+        q = (BLOCK_M * (HEAD_DIM - QREG_CHANNELS) if self.qk == "qreg" else self.rows_per_cta * HEAD_DIM) * el
         k = self.stages * self.block_n * HEAD_DIM * el
         if self.kv_fp8:                         # the stored (1-byte) ring + one (two: widen ahead) widened bf16 tile(s)
             k = self.stages * self.block_n * HEAD_DIM + (1 + (self.widen == "ahead")) * self.block_n * HEAD_DIM * el
@@ -165,7 +162,7 @@ class Variant:
         if self.qk == "nsplit":
             p = BLOCK_M * self.block_n * el
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
-        else:                                   # P lives in each stage's rope chunk
+        else:                                   # full_wg, qreg: P lives in each stage's rope chunk
             p = 0
             tail = 2 * self.stages * BLOCK_M * 4 + 3 * 8 * self.stages   # alpha and row_inv per stage
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned

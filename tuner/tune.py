@@ -201,18 +201,14 @@ def seed_points(w: Workload) -> list[Variant]:
     bench/results/h100-held-out-evaluation-2026-11-23.txt), which 5 random startup trials of the space often miss."""
     d = default_variant(w.dtype, w.page_size)
     space = search_space(w.dtype, w.page_size)
-    valid = {v.key for v in space}
     out = [d]
     for knob, values in KNOBS.items():
         for value in values:
-            if value == getattr(d, knob):
+            with_value = [c for c in space if getattr(c, knob) == value]
+            if value == getattr(d, knob) or not with_value:
                 continue
-            v = dataclasses.replace(d, **{knob: value})
-            if v.key not in valid:
-                with_value = [c for c in space if getattr(c, knob) == value]
-                if not with_value:
-                    continue
-                v = min(with_value, key=lambda c: sum(getattr(c, k) != getattr(d, k) for k in KNOBS))
+            # fewest knobs changed; the first in space order among equals (one knob away is unique where valid)
+            v = min(with_value, key=lambda c: sum(getattr(c, k) != getattr(d, k) for k in KNOBS))
             if v not in out:
                 out.append(v)
     return out
