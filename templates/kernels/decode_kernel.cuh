@@ -499,34 +499,40 @@ __device__ __forceinline__ RequestSpan request_span(const FmlaParams& p, const C
   return r;
 }
 
+// Row rr of a (request, kv head)'s q rows (query position rr / groups, head hk * groups + rr % groups): its first
+// element, from the request's q.
+template <class Element>
+__device__ __forceinline__ const Element* q_row(const FmlaParams& p, int req, int rr, int groups, int hk) {
+  return static_cast<const Element*>(p.q) + req * p.q_batch_stride + (rr / groups) * p.q_seq_stride +
+         (hk * groups + rr % groups) * p.q_head_stride;
+}
+
 // The start of a request: its first block-table entry into L2, and the Q tile (rows mb * kBM .. + kBM - 1 of this
-// (request, kv head); padding rows zero-filled) by cp.async, every 16-byte piece in flight at once (a blocking load
-// per piece would chain ~18 DRAM round trips per thread before the first wgmma). Issued first: it depends on the
-// request alone, so it overlaps the loads of the schedule. One warp per row (the row's head and query position
-// computed once), lanes over its 72 pieces. The caller waits (cp.async.wait_all) and synchronises.
-template <class Cfg, class TensorQ>
+// (request, kv head), channels kC0..575 into sQ's columns 0..; padding rows zero-filled) by cp.async, every 16-byte
+// piece in flight at once (a blocking load per piece would chain ~18 DRAM round trips per thread before the first
+// wgmma). Issued first: it depends on the request alone, so it overlaps the loads of the schedule. One warp per
+// row (the row's head and query position computed once), lanes over its pieces. kWorkers threads (ids `tid`) take
+// part. The caller waits (cp.async.wait_all) and synchronises.
+template <class Cfg, int kC0 = 0, int kWorkers = DecodeTraits<Cfg>::kThreads, class TensorQ>
 __device__ __forceinline__ void start_request(const FmlaParams& p, const CtaStart& c, TensorQ& sQ, int req, int hk,
-                                              int mb, int groups, int rows) {
+                                              int mb, int groups, int rows, int tid = threadIdx.x) {
   using T = DecodeTraits<Cfg>;
   using Element = typename T::Element;
-  constexpr int kBM = T::kBM, kD = T::kD, kThreads = T::kThreads;
-  const int tid = threadIdx.x;
+  constexpr int kBM = T::kBM, kD = T::kD;
   if (tid == 0) {
     // (a prefetch never faults, so an entry past the table's end is harmless)
     const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
                         (req == c.begin_req ? c.begin_block : 0) * T::kSchedBlock / T::kPage;
     asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
   }
-  const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
   #pragma unroll 1
-  for (int r = tid / 32; r < kBM; r += kThreads / 32) {
+  for (int r = tid / 32; r < kBM; r += kWorkers / 32) {
     const int rr = mb * kBM + r;
     const bool valid = rr < rows;
-    const Element* src = q_req;
-    if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
+    const Element* src = valid ? q_row<Element>(p, req, rr, groups, hk) : static_cast<const Element*>(p.q);
     CUTE_UNROLL
-    for (int c8 = (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
-      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8)));
+    for (int c8 = kC0 + (tid % 32) * 8; c8 < kD; c8 += 32 * 8) {
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(r, c8 - kC0)));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                    :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
     }
@@ -587,6 +593,16 @@ struct OutRows {
   int req, slot;
   bool is_split;
   int mb, hk, groups, rows;
+  // Row rr's channel 0 in o_accum (a split's partial) or out.
+  __device__ __forceinline__ int64_t o_offset(const FmlaParams& p, int rr) const {
+    return is_split ? ((int64_t(slot) * p.h_kv + hk) * rows + rr) * kHeadDimV
+                    : ((int64_t(req) * p.s_q + rr / groups) * p.h_q + hk * groups + rr % groups) * kHeadDimV;
+  }
+  // Row rr's entry in lse_accum or lse.
+  __device__ __forceinline__ int64_t lse_offset(const FmlaParams& p, int rr) const {
+    return is_split ? (int64_t(slot) * p.h_kv + hk) * rows + rr
+                    : (int64_t(req) * p.h_q + hk * groups + rr % groups) * p.s_q + rr / groups;
+  }
 };
 
 // A warpgroup's output accumulator (rows r0 and r0 + 8 of the row block, channels c_base + ...) times the rows'
@@ -607,8 +623,7 @@ __device__ __forceinline__ void store_o(const FmlaParams& p, const OutRows& o, A
   for (int h = 0; h < 2; ++h) {
     const int rr = o.mb * kBM + r0 + 8 * h;
     row_ok[h] = rr < o.rows;
-    row_off[h] = o.is_split ? ((int64_t(o.slot) * p.h_kv + o.hk) * o.rows + rr) * kDV + c0
-                            : ((int64_t(o.req) * p.s_q + rr / o.groups) * p.h_q + o.hk * o.groups + rr % o.groups) * kDV + c0;
+    row_off[h] = o.o_offset(p, rr) + c0;
   }
   if (o.is_split) {
     float* dst[2] = {p.o_accum + row_off[0], p.o_accum + row_off[1]};
@@ -639,13 +654,7 @@ __device__ __forceinline__ void store_lse(const FmlaParams& p, const OutRows& o,
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int rr = o.mb * DecodeTraits<Cfg>::kBM + r0 + 8 * h;
-    if (rr >= o.rows) continue;
-    if (o.is_split) {
-      p.lse_accum[(int64_t(o.slot) * p.h_kv + o.hk) * o.rows + rr] = lse[h];
-    } else {
-      const int sq = rr / o.groups, head = o.hk * o.groups + rr % o.groups;
-      p.lse[(int64_t(o.req) * p.h_q + head) * p.s_q + sq] = lse[h];
-    }
+    if (rr < o.rows) (o.is_split ? p.lse_accum : p.lse)[o.lse_offset(p, rr)] = lse[h];
   }
 }
 

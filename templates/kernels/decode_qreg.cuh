@@ -75,25 +75,15 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       // Q of this (request, kv head, row block): channels [kQc, 576) into shared memory (cp.async), the others
       // into registers (two adjacent channels per 32-bit load: elements i and i + 1 of the fragment). Rows past
       // the request's rows are zeros. The previous request's last Q K^T has completed (waited below).
-      const Element* q_req = static_cast<const Element*>(p.q) + req * p.q_batch_stride;
+      Tensor sQr = make_tensor(make_smem_ptr(s.q), SmemLayoutQr{});
+      start_request<Cfg, kQc, 128>(p, cs, sQr, req, hk, mb, groups, rows, wtid);
       const Element* qrow[2];
       bool qok[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
         const int rr = mb * kBM + r0 + 8 * h;
         qok[h] = rr < rows;
-        qrow[h] = q_req + (qok[h] ? (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride : 0);
-      }
-      Tensor sQr = make_tensor(make_smem_ptr(s.q), SmemLayoutQr{});
-      #pragma unroll 1
-      for (int idx = wtid; idx < kBM * (kQs / 8); idx += 128) {
-        const int r = idx / (kQs / 8), c8 = (idx % (kQs / 8)) * 8;
-        const int rr = mb * kBM + r;
-        const bool valid = rr < rows;
-        const Element* src = q_req + kQc + c8;
-        if (valid) src += (rr / groups) * p.q_seq_stride + (hk * groups + rr % groups) * p.q_head_stride;
-        const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(&sQr(r, c8)));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+        qrow[h] = qok[h] ? q_row<Element>(p, req, rr, groups, hk) : static_cast<const Element*>(p.q);
       }
       CUTE_UNROLL
       for (int i = 0; i < size(tSrQ); i += 2) {

@@ -26,7 +26,7 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
   using SmemLayoutP = typename T::SmemLayoutP;     // (N, 64 tokens): P^T, K-major
   using MmaS = typename T::MmaS;
   using MmaO = typename T::MmaO;
-  constexpr int kD = T::kD, kDV = T::kDV, kN = T::kBM, kBN = T::kBN, kStages = T::kStages;
+  constexpr int kD = T::kD, kN = T::kBM, kBN = T::kBN, kStages = T::kStages;
   constexpr int kDVw = T::kDVw;
   constexpr int kCols = kN / 4;                   // q rows (columns of S^T and O^T) per thread
   constexpr bool kAhead = Cfg::kWidenAhead;
@@ -214,6 +214,7 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
 
     // Output: O^T (channel, q row) -> row-major out / o_accum; each thread's (channel, row) pairs.
     const bool is_split = n_splits > 1;
+    const OutRows out{req, slot, is_split, mb, hk, groups, rows};
     float inv[kCols];
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) inv[c] = s.inv[rb][col_of(c)];
@@ -224,22 +225,12 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
       if (rr >= rows) continue;
       const int ch = wg * kDVw + get<0>(cO(i));
       const float v = acc_o(i) * inv[slot_of(i)];
-      if (is_split) {
-        p.o_accum[((int64_t(slot) * p.h_kv + hk) * rows + rr) * kDV + ch] = v;
-      } else {
-        static_cast<Element*>(p.out)[((int64_t(req) * p.s_q + rr / groups) * p.h_q + hk * groups + rr % groups) * kDV
-                                     + ch] = Element(v);
-      }
+      if (is_split) p.o_accum[out.o_offset(p, rr) + ch] = v;
+      else static_cast<Element*>(p.out)[out.o_offset(p, rr) + ch] = Element(v);
     }
     if (tid < kN) {
       const int rr = mb * kN + tid;
-      if (rr < rows) {
-        if (is_split) {
-          p.lse_accum[(int64_t(slot) * p.h_kv + hk) * rows + rr] = s.lse[rb][tid];
-        } else {
-          p.lse[(int64_t(req) * p.h_q + hk * groups + rr % groups) * p.s_q + rr / groups] = s.lse[rb][tid];
-        }
-      }
+      if (rr < rows) (is_split ? p.lse_accum : p.lse)[out.lse_offset(p, rr)] = s.lse[rb][tid];
     }
     __syncthreads();                              // Q, inv, lse and red are rewritten by the next request
   }
