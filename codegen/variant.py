@@ -45,6 +45,12 @@ _QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa", "swap16": "
 # it at the top of the tile (one widened tile). "ahead": two widened tiles, warpgroup 1 widens tile j+1 while
 # warpgroup 0 computes S of tile j (needs one stored stage to fit in shared memory).
 WIDENS = ("inline", "ahead")
+# CTAs per thread-block cluster along the row-block axis (grid z). 2: the two CTAs of a cluster compute two row
+# blocks of the same (request, kv head) over the same work list and share every K tile: each CTA's producer loads
+# half of a tile's TMA boxes and multicasts them into both CTAs' shared memory, so L2 serves each tile once per
+# cluster instead of once per CTA (the row-block grid is rounded up to a multiple of 2; an odd last row block
+# computes padding rows). qreg only.
+CLUSTERS = (1, 2)
 
 
 class InvalidVariant(ValueError):
@@ -66,6 +72,7 @@ class Variant:
     merge: str = "separate"     # merge path of split requests, one of MERGES
     qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
     widen: str = "inline"       # float8 cache, swapped schedules: "ahead" = warpgroup 1 widens the next tile, one of WIDENS
+    cluster: int = 1            # CTAs per cluster sharing each K tile by TMA multicast, one of CLUSTERS
 
     # -- identity -----------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -76,14 +83,18 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._min_blocks_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._min_blocks_tag}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}")
+
+    @property
+    def _cluster_tag(self) -> str:
+        return "" if self.cluster == 1 else f"_x{self.cluster}"
 
     @property
     def _widen_tag(self) -> str:
@@ -230,6 +241,10 @@ class Variant:
         # qreg's output warpgroups hold no S and run no softmax: their margin is smaller (QREG_MARGIN).
         if self.accumulator_regs() + (REG_MARGIN if self.qk != "qreg" else QREG_MARGIN) > reg_cap:
             bad(f"accumulators need {self.accumulator_regs()} regs/thread, cap is {reg_cap}")
+        if self.cluster not in CLUSTERS:
+            bad(f"cluster must be one of {CLUSTERS}")
+        if self.cluster > 1 and self.qk != "qreg":
+            bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for qk=qreg only")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")
         if self.split_min_blocks < 1:
@@ -287,7 +302,8 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # widen=ahead passes the sampled matrix but was slower than the searched float8 winner on every memory-bound
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
-ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS}
+ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
+             "cluster": CLUSTERS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

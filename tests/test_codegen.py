@@ -60,6 +60,8 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="qreg", num_warpgroups=3, block_n=64, stages=3), "shared memory"),
     (dict(qk="qreg", num_warpgroups=3, block_n=32, stages=6), "shared memory"),
     (dict(dtype="bf16_e4m3", qk="qreg", num_warpgroups=3), "cache must be bf16 / fp16"),
+    (dict(cluster=2), "qk=qreg only"),
+    (dict(qk="qreg", num_warpgroups=3, cluster=4), "cluster must be one of"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -73,6 +75,19 @@ def test_qreg_shared_memory_mirrors_its_struct():
     deep = Variant(block_n=32, stages=5, num_warpgroups=3, qk="qreg").validate()
     assert deep.smem_bytes() == 5 * 32 * 576 * 2 + 64 * 192 * 2 + 3072 + 1024
     assert v.threads == 384 and v.key.endswith("_qr") and v.accumulator_regs() == 128
+
+
+def test_cluster_knob_names_a_binary_and_keeps_the_footprint():
+    one = Variant(block_n=64, stages=2, num_warpgroups=3, qk="qreg", merge="wide_pdl").validate()
+    two = Variant(**{**one.as_dict(), "cluster": 2}).validate()
+    assert two.key == one.key + "_x2" and two.build_key == one.build_key + "_x2"
+    assert two.smem_bytes() == one.smem_bytes() and Variant.from_dict(two.as_dict()) == two
+    src = render(two)
+    assert "static constexpr int kCluster = 2;" in src and "static constexpr int kCluster = 1;" in render(one)
+    # Rows written before the knob existed (no "cluster" field) still name the unclustered kernel.
+    old = one.as_dict()
+    old.pop("cluster")
+    assert Variant.from_dict(old) == one
 
 
 def test_every_variant_renders():
@@ -112,6 +127,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="swap16"),
     Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=1, num_warpgroups=2, qk="swap32", widen="ahead"),
     Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg"),
+    Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
 ]
 
 

@@ -26,6 +26,7 @@
 
 #include <cuda.h>
 #include <cute/tensor.hpp>
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -149,6 +150,7 @@ struct DecodeTraits {
   static constexpr int kBNw = Cfg::kQk == Qk::kNsplit ? kBN / kNWG : kBN;
   // output channels per warpgroup (qreg: warpgroups 1 and 2 hold the output, warpgroup 0 computes S)
   static constexpr int kDVw = kDV / (kQreg ? 2 : kNWG);
+  static constexpr int kCluster = Cfg::kCluster;     // CTAs (row blocks along grid z) sharing each K tile
   static constexpr int kProducer = 128;             // full_wg: thread that issues the TMA loads (first of wg 1)
   static_assert(kSchedBlock % kBN == 0, "stage size must divide the scheduler block");
   static_assert(kBN % kBoxRows == 0 && kPage % kBoxRows == 0, "page size and stage size must nest");
@@ -168,6 +170,7 @@ struct DecodeTraits {
   static_assert(!kQreg || (kNWG == 3 && !kKvFp8 && (kD - kQregChannels) % 64 == 0 && kQregChannels % 64 == 0),
                 "qreg: warpgroup 0 computes S from Q partly in registers, warpgroups 1 and 2 the two output halves; "
                 "bf16 / fp16 cache; whole 64-channel chunks on each side");
+  static_assert(kCluster == 1 || (kCluster == 2 && kQreg), "K tiles multicast in clusters of 2: the qreg schedule");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -315,10 +318,13 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
   const int boxes = (valid + kBoxRows - 1) / kBoxRows;
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[stage], boxes * kChunks * kBoxBytes);
   const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride;
-  // A tile read by one CTA only is streamed (evict first); where several row blocks (gridDim.z > 1) read
-  // the same tile at about the same time, it stays in L2 for the others (evict normal).
-  const uint64_t hint = gridDim.z > 1 ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
-                                      : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+  // A tile read by one CTA (or one cluster) only is streamed (evict first); where several row blocks or clusters
+  // (gridDim.z > kCluster) read the same tile at about the same time, it stays in L2 for the others (evict normal).
+  const uint64_t hint = int(gridDim.z) > T::kCluster ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
+                                                     : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+  // In a cluster every CTA expects the whole tile (above) and issues every kCluster-th box, multicast into the
+  // same offsets of all the cluster's CTAs (and their full barriers).
+  const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
   for (int j = 0; j < boxes; ++j) {
     const int tok = tok0 + j * kBoxRows;
     const int page = bt[tok / kPage];
@@ -330,8 +336,12 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
       void* dst;
       if constexpr (T::kKvFp8) dst = s.k8[stage] + c * (kBN * kBoxCh) + j * (kBoxRows * kBoxCh);
       else dst = s.k[stage] + c * (kBN * 64) + j * (kBoxRows * 64);
-      SM90_TMA_LOAD_4D::copy(tmap, &s.full[stage], hint, dst,
-                             c * kBoxCh, hk, row, page);
+      if constexpr (T::kCluster == 1) {
+        SM90_TMA_LOAD_4D::copy(tmap, &s.full[stage], hint, dst, c * kBoxCh, hk, row, page);
+      } else if ((j * kChunks + c) % T::kCluster == rank) {
+        SM90_TMA_LOAD_MULTICAST_4D::copy(tmap, &s.full[stage], uint16_t((1u << T::kCluster) - 1), hint, dst,
+                                         c * kBoxCh, hk, row, page);
+      }
     }
   }
 }

@@ -10,6 +10,9 @@
 // one is computed; the nsplit and full_wg schedules hold two 64-token stages). Every role fits the 168 registers
 // of a 384-thread CTA. No CTA-wide barrier after the start: full (TMA bytes), pready (P and the rescale of a stage
 // published by warpgroup 0) and empty (warpgroups 1 and 2 done with a stage) mbarriers.
+// In clusters of two (kCluster = 2: the CTAs of row blocks 2c and 2c + 1, same work list) each producer loads half
+// of every tile's boxes, multicast into both CTAs; a stage is refilled only once the output warpgroups of both
+// CTAs released it (each warp arrives on the empty barrier of every CTA of the cluster).
 // Included by decode_kernel.cuh.
 #pragma once
 
@@ -46,16 +49,20 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
   const float qk_scale = cs.qk_scale, scale_log2 = cs.scale_log2;
   if (cs.end_req < cs.begin_req) return;          // idle partition
 
+  constexpr int kCluster = T::kCluster;
+  // Releases of a stage: every thread of warpgroups 1 and 2, or in a cluster one lane per warp per CTA.
+  constexpr int kEmptyArrivals = kCluster == 1 ? 256 : 8 * kCluster;
   if (tid == 0) {
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
       cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
       cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
-      cutlass::arch::ClusterBarrier::init(&s.empty[st], 256);
+      cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals);
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) cute::cluster_sync();   // the peer's barriers exist before any multicast or arrive
+  else __syncthreads();
 
   int iter = 0;                                   // global stage counter: drives mbarrier phases
   if (wg == 0) {
@@ -180,7 +187,15 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         issue_ss<true>(mma_o, tOrP, tOrV, acc_o);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
-        cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+        if constexpr (kCluster == 1) {
+          cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+        } else {
+          __syncwarp();                           // every lane's P V reads of the stage are done
+          if (tid % 32 == 0) {
+            CUTE_UNROLL
+            for (int c = 0; c < kCluster; ++c) cutlass::arch::ClusterBarrier::arrive(&s.empty[st], c, 1u);
+          }
+        }
         if (tid == kProducer && j + kStages < n_iter) {
           cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
           load_stage<Cfg>(&tmap_k, p, s, st, req, hk, span.tok_lo + (j + kStages) * kBN, span.seqlen);
@@ -191,6 +206,8 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       store_o<Cfg>(p, out, acc_o, cO, r0, half * kDVw, inv);
     }
   }
+  // No CTA of a cluster exits while its peer may still arrive on its barriers.
+  if constexpr (kCluster > 1) cute::cluster_sync();
 }
 
 }  // namespace fmla

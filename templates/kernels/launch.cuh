@@ -71,31 +71,48 @@ int launch(const FmlaParams* params, void* stream) {
   int err = make_kv_tensor_map<Cfg>(&tmap, p);
   if (err) return err;
   const int rows = p.s_q * (p.h_q / p.h_kv);
-  dim3 grid(p.num_parts, p.h_kv, (rows + kBM - 1) / kBM);
+  constexpr int kCluster = T::kCluster;
+  // Row blocks along z, rounded up to whole clusters (a padding block's rows are past `rows`: zero Q, no stores).
+  const int m_blocks = (rows + kBM - 1) / kBM;
+  dim3 grid(p.num_parts, p.h_kv, (m_blocks + kCluster - 1) / kCluster * kCluster);
   cudaError_t e;
-  if constexpr (Cfg::kMerge == Merge::kSeparate) {
+  auto combine_separate = [&]() {          // the plain merge launch: one warp per q row
+    if (p.batch <= 0) return cudaSuccess;
+    dim3 cgrid(p.batch, p.h_kv, (rows + Cfg::kCombineRows - 1) / Cfg::kCombineRows);
+    combine_kernel<Cfg><<<cgrid, Cfg::kCombineRows * 32, 0, st>>>(p);
+    return cudaGetLastError();
+  };
+  if constexpr (Cfg::kMerge == Merge::kSeparate && kCluster == 1) {
     decode_kernel<Cfg><<<grid, kThreads, kSmemBytes, st>>>(tmap, p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return int(e);
-    if (p.batch > 0) {
-      dim3 cgrid(p.batch, p.h_kv, (rows + Cfg::kCombineRows - 1) / Cfg::kCombineRows);
-      combine_kernel<Cfg><<<cgrid, Cfg::kCombineRows * 32, 0, st>>>(p);
-      e = cudaGetLastError();
-    }
+    e = combine_separate();
   } else {
-    cudaLaunchAttribute pdl[1];
-    pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    pdl[0].val.programmaticStreamSerializationAllowed = 1;
+    // Programmatic dependent launch (the wide merge) and / or the cluster shape.
+    cudaLaunchAttribute attrs[2];
+    unsigned n_attrs = 0;
+    if constexpr (Cfg::kMerge == Merge::kWidePdl) {
+      attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if constexpr (kCluster > 1) {
+      attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
+      attrs[n_attrs].val.clusterDim.x = 1;
+      attrs[n_attrs].val.clusterDim.y = 1;
+      attrs[n_attrs++].val.clusterDim.z = kCluster;
+    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(kThreads);
     cfg.dynamicSmemBytes = kSmemBytes;
     cfg.stream = st;
-    cfg.attrs = pdl;
-    cfg.numAttrs = 1;
+    cfg.attrs = attrs;
+    cfg.numAttrs = n_attrs;
     e = cudaLaunchKernelEx(&cfg, decode_kernel<Cfg>, tmap, p);
     if (e != cudaSuccess) return int(e);
-    if (p.batch > 0) {
+    if constexpr (Cfg::kMerge == Merge::kSeparate) {
+      e = combine_separate();
+    } else if (p.batch > 0) {
       // y: one CTA row per request, or per partition where there are more requests than partitions (at most
       // one split request ends in each partition). Rows per CTA grow with the work so that the grid stays
       // near 4096 CTAs.
@@ -107,6 +124,7 @@ int launch(const FmlaParams* params, void* stream) {
       cfg.gridDim = dim3(p.h_kv * ((rows + rpc - 1) / rpc) * kWideSlices, ny, 1);
       cfg.blockDim = dim3(kWideThreads);
       cfg.dynamicSmemBytes = size_t(rpc) * p.num_parts * sizeof(float);
+      cfg.numAttrs = 1;                    // programmatic dependent launch only (attrs[0]), no cluster
       e = cudaLaunchKernelEx(&cfg, static_cast<void (*)(FmlaParams, int, int, int)>(combine_kernel<Cfg>), p, rpc,
                              int(p.num_parts), by_partition);
     }
