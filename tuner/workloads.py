@@ -58,6 +58,10 @@ SUITES = {
     "dsv3-mtp": [Workload(128, 2, b, sk, causal=True) for b in BATCHES for sk in SEQLENS],
     # small batches (latency-bound): TP8, TP4 and TP1 head counts at one and eight requests
     "dsv3-small": [Workload(h, 1, b, sk) for h in (16, 32, 128) for b in (1, 8) for sk in SEQLENS],
+    # TP2 (64 heads per GPU) with three draft tokens: four query tokens, causal (256 q rows per kv head)
+    "dsv3-tp2-mtp": [Workload(64, 4, b, sk, causal=True) for b in (64, 128) for sk in (2048, 8192)],
+    # TP1 at few requests: one and sixteen, short to long contexts
+    "dsv3-tp1-few": [Workload(128, 1, b, sk) for b, sk in ((1, 4096), (1, 32768), (16, 8192), (16, 32768))],
     # TP8 over a float8 e4m3 KV cache (bf16 q)
     "dsv3-fp8": [Workload(16, 1, b, sk, dtype="bf16_e4m3") for b in BATCHES for sk in SEQLENS],
 }
