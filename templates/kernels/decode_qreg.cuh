@@ -12,7 +12,7 @@
 // published by warpgroup 0) and empty (warpgroups 1 and 2 done with a stage) mbarriers.
 // In clusters of two (kCluster = 2: the CTAs of row blocks 2c and 2c + 1, same work list) each producer loads half
 // of every tile's boxes, multicast into both CTAs; a stage is refilled only once the output warpgroups of both
-// CTAs released it (each warp arrives on the empty barrier of every CTA of the cluster).
+// CTAs released it (every thread arrives on its CTA's empty barrier, one lane per warp on the other CTA's).
 // Included by decode_kernel.cuh.
 #pragma once
 
@@ -50,8 +50,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
   if (cs.end_req < cs.begin_req) return;          // idle partition
 
   constexpr int kCluster = T::kCluster;
-  // Releases of a stage: every thread of warpgroups 1 and 2, or in a cluster one lane per warp per CTA.
-  constexpr int kEmptyArrivals = kCluster == 1 ? 256 : 8 * kCluster;
+  // Releases of a stage: every thread of warpgroups 1 and 2 of this CTA, and in a cluster one lane per warp of
+  // each other CTA.
+  constexpr int kEmptyArrivals = 256 + 8 * (kCluster - 1);
   if (tid == 0) {
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
@@ -187,13 +188,14 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         issue_ss<true>(mma_o, tOrP, tOrV, acc_o);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
-        if constexpr (kCluster == 1) {
-          cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
-        } else {
+        cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+        if constexpr (kCluster > 1) {
           __syncwarp();                           // every lane's P V reads of the stage are done
           if (tid % 32 == 0) {
+            const uint32_t rank = cute::block_rank_in_cluster();
             CUTE_UNROLL
-            for (int c = 0; c < kCluster; ++c) cutlass::arch::ClusterBarrier::arrive(&s.empty[st], c, 1u);
+            for (uint32_t c = 0; c < kCluster; ++c)
+              if (c != rank) cutlass::arch::ClusterBarrier::arrive(&s.empty[st], c, 1u);
           }
         }
         if (tid == kProducer && j + kStages < n_iter) {
