@@ -9,7 +9,7 @@
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS (into OUTDIR/tuned.sqlite),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
-# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu),
+# flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
 # evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
 # overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA),
@@ -98,6 +98,9 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
          echo "FLASH_MLA_CHECK_VALUES=1: rc=$?"; grep "value check\|ERROR SUMMARY" "$out/oob-checked.txt";;
     pytest) python3 -m pytest -q -m gpu "$repo/tests" -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1
             echo "pytest -m gpu rc=$?"; tail -3 "$out/pytest_gpu.txt";;
+    pytest:*) expr=${step#pytest:}                 # the GPU tests whose names match EXPR (pytest -k)
+            python3 -m pytest -q -m gpu -k "$expr" "$repo/tests" -p no:cacheprovider > "$out/pytest_gpu_k.txt" 2>&1
+            echo "pytest -m gpu -k $expr rc=$?"; tail -15 "$out/pytest_gpu_k.txt";;
     flashmla-tests) for dt in bf16 fp16; do    # FlashMLA's own test file against this package (48 cases each)
                       python3 "$repo/.peers/flashmla-9edee0c/tests/test_flash_mla.py" --dtype $dt > "$out/fmla-test-$dt.txt" 2>&1
                       echo "FlashMLA tests/test_flash_mla.py --dtype $dt: rc=$?, $(grep -c "TFLOPS" "$out/fmla-test-$dt.txt") cases passed"

@@ -50,6 +50,22 @@ def test_api_matches_reference(b, s_q, h_q, h_kv, sk, causal, page, dtype, zero,
         assert torch.all(out[0] == 0) and torch.all(torch.isinf(lse[0]) & (lse[0] > 0))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs in one process")
+def test_one_variant_on_two_devices_in_one_process():
+    # The decode kernel's dynamic shared-memory opt-in (cudaFuncSetAttribute) holds per device: a variant first
+    # launched on device 0 must still launch (and be right) on device 1 of the same process.
+    for dev in (0, 1):
+        with torch.cuda.device(dev):
+            q, k_cache, block_table, seqlens = _inputs(3, 1, 64, 1, 900, seed=20 + dev)
+            meta, splits = get_mla_metadata(seqlens, 64, 1)
+            out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
+            torch.cuda.synchronize()
+            assert out.device.index == dev
+            ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512)
+            m = compare(out, ref_out, lse, ref_lse, torch.bfloat16)
+            assert m["ok"], (dev, m)
+
+
 def test_cuda_graph_capture_and_replay():
     b, s_q, h_q, h_kv = 8, 2, 32, 1
     q, k_cache, block_table, seqlens = _inputs(b, s_q, h_q, h_kv, 2000, seed=11)

@@ -61,11 +61,17 @@ int launch(const FmlaParams* params, void* stream) {
   constexpr int kBM = T::kBM, kThreads = T::kThreads, kSmemBytes = T::kSmemBytes;
   const FmlaParams& p = *params;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  static bool attr_set = false;
-  if (!attr_set) {
+  // The dynamic shared-memory opt-in is a property of the function on one device: set once per device.
+  constexpr int kMaxDevices = 64;
+  static bool attr_set[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t de = cudaGetDevice(&dev);
+  if (de != cudaSuccess) return int(de);
+  if (dev < 0 || dev >= kMaxDevices) return int(cudaErrorInvalidDevice);
+  if (!attr_set[dev]) {
     cudaError_t e = cudaFuncSetAttribute(decode_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (e != cudaSuccess) return int(e);
-    attr_set = true;
+    attr_set[dev] = true;
   }
   CUtensorMap tmap;
   int err = make_kv_tensor_map<Cfg>(&tmap, p);
