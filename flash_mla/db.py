@@ -73,7 +73,7 @@ SHIPPED_DB_NAME = "flash_mla.sqlite"
 TRIAL_STATES = ("ok", "failed_check", "build_failed", "invalid", "crashed", "timeout")
 #: What a measurement was for: the search, the interleaved confirmation of its best candidates and the
 #: default, the exhaustive sweep, the hint-free winners' cross-measurements.
-TRIAL_PHASES = ("search", "confirm", "sweep", "no_hint")
+TRIAL_PHASES = ("search", "confirm", "bucket", "sweep", "no_hint")
 
 #: Primary key of ``winners``: everything that changes which variant is fastest.
 WORKLOAD_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s_q", "head_dim",
@@ -263,7 +263,16 @@ class TuningDB:
             # journal stays the rollback kind: a WAL file could not be opened read-only from an install
             # folder the reader cannot write, which is where a shipped database lives.
             self.db.conn.execute(f"pragma busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._check_and_migrate()
+        if readonly:
+            self._check_and_migrate()
+        else:
+            # Processes opening one new file at once (tuner workers) create or migrate its schema one at a time,
+            # under the lock merge() uses beside the file: SQLite answers a writer that would deadlock (one
+            # reading the version, another creating the tables) with "database is locked" at once, without
+            # the busy timeout.
+            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._check_and_migrate()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -140,3 +140,23 @@ def test_cli_merge_of_a_foreign_file_is_one_line(tmp_path):
         cli.main(["db", "merge", str(bad), "--into", str(tmp_path / "t.sqlite")])
     assert "bad.sqlite is not a tuning database" in str(e.value.code) and "\n" not in str(e.value.code)
     assert not (tmp_path / "t.sqlite").exists()
+
+
+def _opener(path, barrier):
+    barrier.wait()                                  # every process opens the new file at the same moment
+    with db.TuningDB(path) as tdb:
+        assert tdb.schema_version == db.SCHEMA_VERSION and tdb.winners() == []
+
+
+def test_processes_creating_one_new_file_at_once_all_open_it(tmp_path):
+    # Without the creation lock SQLite answered some of them "database is locked" (tuner workers on a new DB).
+    ctx = mp.get_context("fork")
+    for i in range(6):
+        path = tmp_path / f"new{i}.sqlite"
+        barrier = ctx.Barrier(8)
+        procs = [ctx.Process(target=_opener, args=(path, barrier)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * 8
