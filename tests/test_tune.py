@@ -84,7 +84,9 @@ def test_study_finds_the_synthetic_optimum_and_records_it(env):
     assert len(set(s)) == len(s) == len(space)                  # no variant searched twice, space exhausted
     # confirmation: the top candidates and the default (unless among them), each in every round
     assert default_variant().key in res.confirmed and len(res.confirmed) in (tune.CONFIRM_TOP, tune.CONFIRM_TOP + 1)
-    assert len(m.calls) == len(space) + tune.CONFIRM_ROUNDS * len(res.confirmed)
+    # + the bucket check of a winner other than the default: it and the default at each edge, every round
+    bucket = 2 * len(tune.BUCKET_EDGES) * tune.BUCKET_ROUNDS if res.best["variant"] != default_variant() else 0
+    assert len(m.calls) == len(space) + tune.CONFIRM_ROUNDS * len(res.confirmed) + bucket
     assert res.best["variant"] == synthetic_best(w)
     assert res.default_us is not None
     tune.record(db, run_id, res, GPU)
@@ -316,3 +318,41 @@ def test_a_new_study_measures_the_default_and_its_nearest_neighbour_per_knob_val
     (qreg,) = [v for v in seeds if v.qk == "qreg"]
     assert qreg.num_warpgroups == 3 and sum(getattr(qreg, k) != getattr(d, k) for k in tune.KNOBS) == 2
     assert max(changed) <= 2
+
+
+class LengthSensitiveMeasurer(NoisyMeasurer):
+    """``fast_key`` is 15% faster than everything at the workload's own length; at other lengths it is
+    ``elsewhere`` times the others' time (noise as in NoisyMeasurer)."""
+
+    def __init__(self, fast_key, own_sk, elsewhere, seed=0):
+        super().__init__(fast_key, seed)
+        self.own_sk, self.elsewhere = own_sk, elsewhere
+
+    def measure(self, variant, shape, seed=0):
+        r = super().measure(variant, shape, seed)
+        if Variant.from_dict(variant).key == self.fast_key and shape["mean_sk"] != self.own_sk:
+            r["us"] *= self.elsewhere / 0.85
+        return r
+
+
+@pytest.mark.parametrize("elsewhere,wins", [(1.05, False), (0.9, True)])
+def test_a_winner_must_hold_across_its_length_bucket(env, elsewhere, wins):
+    storage, db, run_id, _ = env
+    w = Workload(16, 1, 4, 2048)
+    fast = next(v for v in search_space() if v.block_n == 32 and v.stages == 3)
+    space = search_space(w.dtype, w.page_size)
+    m = LengthSensitiveMeasurer(fast.key, w.mean_sk, elsewhere)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(space), measurer=m)
+    tune.record(db, run_id, res, GPU)
+    (row,) = db.winners()
+    bucket = [t for t in db.trials() if t["phase"] == "bucket"]
+    # the edges of the 2048 bucket (1536, then 2724), each with the winner and the default, in interleaved rounds
+    assert sorted({t["mean_sk"] for t in bucket}) == ([1536, 2724] if wins else [1536])
+    assert {t["variant_key"] for t in bucket} == {fast.key, default_variant().key}
+    if wins:
+        assert row["variant_key"] == fast.key and row["rule"].startswith("faster than the default")
+        assert len(bucket) == 2 * 2 * tune.BUCKET_ROUNDS
+    else:
+        assert row["variant_key"] == default_variant().key
+        assert "slower than the default at s_k = 1536 (same length bucket)" in row["rule"]
+        assert len(bucket) == 2 * tune.BUCKET_ROUNDS          # stopped at the first edge it loses

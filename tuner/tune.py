@@ -11,8 +11,10 @@ Winners are noise-aware: after the search, its best ``confirm_top`` candidates a
 re-measured in ``confirm_rounds`` interleaved rounds (each round in a rotated order, so no candidate always
 runs first). The candidate with the lowest median wins only where it beats the default beyond the noise:
 every one of its repeats is faster than every repeat of the default (the ranges do not overlap) and its median
-is at least ``MIN_MARGIN`` below the default's; otherwise the default stays the winner. The winner row records
-the repeats' median, both spreads ((max - min) / median) and the rule that decided.
+is at least ``MIN_MARGIN`` below the default's; otherwise the default stays the winner. A candidate that passes
+is then measured beside the default at the edges of its workload's length bucket (``BUCKET_EDGES``): it stays the
+winner only if it is not slower there either, since the runtime selects it for every length of the bucket. The
+winner row records the repeats' median, both spreads ((max - min) / median) and the rule that decided.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flash_mla.codegen.build import BuildError, build, cutlass_version, nvcc_ver
 from flash_mla.codegen.render import kernel_source_digest
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
 from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware
+from flash_mla.workload_key import bucket_seqlen
 
 from .worker import Worker
 from .workloads import Workload
@@ -47,6 +50,12 @@ CONFIRM_ROUNDS = 5
 #: A candidate replaces the default only if its repeats and the default's do not overlap and its median is
 #: faster by at least this.
 MIN_MARGIN = 0.01
+#: The bucket check: a winner other than the default is measured beside it at these multiples of its length
+#: bucket's centre (inside the bucket [L / sqrt 2, L sqrt 2)), BUCKET_ROUNDS interleaved rounds each, and keeps
+#: the row only if its median is not above the default's at every edge. (H100: a b1 h_q=128 winner confirmed 1.5%
+#: faster at its one tuned length took 25.2 us against the default's 23.9 at s_k = 4096 fixed, same bucket.)
+BUCKET_EDGES = (0.75, 1.33)
+BUCKET_ROUNDS = 3
 
 
 def run_info() -> dict:
@@ -108,9 +117,9 @@ def choose_winner(confirmed: dict, default_key: str, min_margin: float = MIN_MAR
 
 
 def confirm(worker, w: Workload, candidates: list, db: TuningDB, run_id: int, name: str, seed: int,
-            source_hash: str, rounds: int) -> dict:
+            source_hash: str, rounds: int, phase: str = "confirm") -> dict:
     """Re-measure ``candidates`` (Variants) in ``rounds`` interleaved rounds, each in a rotated order; every
-    measurement is a ``confirm`` trial. Returns variant key -> times (None once a candidate fails)."""
+    measurement is a ``phase`` trial. Returns variant key -> times (None once a candidate fails)."""
     times: dict = {v.key: [] for v in candidates}
     n = len(candidates)
     for r in range(rounds):
@@ -118,12 +127,32 @@ def confirm(worker, w: Workload, candidates: list, db: TuningDB, run_id: int, na
             if times[v.key] is None:
                 continue
             res = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
-            _add_trial(db, run_id, name, v, w, res, "confirm", seed, source_hash)
+            _add_trial(db, run_id, name, v, w, res, phase, seed, source_hash)
             if res["state"] == "ok":
                 times[v.key].append(res["us"])
             else:
                 times[v.key] = None
     return times
+
+
+def bucket_check(worker, w: Workload, winner: Variant, default: Variant, db: TuningDB, run_id: int, name: str,
+                 seed: int, source_hash: str, rounds: int = BUCKET_ROUNDS) -> Optional[str]:
+    """Measure ``winner`` beside ``default`` at the edges of ``w``'s length bucket (``BUCKET_EDGES``), ``rounds``
+    interleaved rounds each (``bucket`` trials). Returns None where the winner is nowhere slower, else the rule
+    text that keeps the default."""
+    centre = bucket_seqlen(w.mean_sk)
+    for f in BUCKET_EDGES:
+        edge = dataclasses.replace(w, mean_sk=max(1, round(centre * f)))
+        times = confirm(worker, edge, [winner, default], db, run_id, name, seed, source_hash, rounds, phase="bucket")
+        if times[winner.key] is None:
+            return f"default kept: {winner.key} failed at s_k = {edge.mean_sk} (same length bucket)"
+        if times[default.key] is None:
+            continue                                  # no evidence against the winner at this edge
+        ratio = statistics.median(times[winner.key]) / statistics.median(times[default.key])
+        if ratio > 1.0:
+            return (f"default kept: {winner.key} faster at s_k = {w.mean_sk} but {ratio - 1:.1%} slower than the "
+                    f"default at s_k = {edge.mean_sk} (same length bucket)")
+    return None
 
 
 def journal_storage(path: str):
@@ -259,10 +288,11 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                   seed: int = 0, build_failed: frozenset = frozenset(),
                   on_trial: Optional[Callable[[dict], None]] = None, measurer=None,
                   confirm_top: int = CONFIRM_TOP, confirm_rounds: int = CONFIRM_ROUNDS, claims=None,
-                  worker_index: int = 0) -> StudyResult:
+                  worker_index: int = 0, bucket_rounds: int = BUCKET_ROUNDS) -> StudyResult:
     """Run (or continue) the study of ``w`` for up to ``n_trials`` new measurements, then confirm its best
     ``confirm_top`` candidates beside the default in ``confirm_rounds`` interleaved rounds (0: no
-    confirmation; the winner is then the lowest single time).
+    confirmation; the winner is then the lowest single time), and a winner other than the default at the edges
+    of the length bucket in ``bucket_rounds`` rounds each (0: no bucket check).
 
     ``measurer`` (default: a :class:`Worker` subprocess on ``gpu``) has ``measure(variant_dict,
     shape_dict, seed) -> {"state", "us", ...}`` and ``stop()``; tests pass a synthetic one.
@@ -375,6 +405,11 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                 cands.append(d)
             confirmed = confirm(worker, w, cands, db, run_id, name, seed, source_hash, confirm_rounds)
             choice = choose_winner(confirmed, d.key)
+            if choice is not None and choice["key"] != d.key and choice["default_us"] is not None and bucket_rounds > 0:
+                why = bucket_check(worker, w, by_key[choice["key"]], d, db, run_id, name, seed, source_hash,
+                                   bucket_rounds)
+                if why is not None:
+                    choice.update(key=d.key, us=choice["default_us"], spread=choice["default_spread"], rule=why)
     finally:
         _stop(hb)
         worker.stop()
