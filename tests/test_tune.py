@@ -356,3 +356,38 @@ def test_a_winner_must_hold_across_its_length_bucket(env, elsewhere, wins):
         assert row["variant_key"] == default_variant().key
         assert "slower than the default at s_k = 1536 (same length bucket)" in row["rule"]
         assert len(bucket) == 2 * tune.BUCKET_ROUNDS          # stopped at the first edge it loses
+
+
+def test_optuna_dashboard_opens_the_journal(env):
+    # The studies the tuner writes open in optuna-dashboard by the journal's path (README); skipped where the
+    # dashboard is not installed (it is not a dependency).
+    pytest.importorskip("optuna_dashboard")
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+    storage, db, run_id, tmp = env
+    w = Workload(16, 1, 4, 2048)
+    tune.tune_workload(w, storage, db, run_id, GPU, n_trials=3, measurer=SyntheticMeasurer(), confirm_rounds=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    proc = subprocess.Popen([str(exe), str(tmp / "studies.journal"), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 60, None
+        while body is None and time.time() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read()
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, "optuna-dashboard did not answer"
+        names = [st["study_name"] for st in json.loads(body)["study_summaries"]]
+        assert names == [tune.study_name(GPU, w)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
