@@ -43,6 +43,7 @@ caller gives no length hint. A trial's workload names ``mean_sk`` (else ``max_sk
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import fcntl
@@ -240,6 +241,15 @@ def _ro_connection(path: Path) -> sqlite3.Connection:
 BUSY_TIMEOUT_MS = 60_000
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive inter-process lock on a database file: a lock file beside it (``.NAME.lock``), held by flock
+    for the block (schema creation and migration, merges)."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class TuningDB:
     """One tuning database file.
 
@@ -270,8 +280,7 @@ class TuningDB:
             # under the lock merge() uses beside the file: SQLite answers a writer that would deadlock (one
             # reading the version, another creating the tables) with "database is locked" at once, without
             # the busy timeout.
-            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with _file_lock(self.path):
                 self._check_and_migrate()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -641,8 +650,7 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
         return _merge_into(src_paths, dst)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst.with_name(f".{dst.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _file_lock(dst):
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.merging")
         try:
             if dst.exists():
