@@ -73,6 +73,7 @@ class Variant:
     qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
     widen: str = "inline"       # float8 cache, swapped schedules: "ahead" = warpgroup 1 widens the next tile, one of WIDENS
     cluster: int = 1            # CTAs per cluster sharing each K tile by TMA multicast, one of CLUSTERS
+    trace: bool = False         # qreg diagnostics: CTA (0,0,0) stamps clock() at each phase of its first tiles (bench/trace_qreg.py)
 
     # -- identity -----------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -83,14 +84,18 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._min_blocks_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._trace_tag}{self._min_blocks_tag}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._trace_tag}")
+
+    @property
+    def _trace_tag(self) -> str:
+        return "_trace" if self.trace else ""
 
     @property
     def _cluster_tag(self) -> str:
@@ -245,6 +250,8 @@ class Variant:
             bad(f"cluster must be one of {CLUSTERS}")
         if self.cluster > 1 and self.qk != "qreg":
             bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for qk=qreg only")
+        if self.trace and self.qk != "qreg":
+            bad("trace (phase time stamps) is built into the qreg schedule only")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")
         if self.split_min_blocks < 1:

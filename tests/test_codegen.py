@@ -210,3 +210,14 @@ def test_kernel_constants_agree_with_the_python_module():
     text = static_headers()["kernels/mla_constants.h"]
     found = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int (k\w+) = (\d+);", text)}
     assert found == KERNEL_CONSTANTS
+
+
+def test_trace_build_is_qreg_only_and_renders_its_entry_points():
+    plain = Variant(block_n=64, stages=2, num_warpgroups=3, qk="qreg", merge="wide_pdl").validate()
+    traced = Variant(**{**plain.as_dict(), "trace": True}).validate()
+    assert traced.key == plain.key + "_trace" and traced.build_key == plain.build_key + "_trace"
+    src = render(traced)
+    assert "#define FMLA_TRACE 1" in src and "fmla_trace_read" in src and "fmla_trace_clear" in src
+    assert "FMLA_TRACE" not in render(plain) and "fmla_trace" not in render(plain)
+    with pytest.raises(InvalidVariant, match="qreg schedule only"):
+        Variant(trace=True).validate()

@@ -204,6 +204,27 @@ struct DecodeTraits {
   static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
 
+// Diagnostics (variant trace=True defines FMLA_TRACE): CTA (0, 0, 0) stamps clock() (32-bit SM cycles: compare
+// them modulo 2^32) at each phase of its first
+// kTraceTiles tiles, per warpgroup, into g_fmla_trace[warpgroup][tile][event]; read back through fmla_trace_read.
+// Without FMLA_TRACE trace_stamp is empty.
+constexpr int kTraceWarpgroups = 3, kTraceTiles = 256, kTraceEvents = 8;
+constexpr int kTraceSize = kTraceWarpgroups * kTraceTiles * kTraceEvents;
+#ifdef FMLA_TRACE
+__device__ unsigned g_fmla_trace[kTraceSize];
+inline void* g_fmla_trace_ptr() {
+  void* p = nullptr;
+  cudaGetSymbolAddress(&p, g_fmla_trace);
+  return p;
+}
+#endif
+__device__ __forceinline__ void trace_stamp(int wg, int tile, int event) {
+#ifdef FMLA_TRACE
+  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tile < kTraceTiles && threadIdx.x % 128 == 0)
+    g_fmla_trace[(wg * kTraceTiles + tile) * kTraceEvents + event] = unsigned(clock());
+#endif
+}
+
 // Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
 // does not wait for it.
 template <bool kAccumulate, class Mma, class TA, class TB, class TC>

@@ -113,7 +113,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       float alpha[2];
       for (int j = 0; j < span.n_iter; ++j) {
         const int it = iter + j, st = it % kStages;
+        trace_stamp(0, it, 0);                    // trace: wait for the tile ...
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[st], (it / kStages) & 1);
+        trace_stamp(0, it, 1);                    // ... landed
         Tensor sK = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{});
         Tensor tSrKn = thr_qn.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQc>>{}, make_coord(0, 0)));
         Tensor tSrKr = thr_qr.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQs>>{}, make_coord(0, kQc / kQs)));
@@ -131,9 +133,12 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         CUTE_UNROLL
         for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc_s);
         warpgroup_commit_batch();
+        trace_stamp(0, it, 2);                    // Q K^T issued
         warpgroup_wait<0>();
+        trace_stamp(0, it, 3);                    // Q K^T done
         softmax_tile<Cfg>(j, acc_s, cS, mma_qr, s, iter, span.tok_lo, span.tok_hi, limit, r0, wtid, scale_log2,
                           m_run, l_run, alpha);
+        trace_stamp(0, it, 4);                    // P published
       }
       iter += span.n_iter;
 
@@ -172,7 +177,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       float inv[2] = {0.f, 0.f};
       for (int j = 0; j < n_iter; ++j) {
         const int it = iter + j, st = it % kStages;
+        trace_stamp(wg, it, 0);                   // trace: wait for P ...
         cutlass::arch::ClusterBarrier::wait(&s.pready[st], (it / kStages) & 1);
+        trace_stamp(wg, it, 1);                   // ... published
         const float a0 = s.alpha[st][r0], a1 = s.alpha[st][r0 + 8];
         if (a0 != 1.f || a1 != 1.f) {             // row maxima unchanged: most tiles after the first ones
           CUTE_UNROLL
@@ -186,7 +193,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         Tensor sVt = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutVt{});
         Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(half, 0)));
         issue_ss<true>(mma_o, tOrP, tOrV, acc_o);
+        trace_stamp(wg, it, 2);                   // P V issued
         warpgroup_wait<0>();
+        trace_stamp(wg, it, 3);                   // P V done
         warpgroup_fence_operand(acc_o);
         cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
         if constexpr (kCluster > 1) {
@@ -200,7 +209,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         }
         if (tid == kProducer && j + kStages < n_iter) {
           cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
+          trace_stamp(wg, it, 4);                 // stage released by both output warpgroups
           load_stage<Cfg>(&tmap_k, p, s, st, req, hk, span.tok_lo + (j + kStages) * kBN, span.seqlen);
+          trace_stamp(wg, it, 5);                 // refill (tile it + kStages) issued
         }
       }
       iter += n_iter;
