@@ -44,7 +44,7 @@ def template_context(v: Variant) -> dict:
         "cute_type": _CUTE_TYPES[v.q_dtype],
         "kv_cute_type": _CUTE_TYPES[v.kv_dtype],
         "qk_enum": {"nsplit": "kNsplit", "full_wg": "kFullWg", "full_wg_ahead": "kFullWgAhead", "swap16": "kSwap",
-                    "swap32": "kSwap", "qreg": "kQreg"}[v.qk],
+                    "swap32": "kSwap", "qreg": "kQreg", "qreg_ahead": "kQregAhead"}[v.qk],
         "rows_n": v.rows_per_cta,
         "widen_ahead": "true" if v.widen == "ahead" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],

@@ -21,6 +21,9 @@ REGS_PER_SM = 64 * 1024
 MAX_REGS_PER_THREAD = 255
 REG_MARGIN = 60        # registers beyond the accumulators a decode kernel needs (ptxas, nvcc 13.0)
 QREG_MARGIN = 32       # the same for the qreg schedule's output warpgroups (no S, no softmax)
+# Registers of the qreg schedules' warpgroup 0 beyond Q's register share and its S accumulator(s): the 64-token qreg
+# variant (96 + 32) builds at the 168 cap without spilling.
+QREG_S_MARGIN = 40
 
 PAGE_SIZES = (64, 32)
 # How split requests are merged. "separate": a plain second launch, one warp per q row walking every
@@ -37,10 +40,13 @@ _MERGE_TAGS = {"separate": "sep", "wide_pdl": "wide"}
 # wgmma M and the 16 / 32 q rows its N (S^T = K Q^T, O^T = V^T P^T), so no work goes to padding rows.
 # "qreg" (three warpgroups): warpgroup 0 keeps 384 of Q's channels in registers and computes the whole S tile
 # and its softmax; warpgroups 1 and 2 each accumulate half of the output. With less of Q in shared memory a
-# deeper ring fits (five 32-token stages; templates/kernels/decode_qreg.cuh).
-QKS = ("nsplit", "full_wg", "full_wg_ahead", "swap16", "swap32", "qreg")
+# deeper ring fits (five 32-token stages; templates/kernels/decode_qreg.cuh). "qreg_ahead": the same with Q K^T of
+# tile j+1 issued before the softmax of tile j (two S accumulators in warpgroup 0), so the tensor cores are not idle
+# through the softmax (H100 trace of qreg: idle ~1200 of ~3650 cycles per 64-token tile).
+QKS = ("nsplit", "full_wg", "full_wg_ahead", "swap16", "swap32", "qreg", "qreg_ahead")
+QREGS = ("qreg", "qreg_ahead")   # the three-warpgroup schedules with Q partly in registers
 _QK_TAGS = {"nsplit": "", "full_wg": "_qf", "full_wg_ahead": "_qfa", "swap16": "_qs16", "swap32": "_qs32",
-            "qreg": "_qr"}
+            "qreg": "_qr", "qreg_ahead": "_qra"}
 # How a float8 tile reaches the bf16 tile the wgmmas read in the swapped schedules. "inline": every thread widens
 # it at the top of the tile (one widened tile). "ahead": two widened tiles, warpgroup 1 widens tile j+1 while
 # warpgroup 0 computes S of tile j (needs one stored stage to fit in shared memory).
@@ -166,7 +172,7 @@ class Variant:
         templates/kernels/decode_kernel.cuh."""
         el = 2
         # Q in shared memory: all its channels, or qreg's share (the rest is in warpgroup 0's registers)
-        q = (BLOCK_M * (HEAD_DIM - QREG_CHANNELS) if self.qk == "qreg" else self.rows_per_cta * HEAD_DIM) * el
+        q = (BLOCK_M * (HEAD_DIM - QREG_CHANNELS) if self.qk in QREGS else self.rows_per_cta * HEAD_DIM) * el
         k = self.stages * self.block_n * HEAD_DIM * el
         if self.kv_fp8:                         # the stored (1-byte) ring + one (two: widen ahead) widened bf16 tile(s)
             k = self.stages * self.block_n * HEAD_DIM + (1 + (self.widen == "ahead")) * self.block_n * HEAD_DIM * el
@@ -186,7 +192,7 @@ class Variant:
 
     def accumulator_regs(self) -> int:
         """fp32 registers per thread held by the O and S accumulators (qreg: by its output warpgroups)."""
-        if self.qk == "qreg":                   # the larger role: an output warpgroup's half of O
+        if self.qk in QREGS:                    # the larger role: an output warpgroup's half of O
             return BLOCK_M * (HEAD_DIM_V // 2) // 128
         if self.qk.startswith("swap"):          # O^T: this warpgroup's channels x N; S^T: 64 tokens x N
             n = self.rows_per_cta
@@ -213,10 +219,13 @@ class Variant:
             bad("page size and block_n must nest in multiples of 8 rows")
         if self.num_warpgroups not in (1, 2, 3, 4):
             bad("num_warpgroups must be 1, 2, 3 or 4")
-        if (self.num_warpgroups == 3) != (self.qk == "qreg"):
-            bad("qk=qreg and three warpgroups go together (one computes S from Q in registers, two hold the output)")
-        if self.qk == "qreg" and self.kv_fp8:
-            bad("qk=qreg reads the K tile as it lands: the cache must be bf16 / fp16")
+        if (self.num_warpgroups == 3) != (self.qk in QREGS):
+            bad(f"qk={self.qk if self.qk in QREGS else 'qreg'} and three warpgroups go together (one computes S from "
+                "Q in registers, two hold the output)")
+        if self.qk in QREGS and self.kv_fp8:
+            bad(f"qk={self.qk} reads the K tile as it lands: the cache must be bf16 / fp16")
+        if self.qk == "qreg_ahead" and self.stages < 2:
+            bad("qk=qreg_ahead reads tile j+1 while tile j is in use: stages must be >= 2")
         if self.num_warpgroups == 1:
             bad("one warpgroup would hold a 64x512 fp32 accumulator (256 registers/thread)")
         if self.qk not in QKS:
@@ -244,13 +253,18 @@ class Variant:
         # Accumulators plus the addressing/softmax state must fit under the cap. The margin is measured:
         # 4 warpgroups (cap 128) with block_n=64 (72 accumulator regs) spilled 544 B, block_n=32 (68) none.
         # qreg's output warpgroups hold no S and run no softmax: their margin is smaller (QREG_MARGIN).
-        if self.accumulator_regs() + (REG_MARGIN if self.qk != "qreg" else QREG_MARGIN) > reg_cap:
+        if self.accumulator_regs() + (REG_MARGIN if self.qk not in QREGS else QREG_MARGIN) > reg_cap:
             bad(f"accumulators need {self.accumulator_regs()} regs/thread, cap is {reg_cap}")
+        if self.qk in QREGS:                    # warpgroup 0: Q's register share (bf16 pairs) and 1 or 2 S tiles
+            s_regs = (QREG_CHANNELS * BLOCK_M // 2 // 128
+                      + (2 if self.qk == "qreg_ahead" else 1) * BLOCK_M * self.block_n // 128)
+            if s_regs + QREG_S_MARGIN > reg_cap:
+                bad(f"warpgroup 0 needs {s_regs} regs/thread for Q and S + {QREG_S_MARGIN}, cap is {reg_cap}")
         if self.cluster not in CLUSTERS:
             bad(f"cluster must be one of {CLUSTERS}")
-        if self.cluster > 1 and self.qk != "qreg":
+        if self.cluster > 1 and self.qk not in QREGS:
             bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for qk=qreg only")
-        if self.trace and self.qk != "qreg":
+        if self.trace and self.qk not in QREGS:
             bad("trace (phase time stamps) is built into the qreg schedule only")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")

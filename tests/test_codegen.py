@@ -62,6 +62,9 @@ def test_key_is_stable_and_roundtrips():
     (dict(dtype="bf16_e4m3", qk="qreg", num_warpgroups=3), "cache must be bf16 / fp16"),
     (dict(cluster=2), "qk=qreg only"),
     (dict(qk="qreg", num_warpgroups=3, cluster=4), "cluster must be one of"),
+    (dict(qk="qreg_ahead", num_warpgroups=3, block_n=64, stages=2), "warpgroup 0 needs 160 regs"),
+    (dict(qk="qreg_ahead", num_warpgroups=3, block_n=32, stages=1), "stages must be >= 2"),
+    (dict(qk="qreg_ahead"), "qreg_ahead and three warpgroups go together"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -75,6 +78,14 @@ def test_qreg_shared_memory_mirrors_its_struct():
     deep = Variant(block_n=32, stages=5, num_warpgroups=3, qk="qreg").validate()
     assert deep.smem_bytes() == 5 * 32 * 576 * 2 + 64 * 192 * 2 + 3072 + 1024
     assert v.threads == 384 and v.key.endswith("_qr") and v.accumulator_regs() == 128
+
+
+def test_qreg_ahead_names_a_binary_with_the_qreg_footprint():
+    plain = Variant(block_n=32, stages=5, num_warpgroups=3, qk="qreg", merge="wide_pdl").validate()
+    ahead = Variant(**{**plain.as_dict(), "qk": "qreg_ahead"}).validate()
+    assert ahead.key == plain.key + "a" and ahead.key.endswith("_qra")
+    assert ahead.smem_bytes() == plain.smem_bytes() and ahead.accumulator_regs() == plain.accumulator_regs()
+    assert "fmla::Qk::kQregAhead" in render(ahead) and "fmla::Qk::kQreg;" in render(plain)
 
 
 def test_cluster_knob_names_a_binary_and_keeps_the_footprint():
@@ -126,7 +137,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="swap16"),
     Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=1, num_warpgroups=2, qk="swap32", widen="ahead"),
-    Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg"),
+    Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
 ]
 

@@ -40,7 +40,7 @@ namespace fmla {
 using namespace cute;
 
 // Who computes S = Q K^T (codegen/variant.py, QKS) and how split requests are merged (MERGES).
-enum class Qk { kNsplit, kFullWg, kFullWgAhead, kSwap, kQreg };
+enum class Qk { kNsplit, kFullWg, kFullWgAhead, kSwap, kQreg, kQregAhead };
 enum class Merge { kSeparate, kWidePdl };
 
 // Shared memory of the nsplit schedule: a P buffer and row exchanges.
@@ -133,7 +133,7 @@ struct DecodeTraits {
   static constexpr int kD = kHeadDim;               // q / k head dim (512 latent + 64 rope)
   static constexpr int kDV = kHeadDimV;             // v head dim = leading channels of k
   static constexpr bool kSwap = Cfg::kQk == Qk::kSwap;
-  static constexpr bool kQreg = Cfg::kQk == Qk::kQreg;
+  static constexpr bool kQreg = Cfg::kQk == Qk::kQreg || Cfg::kQk == Qk::kQregAhead;
   // q rows per CTA: the wgmma M of Q K^T, or in the swapped schedule its N (the tokens are M)
   static constexpr int kBM = kSwap ? Cfg::kRowsN : kBlockM;
   static constexpr int kBN = Cfg::kBlockN;          // KV tokens per pipeline stage
@@ -150,6 +150,8 @@ struct DecodeTraits {
   static constexpr int kBNw = Cfg::kQk == Qk::kNsplit ? kBN / kNWG : kBN;
   // output channels per warpgroup (qreg: warpgroups 1 and 2 hold the output, warpgroup 0 computes S)
   static constexpr int kDVw = kDV / (kQreg ? 2 : kNWG);
+  // qreg_ahead: Q K^T of tile j+1 issued before the softmax of tile j (two S accumulators in warpgroup 0)
+  static constexpr bool kQkAhead = Cfg::kQk == Qk::kQregAhead;
   static constexpr int kCluster = Cfg::kCluster;     // CTAs (row blocks along grid z) sharing each K tile
   static constexpr int kProducer = 128;             // full_wg: thread that issues the TMA loads (first of wg 1)
   static_assert(kSchedBlock % kBN == 0, "stage size must divide the scheduler block");
@@ -171,6 +173,7 @@ struct DecodeTraits {
                 "qreg: warpgroup 0 computes S from Q partly in registers, warpgroups 1 and 2 the two output halves; "
                 "bf16 / fp16 cache; whole 64-channel chunks on each side");
   static_assert(kCluster == 1 || (kCluster == 2 && kQreg), "K tiles multicast in clusters of 2: the qreg schedule");
+  static_assert(!kQkAhead || kStages >= 2, "qreg_ahead: the next tile is read while this one is in use");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -474,7 +477,7 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
   }
   cutlass::arch::fence_view_async_shared();   // generic-proxy stores -> wgmma (async proxy) reads
   cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
-  if constexpr (Cfg::kQk != Qk::kQreg)
+  if constexpr (!DecodeTraits<Cfg>::kQreg)
     cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
 }
 
@@ -991,7 +994,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(DecodeTraits<Cfg>::kThreads, 1)
 decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ FmlaParams p) {
   if constexpr (Cfg::kQk == Qk::kSwap) decode_swap_tiles<Cfg>(tmap_k, p);
-  else if constexpr (Cfg::kQk == Qk::kQreg) decode_qreg_tiles<Cfg>(tmap_k, p);
+  else if constexpr (DecodeTraits<Cfg>::kQreg) decode_qreg_tiles<Cfg>(tmap_k, p);
   else decode_tiles<Cfg>(tmap_k, p);
 }
 

@@ -77,6 +77,8 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
     Tensor cS = thr_qr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
     const int r0 = get<0>(cS(0));
     Tensor acc_s = partition_fragment_C(mma_qr, Shape<Int<kBM>, Int<kBN>>{});
+    // qreg_ahead's second S accumulator: Q K^T of the next tile in flight during this one's softmax.
+    Tensor acc_s2 = partition_fragment_C(mma_qr, Shape<Int<kBM>, Int<kBN>>{});
 
     for (int req = cs.begin_req; req <= cs.end_req; ++req) {
       const RequestSpan span = request_span<Cfg>(p, cs, req);
@@ -111,8 +113,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       float m_run[2] = {-INFINITY, -INFINITY};
       float l_run[2] = {0.f, 0.f};
       float alpha[2];
-      for (int j = 0; j < span.n_iter; ++j) {
-        const int it = iter + j, st = it % kStages;
+      // S = Q K^T of tile t into acc: waits for the tile's bytes, issues, does not wait for the wgmmas.
+      auto issue_qk = [&](int t, auto& acc) {
+        const int it = iter + t, st = it % kStages;
         trace_stamp(0, it, 0);                    // trace: wait for the tile ...
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[st], (it / kStages) & 1);
         trace_stamp(0, it, 1);                    // ... landed
@@ -121,24 +124,62 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         Tensor tSrKr = thr_qr.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQs>>{}, make_coord(0, kQc / kQs)));
         // Q's shared-memory descriptors from an opaque pointer per tile (hoisted, they would live in registers).
         Tensor tSsQr = thr_qr.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQr{}));
-        warpgroup_fence_operand(acc_s);
+        warpgroup_fence_operand(acc);
         warpgroup_arrive();
         mma_qn.accumulate_ = GMMA::ScaleOut::Zero;
         CUTE_UNROLL
         for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-          cute::gemm(mma_qn, tSrQ(_, _, kb), tSrKn(_, _, kb), acc_s);
+          cute::gemm(mma_qn, tSrQ(_, _, kb), tSrKn(_, _, kb), acc);
           mma_qn.accumulate_ = GMMA::ScaleOut::One;
         }
         mma_qr.accumulate_ = GMMA::ScaleOut::One;
         CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc_s);
+        for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc);
         warpgroup_commit_batch();
         trace_stamp(0, it, 2);                    // Q K^T issued
-        warpgroup_wait<0>();
-        trace_stamp(0, it, 3);                    // Q K^T done
-        softmax_tile<Cfg>(j, acc_s, cS, mma_qr, s, iter, span.tok_lo, span.tok_hi, limit, r0, wtid, scale_log2,
+      };
+      // The softmax of tile t (its Q K^T waited for), P published.
+      auto softmax = [&](int t, auto& acc) {
+        trace_stamp(0, iter + t, 3);              // Q K^T done
+        softmax_tile<Cfg>(t, acc, cS, mma_qr, s, iter, span.tok_lo, span.tok_hi, limit, r0, wtid, scale_log2,
                           m_run, l_run, alpha);
-        trace_stamp(0, it, 4);                    // P published
+        trace_stamp(0, iter + t, 4);              // P published
+      };
+      const int n_iter = span.n_iter;
+      if constexpr (T::kQkAhead) {
+        // Q K^T of tile j+1 is issued before the softmax of tile j (into the other accumulator), so the tensor
+        // cores work through the softmax. Tiles go in pairs so that each accumulator stays one set of registers;
+        // the last one or two are peeled (no wgmma in a loop branch with another wait).
+        // Every path below holds exactly one batch in flight at the loop head (ptxas serialises every wgmma when
+        // it cannot count them), hence the one test of n_iter around all of it.
+        if (n_iter > 0) {
+          issue_qk(0, acc_s);
+          int j = 0;
+          for (; j + 2 < n_iter; j += 2) {
+            issue_qk(j + 1, acc_s2);
+            warpgroup_wait<1>();                  // Q K^T of tile j done, tile j+1's in flight
+            softmax(j, acc_s);
+            issue_qk(j + 2, acc_s);
+            warpgroup_wait<1>();
+            softmax(j + 1, acc_s2);
+          }
+          if (j + 1 < n_iter) {                   // two tiles left
+            issue_qk(j + 1, acc_s2);
+            warpgroup_wait<1>();
+            softmax(j, acc_s);
+            warpgroup_wait<0>();
+            softmax(j + 1, acc_s2);
+          } else {                                // one tile left
+            warpgroup_wait<0>();
+            softmax(j, acc_s);
+          }
+        }
+      } else {
+        for (int j = 0; j < n_iter; ++j) {
+          issue_qk(j, acc_s);
+          warpgroup_wait<0>();
+          softmax(j, acc_s);
+        }
       }
       iter += span.n_iter;
 
