@@ -8,7 +8,8 @@ and prints the median cycles of each phase over the steady-state tiles of that C
   warpgroups 1 and 2: wait for P, P V issue, P V;
   the producer (first thread of warpgroup 1): wait for the stage's release, refill issue, and refill -> the tile's
   full barrier seen by warpgroup 0 (an upper bound of the load's latency).
-The trace build is a diagnostic: with the stamps, ptxas reports 124 B of spill for the 64-token qreg variant (the
+For qreg_ahead keys, Q K^T of a tile is issued before the previous tile's softmax, so "Q K^T (issued -> done)"
+spans that softmax too. The trace build is a diagnostic: with the stamps, ptxas reports 124 B of spill for the 64-token qreg variant (the
 plain build has none), so its phase times are approximate; compare its tile period with the plain variant's time.
 """
 

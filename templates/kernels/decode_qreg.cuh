@@ -3,7 +3,9 @@
 //   (96 registers) and computes the full 64 x BLOCK_N S of every tile: register-A wgmmas over those channels, then
 //   shared-memory wgmmas over the other 192 (Q's rest stays in shared memory). Then the softmax, P (stmatrix) into
 //   the stage's rope chunk, the rows' rescale into shared memory, and on to the next tile at once: its softmax
-//   and QK overlap the P V of the other two.
+//   and QK overlap the P V of the other two. qk = "qreg_ahead" (Cfg::kQk == Qk::kQregAhead) issues Q K^T of tile
+//   j+1, into a second S accumulator, before the softmax of tile j (32-token tiles: two S tiles beside Q's 96
+//   registers).
 //   warpgroups 1 and 2 each accumulate one half of the 512 output channels, O += P V; the first thread of
 //   warpgroup 1 issues the TMA loads of the ring.
 // Q's smaller shared-memory share leaves room for a deeper ring (five 32-token stages: four tiles in flight while
