@@ -403,6 +403,8 @@ def cmd_tune(args) -> int:
     worker_index = args.worker_of.split(",").index(str(gpus[0])) if args.worker_of else 0
     with TuningDB(args.db) as db:
         run_id = db.add_run(hw)
+        # Stored winners (any GPU) whose variants a new study measures right after the default.
+        transfer_rows = tune.stored_winners(db)
         summary = []
         for w in workloads:
             with tqdm(total=args.trials, desc=w.key, unit="trial") as bar:
@@ -415,7 +417,7 @@ def cmd_tune(args) -> int:
                 res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
                                          timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
                                          build_failed=frozenset(failed), on_trial=on_trial, claims=claims,
-                                         worker_index=worker_index, **confirm)
+                                         worker_index=worker_index, transfer_rows=transfer_rows, **confirm)
             tune.record(db, run_id, res, gpu_name)
             summary.append(res)
             if args.sweep:

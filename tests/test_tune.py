@@ -391,3 +391,57 @@ def test_optuna_dashboard_opens_the_journal(env):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _winner_row(gpu, h_q, s_q, batch_bucket, seqlen_bucket, v: Variant, causal=False, dtype="bf16", page_size=64):
+    import json
+    return {"gpu_name": gpu, "dtype": dtype, "page_size": page_size, "h_q": h_q, "h_kv": 1, "s_q": s_q,
+            "causal": int(causal), "batch_bucket": batch_bucket, "seqlen_bucket": seqlen_bucket,
+            "variant_key": v.key, "variant_json": json.dumps(v.as_dict(), sort_keys=True)}
+
+
+def test_transfer_points_are_the_winners_of_the_nearest_stored_workloads():
+    from flash_mla.tuner.transfer import distance, transfer_points
+    w = Workload(128, 1, 64, 8192)
+    qreg = Variant(block_n=64, stages=2, num_warpgroups=3, qk="qreg", merge="wide_pdl").validate()
+    msep = Variant(block_n=64, stages=2, merge="separate").validate()
+    swap = Variant(block_n=64, stages=2, qk="swap16", merge="wide_pdl").validate()
+    rows = [
+        _winner_row("GPU A", 16, 1, 64, 8192, swap),       # 16 rows per kv head: 2 x 3 = 6 + 0.5 away
+        _winner_row("GPU A", 128, 1, 32, 8192, qreg),      # one batch bucket, other GPU: 1.5
+        _winner_row("GPU B", 128, 1, 128, 2048, msep),     # one batch bucket + two length buckets: 3
+        _winner_row("GPU B", 128, 1, 64, 8192, default_variant()),   # the default: never proposed
+        _winner_row("GPU B", 128, 1, 64, 0, swap),         # a row for calls without a hint: left out
+        _winner_row("GPU B", 128, 1, 64, 8192, qreg, dtype="fp16"),  # other dtype: left out
+        {**_winner_row("GPU B", 128, 1, 64, 8192, msep), "variant_json": '{"no_such_knob": 1}'},  # newer space
+    ]
+    assert distance(w, rows[1], "GPU B") == 1.5 and distance(w, rows[2], "GPU B") == 3.0
+    assert distance(w, rows[0], "GPU B") == 6.5
+    assert transfer_points(w, rows, "GPU B") == [qreg, msep]
+    assert transfer_points(w, rows, "GPU B", n=3) == [qreg, msep, swap]
+    assert transfer_points(w, [], "GPU B") == []
+
+
+def test_a_new_study_measures_the_transferred_winners_right_after_the_default(env):
+    storage, db, run_id, _ = env
+    w = Workload(128, 1, 32, 4096)
+    qreg = Variant(block_n=64, stages=2, num_warpgroups=3, qk="qreg", merge="wide_pdl").validate()
+    rows = [_winner_row("Other GPU", 128, 1, 32, 4096, qreg)]
+    tune.tune_workload(w, storage, db, run_id, GPU, n_trials=3, measurer=SyntheticMeasurer(), confirm_rounds=0,
+                       transfer_rows=rows)
+    assert searched(db, w)[:2] == [default_variant().key, qreg.key]
+
+
+def test_stored_winners_include_the_output_db_and_the_shipped_one(env, monkeypatch):
+    storage, db, run_id, _ = env
+    monkeypatch.delenv("FLASH_MLA_TUNING_DB", raising=False)
+    w = Workload(16, 1, 4, 2048)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=2, measurer=SyntheticMeasurer(), confirm_rounds=0)
+    tune.record(db, run_id, res, GPU)
+    rows = tune.stored_winners(db)
+    assert any(r["gpu_name"] == GPU for r in rows)
+    from flash_mla import db as db_module
+    shipped = db_module.shipped_db_path()
+    if shipped is not None:
+        with TuningDB(shipped, readonly=True) as s:
+            assert len(rows) == 1 + len(s.winners())

@@ -24,16 +24,18 @@ import math
 import statistics
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import optuna
 
 from flash_mla.codegen.build import BuildError, build, cutlass_version, nvcc_version
 from flash_mla.codegen.render import kernel_source_digest
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
+from flash_mla import db as db_module
 from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware
 from flash_mla.workload_key import bucket_seqlen
 
+from .transfer import transfer_points
 from .worker import Worker
 from .workloads import Workload
 
@@ -243,6 +245,18 @@ def seed_points(w: Workload) -> list[Variant]:
     return out
 
 
+def stored_winners(out_db: Optional[TuningDB] = None) -> list[dict]:
+    """The winner rows a new study can start from (:mod:`flash_mla.tuner.transfer`): the shipped database's, the
+    user database's (``$FLASH_MLA_TUNING_DB``) and those already in ``out_db``, every GPU."""
+    rows = list(out_db.winners()) if out_db is not None else []
+    for path in (db_module.shipped_db_path(), db_module.user_db_path()):
+        if path is None or not path.is_file() or (out_db is not None and path.resolve() == out_db.path.resolve()):
+            continue
+        with TuningDB(path, readonly=True) as src:
+            rows += src.winners()
+    return rows
+
+
 def _dead_without_measuring(study):
     """``holder_is_dead(trial_number)`` for :meth:`Claims.claim`: the holder trial was failed (stale heartbeat)
     before any measurement was recorded for it."""
@@ -288,7 +302,8 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                   seed: int = 0, build_failed: frozenset = frozenset(),
                   on_trial: Optional[Callable[[dict], None]] = None, measurer=None,
                   confirm_top: int = CONFIRM_TOP, confirm_rounds: int = CONFIRM_ROUNDS, claims=None,
-                  worker_index: int = 0, bucket_rounds: int = BUCKET_ROUNDS) -> StudyResult:
+                  worker_index: int = 0, bucket_rounds: int = BUCKET_ROUNDS,
+                  transfer_rows: Sequence[Mapping] = ()) -> StudyResult:
     """Run (or continue) the study of ``w`` for up to ``n_trials`` new measurements, then confirm its best
     ``confirm_top`` candidates beside the default in ``confirm_rounds`` interleaved rounds (0: no
     confirmation; the winner is then the lowest single time), and a winner other than the default at the edges
@@ -296,6 +311,9 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
 
     ``measurer`` (default: a :class:`Worker` subprocess on ``gpu``) has ``measure(variant_dict,
     shape_dict, seed) -> {"state", "us", ...}`` and ``stop()``; tests pass a synthetic one.
+
+    A new study measures the default first, then the winners that :func:`~flash_mla.tuner.transfer.transfer_points`
+    finds nearest in ``transfer_rows`` (stored winners, any GPU), then the default's one-knob neighbours.
 
     Several workers may share the study (``worker_index`` 0, 1, ...: each samples with its own seed, and
     TPE's constant liar keeps them off each other's running points). ``claims`` (a
@@ -311,7 +329,9 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=sampler)
     if worker_index == 0 and not study.get_trials(deepcopy=False):
-        for v in seed_points(w):                   # a new study starts from the default's neighbourhood
+        neighbours = seed_points(w)                # the default, then its one-knob neighbours
+        first = [neighbours[0], *transfer_points(w, transfer_rows, gpu_name)]
+        for v in first + [v for v in neighbours if v not in first]:
             study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
     valid = {v.key for v in search_space(w.dtype, w.page_size)}
     # Results already in the study (a resumed or shared study) are reused, never re-measured.
