@@ -335,7 +335,9 @@ class LengthSensitiveMeasurer(NoisyMeasurer):
         return r
 
 
-@pytest.mark.parametrize("elsewhere,wins", [(1.05, False), (0.9, True)])
+# 1.05: 5% slower at the bucket's edges (rejected); 0.9: faster there too; 1.003: 0.3% slower there, within the
+# bucket check's tolerance (the noise of NoisyMeasurer, seeded, keeps the edge medians within it)
+@pytest.mark.parametrize("elsewhere,wins", [(1.05, False), (0.9, True), (1.003, True)])
 def test_a_winner_must_hold_across_its_length_bucket(env, elsewhere, wins):
     storage, db, run_id, _ = env
     w = Workload(16, 1, 4, 2048)
