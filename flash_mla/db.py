@@ -211,23 +211,18 @@ def _driver_version() -> Optional[str]:
 
 
 def _variant_fields(variant: Any) -> tuple[str, str, str, dict]:
-    """(variant_key, build_key, variant_json, as_dict) of a Variant or a dict of its fields."""
-    if hasattr(variant, "as_dict"):
+    """(variant_key, build_key, variant_json, fields) of a variant: an object with ``key``, ``build_key`` and
+    ``as_dict()`` (``flash_mla.codegen.variant.Variant``), or a plain dict of fields, stored as given and named by
+    its content (``custom_<digest>``). The database stores variants; it does not interpret them."""
+    if all(hasattr(variant, a) for a in ("key", "build_key", "as_dict")):
         d = variant.as_dict()
-    elif isinstance(variant, Mapping):
+        return variant.key, variant.build_key, json.dumps(d, sort_keys=True), d
+    if isinstance(variant, Mapping):
         d = dict(variant)
-    else:
-        raise TypeError(f"variant must be a Variant or a dict, got {type(variant).__name__}")
-    vjson = json.dumps(d, sort_keys=True)
-    try:
-        from .codegen.variant import Variant
-        v = Variant.from_dict(d)
-        full = v.as_dict()                      # canonical: every field, defaults filled in
-        return v.key, v.build_key, json.dumps(full, sort_keys=True), full
-    except (ValueError, TypeError):
-        # Fields this package does not know (a newer variant space): name it by content.
+        vjson = json.dumps(d, sort_keys=True)
         digest = hashlib.sha256(vjson.encode()).hexdigest()[:16]
         return f"custom_{digest}", f"custom_{digest}", vjson, d
+    raise TypeError(f"variant must be a Variant or a dict, got {type(variant).__name__}")
 
 
 def _ro_connection(path: Path) -> sqlite3.Connection:
