@@ -32,7 +32,7 @@ Typical use by a tuner::
     run_id = tdb.add_run(db.current_hardware())
     wl = dict(dtype="bf16", h_q=128, h_kv=1, s_q=1, page_size=64, causal=False,
               batch=64, mean_sk=4096, capacity_tokens=8192)
-    tid = tdb.add_trial(run_id, "study-1", variant.as_dict(), wl, "ok", time_us=41.0)
+    tid = tdb.add_trial(run_id, "study-1", variant, wl, "ok", time_us=41.0)   # a codegen Variant
     tdb.record_winner(tid, default_variant_key=..., default_time_us=..., n_trials=...)
 
 Buckets (:mod:`flash_mla.workload_key`, their one home): ``batch_bucket = bucket_batch(batch)`` and
