@@ -9,8 +9,9 @@ and prints the median cycles of each phase over the steady-state tiles of that C
   the producer (first thread of warpgroup 1): wait for the stage's release, refill issue, and refill -> the tile's
   full barrier seen by warpgroup 0 (an upper bound of the load's latency).
 For qreg_ahead keys, Q K^T of a tile is issued before the previous tile's softmax, so "Q K^T (issued -> done)"
-spans that softmax too. The trace build is a diagnostic: with the stamps, ptxas reports 124 B of spill for the 64-token qreg variant (the
-plain build has none), so its phase times are approximate; compare its tile period with the plain variant's time.
+spans that softmax too. The trace build is a diagnostic: with the stamps, ptxas reports 124 B of spill for the
+64-token qreg variant (the plain build has none), so its phase times are approximate; compare its tile period with
+the plain variant's time.
 """
 
 import ctypes

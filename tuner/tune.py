@@ -13,7 +13,8 @@ runs first). The candidate with the lowest median wins only where it beats the d
 every one of its repeats is faster than every repeat of the default (the ranges do not overlap) and its median
 is at least ``MIN_MARGIN`` below the default's; otherwise the default stays the winner. A candidate that passes
 is then measured beside the default at the edges of its workload's length bucket (``BUCKET_EDGES``): it stays the
-winner only if it is not slower there either, since the runtime selects it for every length of the bucket. The
+winner only if it is at most ``BUCKET_TOLERANCE`` slower there, since the runtime selects it for every length of the
+bucket. The
 winner row records the repeats' median, both spreads ((max - min) / median) and the rule that decided.
 """
 
@@ -31,8 +32,7 @@ import optuna
 from flash_mla.codegen.build import BuildError, build, cutlass_version, nvcc_version
 from flash_mla.codegen.render import kernel_source_digest
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
-from flash_mla import db as db_module
-from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware
+from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware, shipped_db_path, user_db_path
 from flash_mla.workload_key import bucket_seqlen
 
 from .transfer import transfer_points
@@ -253,7 +253,7 @@ def stored_winners(out_db: Optional[TuningDB] = None) -> list[dict]:
     """The winner rows a new study can start from (:mod:`flash_mla.tuner.transfer`): the shipped database's, the
     user database's (``$FLASH_MLA_TUNING_DB``) and those already in ``out_db``, every GPU."""
     rows = list(out_db.winners()) if out_db is not None else []
-    for path in (db_module.shipped_db_path(), db_module.user_db_path()):
+    for path in (shipped_db_path(), user_db_path()):
         if path is None or not path.is_file() or (out_db is not None and path.resolve() == out_db.path.resolve()):
             continue
         with TuningDB(path, readonly=True) as src:

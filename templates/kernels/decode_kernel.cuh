@@ -208,8 +208,8 @@ struct DecodeTraits {
 };
 
 // Diagnostics (variant trace=True defines FMLA_TRACE): CTA (0, 0, 0) stamps clock() (32-bit SM cycles: compare
-// them modulo 2^32) at each phase of its first
-// kTraceTiles tiles, per warpgroup, into g_fmla_trace[warpgroup][tile][event]; read back through fmla_trace_read.
+// them modulo 2^32) at each phase of its first kTraceTiles tiles, per warpgroup, into
+// g_fmla_trace[warpgroup][tile][event]; read back through fmla_trace_read.
 // Without FMLA_TRACE trace_stamp is empty.
 constexpr int kTraceWarpgroups = 3, kTraceTiles = 256, kTraceEvents = 8;
 constexpr int kTraceSize = kTraceWarpgroups * kTraceTiles * kTraceEvents;
