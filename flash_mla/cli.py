@@ -404,7 +404,7 @@ def cmd_tune(args) -> int:
     with TuningDB(args.db) as db:
         run_id = db.add_run(hw)
         # Stored winners (any GPU) whose variants a new study measures right after the default.
-        transfer_rows = tune.stored_winners(db)
+        transfer_rows = () if args.no_transfer else tune.stored_winners(db)
         summary = []
         for w in workloads:
             with tqdm(total=args.trials, desc=w.key, unit="trial") as bar:
@@ -434,6 +434,8 @@ def cmd_tune(args) -> int:
         d = r.default_us
         print(f"{r.workload.key:44} {r.best['variant'].key:28} {r.best['us']:9.1f} "
               f"{d if d is None else round(d, 1)!s:>10} {(d / r.best['us']) if d else float('nan'):7.2f}x")
+        ti = r.best.get("trial_index")
+        print(f"    first measured at search trial {'-' if ti is None else ti + 1} of {len(r.history)}")
         if r.choice is not None:
             ds = r.choice["default_spread"]
             print(f"    confirmed over {len(r.confirmed[r.choice['key']])} interleaved rounds: spread "
@@ -560,6 +562,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also measure every variant and report trials-to-3%%, "
                    "with a plot per study of its best-so-far beside random search's median (--plots)")
     p.add_argument("--plots", default="tune_plots", help="folder of the --sweep plots (default ./tune_plots)")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="do not start new studies from the stored winners nearest to each workload")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--confirm-top", type=_positive_int, default=None,
                    help="best candidates re-measured beside the default after the search (default 2)")

@@ -62,6 +62,10 @@ SUITES = {
     "dsv3-tp2-mtp": [Workload(64, 4, b, sk, causal=True) for b in (64, 128) for sk in (2048, 8192)],
     # TP1 at few requests: one and sixteen, short to long contexts
     "dsv3-tp1-few": [Workload(128, 1, b, sk) for b, sk in ((1, 4096), (1, 32768), (16, 8192), (16, 32768))],
+    # TP16 (8 heads per GPU), TP4 (32) and TP2 (64) at one query token
+    "dsv3-tp16": [Workload(8, 1, b, sk) for b in BATCHES for sk in SEQLENS],
+    "dsv3-tp4": [Workload(32, 1, b, sk) for b in BATCHES for sk in SEQLENS],
+    "dsv3-tp2": [Workload(64, 1, b, sk) for b in BATCHES for sk in SEQLENS],
     # TP8 over a float8 e4m3 KV cache (bf16 q)
     "dsv3-fp8": [Workload(16, 1, b, sk, dtype="bf16_e4m3") for b in BATCHES for sk in SEQLENS],
 }
