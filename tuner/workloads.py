@@ -65,7 +65,8 @@ SUITES = {
     # TP16 (8 heads per GPU), TP4 (32) and TP2 (64) at one query token
     "dsv3-tp16": [Workload(8, 1, b, sk) for b in BATCHES for sk in SEQLENS],
     "dsv3-tp4": [Workload(32, 1, b, sk) for b in BATCHES for sk in SEQLENS],
-    "dsv3-tp2": [Workload(64, 1, b, sk) for b in BATCHES for sk in SEQLENS],
+    # (dsv3-tp2 leaves out b32 s_k = 8192: a held-out workload of tuner/evaluate.py)
+    "dsv3-tp2": [Workload(64, 1, b, sk) for b in BATCHES for sk in SEQLENS if (b, sk) != (32, 8192)],
     # TP8 over a float8 e4m3 KV cache (bf16 q)
     "dsv3-fp8": [Workload(16, 1, b, sk, dtype="bf16_e4m3") for b in BATCHES for sk in SEQLENS],
 }
