@@ -56,6 +56,8 @@ SUITES = {
     "dsv3-tp8": [Workload(16, 1, b, sk) for b in BATCHES for sk in SEQLENS],
     # multi-token prediction: two query tokens, causal
     "dsv3-mtp": [Workload(128, 2, b, sk, causal=True) for b in BATCHES for sk in SEQLENS],
+    # the same without the causal mask (draft tokens verified as one block)
+    "dsv3-mtp-nc": [Workload(128, 2, b, sk) for b in BATCHES for sk in SEQLENS],
     # small batches (latency-bound): TP8, TP4 and TP1 head counts at one and eight requests
     "dsv3-small": [Workload(h, 1, b, sk) for h in (16, 32, 128) for b in (1, 8) for sk in SEQLENS],
     # TP2 (64 heads per GPU) with three draft tokens: four query tokens, causal (256 q rows per kv head)
