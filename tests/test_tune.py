@@ -68,6 +68,8 @@ def env(tmp_path):
 def test_suites_cover_the_deepseek_shapes():
     assert {w.h_q for w in suite("dsv3-tp1")} == {128} and {w.h_q for w in suite("dsv3-tp8")} == {16}
     assert all(w.s_q == 2 and w.causal for w in suite("dsv3-mtp"))
+    assert all(w.s_q == 2 and not w.causal for w in suite("dsv3-mtp-nc"))
+    assert [{w.h_q for w in suite(f"dsv3-tp{n}")} for n in (16, 4, 2)] == [{8}, {32}, {64}]
     for ws in SUITES.values():
         assert len({w.key for w in ws}) == len(ws) >= 4          # several batch and seqlen buckets
     with pytest.raises(ValueError, match="unknown suite"):
@@ -447,3 +449,25 @@ def test_stored_winners_include_the_output_db_and_the_shipped_one(env, monkeypat
     if shipped is not None:
         with TuningDB(shipped, readonly=True) as s:
             assert len(rows) == 1 + len(s.winners())
+
+
+@pytest.mark.parametrize("flag,expect_rows", [([], True), (["--no-transfer"], False)])
+def test_tune_command_transfers_stored_winners_unless_told_not_to(flag, expect_rows, monkeypatch, tmp_path):
+    from flash_mla import cli
+    seen = []
+    rows = [{"variant_key": "stored"}]
+    monkeypatch.setattr(cli, "_require_sm90", lambda: None)
+    monkeypatch.setattr(tune, "prebuild", lambda w, jobs=None: set())
+    monkeypatch.setattr(tune, "run_info", lambda: dict(HW))
+    monkeypatch.setattr(tune, "stored_winners", lambda db: rows)
+    monkeypatch.setattr(tune, "record", lambda *a, **k: None)
+    monkeypatch.setattr(tune, "no_hint_winners", lambda *a, **k: [])
+
+    def fake_study(w, *a, transfer_rows=(), **k):
+        seen.append(transfer_rows)
+        return tune.StudyResult(w, None, None, [])
+    monkeypatch.setattr(tune, "tune_workload", fake_study)
+    argv = ["tune", "--workload", "h_q=16,s_q=1,batch=4,mean_sk=2048", "--trials", "1", "--gpus", "0",
+            "--db", str(tmp_path / "t.sqlite"), "--storage", str(tmp_path / "s.journal"), *flag]
+    assert cli.main(argv) == 0
+    assert seen == [rows if expect_rows else ()]
