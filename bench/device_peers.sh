@@ -7,7 +7,7 @@
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), check:KEYS, full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
-# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite),
+# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), usedb (later steps select from OUTDIR/tuned.sqlite first),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
@@ -108,6 +108,8 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
                       python3 "$repo/.peers/flashmla-9edee0c/tests/test_flash_mla.py" --dtype $dt > "$out/fmla-test-$dt.txt" 2>&1
                       echo "FlashMLA tests/test_flash_mla.py --dtype $dt: rc=$?, $(grep -c "TFLOPS" "$out/fmla-test-$dt.txt") cases passed"
                     done;;
+    usedb) export FLASH_MLA_TUNING_DB=$final/tuned.sqlite   # later steps select from this run's tuned rows first
+           echo "user tuning DB: $FLASH_MLA_TUNING_DB";;
     tune:*) IFS=: read -r _ suites trials nt <<< "$step"   # SUITES:TRIALS[:notransfer] (own DB, studies, log)
             python3 -m flash_mla.cli tune $(for x in ${suites//,/ }; do echo --suite $x; done) --trials "$trials" \
               ${nt:+--no-transfer} --db "$final/tuned${nt:+-$nt}.sqlite" --storage "$out/studies${nt:+-$nt}.journal" \

@@ -60,6 +60,8 @@ SUITES = {
     "dsv3-mtp-nc": [Workload(128, 2, b, sk) for b in BATCHES for sk in SEQLENS],
     # small batches (latency-bound): TP8, TP4 and TP1 head counts at one and eight requests
     "dsv3-small": [Workload(h, 1, b, sk) for h in (16, 32, 128) for b in (1, 8) for sk in SEQLENS],
+    # short contexts at one and eight requests, TP8 and TP4 head counts (where fixed per-call costs dominate)
+    "dsv3-short": [Workload(h, 1, b, 1024) for h in (16, 32) for b in (1, 8)],
     # TP2 (64 heads per GPU) with three draft tokens: four query tokens, causal (256 q rows per kv head)
     "dsv3-tp2-mtp": [Workload(64, 4, b, sk, causal=True) for b in (64, 128) for sk in (2048, 8192)],
     # TP1 at few requests: one and sixteen, short to long contexts
