@@ -404,7 +404,8 @@ def cmd_tune(args) -> int:
     with TuningDB(args.db) as db:
         run_id = db.add_run(hw)
         # Stored winners (any GPU) whose variants a new study measures right after the default.
-        transfer_rows = () if args.no_transfer else tune.stored_winners(db)
+        stored = tune.stored_winners(db)
+        transfer_rows = () if args.no_transfer else stored
         summary = []
         for w in workloads:
             with tqdm(total=args.trials, desc=w.key, unit="trial") as bar:
@@ -425,7 +426,8 @@ def cmd_tune(args) -> int:
                                        build_failed=frozenset(failed))
                 res.sweep["plot"] = tune.plot_search(Path(args.plots) / f"{w.key}.png", res, storage, gpu_name)
         # Calls without a length hint: one winner per group of workloads that differ only in length.
-        no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed)
+        no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
+                                       stored_rows=stored)
     print(f"\n{'workload':44} {'best variant':28} {'tuned us':>9} {'default us':>10} {'speedup':>8}")
     for r in summary:
         if r.best is None:
@@ -445,7 +447,8 @@ def cmd_tune(args) -> int:
             print(f"    exhaustive sweep: best {sw['best_key']} {sw['best_us']:.1f} us over {sw['n']} variants; "
                   f"study within 3% after {sw['trials_to_3pct']} measured trials; plot {sw.get('plot')}")
     if no_hint:
-        print("\nwithout a length hint (geometric mean over the tuned lengths of each group):")
+        print("\nwithout a length hint (geometric mean over each group's lengths: this run's and those stored for "
+              "this GPU):")
         print(f"{'workload':44} {'variant':28} {'us':>9} {'default us':>10} {'vs best':>8}")
         for g in no_hint:
             d = g["default_us"]

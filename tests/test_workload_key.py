@@ -77,10 +77,10 @@ class LengthAwareMeasurer:
         pass
 
 
-def _tuned_db(tmp_path, workloads):
+def _tuned_db(tmp_path, workloads, stored_rows=(), db_name="tuned.sqlite"):
     """A DB as `flash-mla tune` leaves it: each workload's exhaustive winner, then the no-hint winners."""
     m = LengthAwareMeasurer()
-    tdb = db.TuningDB(tmp_path / "tuned.sqlite")
+    tdb = db.TuningDB(tmp_path / db_name)
     run_id = tdb.add_run(HW)
     results = []
     for w in workloads:
@@ -95,9 +95,9 @@ def _tuned_db(tmp_path, workloads):
                                times[default_variant(w.dtype, w.page_size).key][0], [None] * len(times))
         tune.record(tdb, run_id, res, GPU)
         results.append(res)
-    groups = tune.no_hint_winners(results, tdb, run_id, GPU, measurer=m)
+    groups = tune.no_hint_winners(results, tdb, run_id, GPU, measurer=m, stored_rows=stored_rows)
     tdb.close()
-    return tmp_path / "tuned.sqlite", results, groups
+    return tmp_path / db_name, results, groups
 
 
 @pytest.fixture
@@ -155,6 +155,19 @@ def test_no_hint_winner_is_the_best_geometric_mean_over_the_groups_lengths(tmp_p
         rows = tdb.winners(seqlen_bucket=NO_HINT)
     assert [r["variant_key"] for r in rows] == [expect]
     assert rows[0]["time_us"] == pytest.approx(math.sqrt(t[(expect, 2048)] * t[(expect, 8192)]))
+
+
+def test_no_hint_winner_of_a_run_over_one_length_also_weighs_the_lengths_tuned_before(tmp_path, user_db):
+    both = [Workload(16, 1, 32, sk) for sk in (2048, 8192)]
+    _, _, (expect,) = _tuned_db(tmp_path, both, db_name="both.sqlite")
+    first, _, _ = _tuned_db(tmp_path, both[1:], db_name="first.sqlite")            # an earlier run: s_k 8192 only
+    with db.TuningDB(first, readonly=True) as f:
+        stored = f.winners() + [{**r, "gpu_name": "Other GPU", "seqlen_bucket": 1024} for r in f.winners()]
+    _, _, (g,) = _tuned_db(tmp_path, both[:1], stored_rows=stored, db_name="second.sqlite")   # now s_k 2048 only
+    assert sorted(g["workloads"]) == sorted(w.key for w in both)          # the other GPU's row is not taken
+    assert g["variant"] == expect["variant"] and g["score"] == pytest.approx(expect["score"])
+    _, _, (alone,) = _tuned_db(tmp_path, both[:1], db_name="alone.sqlite")
+    assert alone["workloads"] == [both[0].key] and alone["variant"] != expect["variant"]
 
 
 def test_runtime_key_of_tensors_equals_the_call_key():

@@ -21,6 +21,7 @@ winner row records the repeats' median, both spreads ((max - min) / median) and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -33,7 +34,7 @@ from flash_mla.codegen.build import BuildError, build, cutlass_version, nvcc_ver
 from flash_mla.codegen.render import kernel_source_digest
 from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_space
 from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware, shipped_db_path, user_db_path
-from flash_mla.workload_key import bucket_seqlen
+from flash_mla.workload_key import NO_HINT, WorkloadKey, bucket_seqlen
 
 from .transfer import transfer_points
 from .worker import Worker
@@ -586,11 +587,37 @@ def _geomean(xs) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def _stored_members(key: WorkloadKey, stored_rows: Sequence[Mapping], gpu_name: str, have: set) -> list:
+    """Members of ``key``'s group that earlier runs tuned: winner rows of the same GPU and key but the length
+    whose length bucket is not in ``have``, as results whose workload is the row's bucket centres and whose best is
+    the row's variant (when this package can build it; else only the default is a candidate there)."""
+    out, seen = [], set(have)
+    for row in stored_rows:
+        if row.get("gpu_name") != gpu_name or row.get("seqlen_bucket") == NO_HINT:
+            continue
+        k = WorkloadKey.from_row(row)
+        if k.without_hint() != key or k in seen:
+            continue
+        seen.add(k)
+        w = Workload(k.h_q, k.s_q, k.batch_bucket, k.seqlen_bucket, k.h_kv, k.causal, k.dtype, k.page_size)
+        try:
+            v = Variant.from_dict(json.loads(row["variant_json"]))
+            best = {"variant": v, "us": row["time_us"], "trial_index": None} if v.is_valid() else None
+        except (ValueError, TypeError, KeyError):
+            best = None
+        out.append(StudyResult(w, best, row.get("default_time_us"), []))
+    return out
+
+
 def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, gpu: Optional[int] = None,
-                    seed: int = 0, trial_timeout_s: float = 120.0, measurer=None) -> list[dict]:
+                    seed: int = 0, trial_timeout_s: float = 120.0, measurer=None,
+                    stored_rows: Sequence[Mapping] = ()) -> list[dict]:
     """Winners for calls without a length hint (``seqlen_bucket = NO_HINT``, see flash_mla.workload_key).
 
-    The tuned workloads are grouped by their key without the length. In each group the candidates are the
+    The tuned workloads are grouped by their key without the length. A group also takes the lengths that
+    earlier runs tuned for it on this GPU (``stored_rows``: winner rows, e.g. :func:`stored_winners`; their
+    bucket centres are measured), so that a run over some lengths does not leave a row chosen over those alone
+    to replace one chosen over more when the databases are merged. In each group the candidates are the
     group's winners and the default variant; every (candidate, workload) time the DB lacks is measured
     (and recorded in that workload's study), and the candidate with the smallest geometric mean of
     ``time / best time of that workload`` wins (ties: the default, then the key). Its row holds the
@@ -602,6 +629,8 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
     for res in results:
         if res.best is not None:
             groups.setdefault(res.workload.workload_key.without_hint(), []).append(res)
+    for key, members in groups.items():
+        members += _stored_members(key, stored_rows, gpu_name, {m.workload.workload_key for m in members})
     out = []
     if not groups:
         return out
@@ -612,7 +641,8 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
             dv = default_variant(key.dtype, key.page_size)
             cands = {dv.key: dv}
             for res in members:
-                cands.setdefault(res.best["variant"].key, res.best["variant"])
+                if res.best is not None:
+                    cands.setdefault(res.best["variant"].key, res.best["variant"])
             times: dict = {}                       # (variant key, workload key) -> us or None (failed)
             for res in members:
                 w = res.workload
