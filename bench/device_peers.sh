@@ -8,6 +8,7 @@
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), usedb (later steps select from OUTDIR/tuned.sqlite first),
+# probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
@@ -108,6 +109,11 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
                       python3 "$repo/.peers/flashmla-9edee0c/tests/test_flash_mla.py" --dtype $dt > "$out/fmla-test-$dt.txt" 2>&1
                       echo "FlashMLA tests/test_flash_mla.py --dtype $dt: rc=$?, $(grep -c "TFLOPS" "$out/fmla-test-$dt.txt") cases passed"
                     done;;
+    probe) nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)   # the two GEMMs of qreg alone (bench/probe_wgmma.cu)
+           "$nvcc" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I "$repo/templates" \
+             -I "$FLASH_MLA_CUTLASS_INCLUDE" -I "$(dirname "$nvcc")/../include/cccl" "$repo/bench/probe_wgmma.cu" \
+             -o /tmp/probe_wgmma > "$out/probe-build.txt" 2>&1 && /tmp/probe_wgmma > "$out/probe.txt" 2>&1
+           echo "probe rc=$?"; cat "$out/probe.txt"; tail -3 "$out/probe-build.txt";;
     usedb) export FLASH_MLA_TUNING_DB=$final/tuned.sqlite   # later steps select from this run's tuned rows first
            echo "user tuning DB: $FLASH_MLA_TUNING_DB";;
     tune:*) IFS=: read -r _ suites trials nt <<< "$step"   # SUITES:TRIALS[:notransfer] (own DB, studies, log)

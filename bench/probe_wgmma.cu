@@ -1,0 +1,154 @@
+// Tensor-core rate of the qreg schedule's two GEMMs in isolation, on one 64-token tile resident in shared memory
+// (no loads, no softmax, no barriers between iterations): how close each gets to the peak when nothing else runs.
+//   P V : O (64 x 256 per warpgroup) += P (64 x 64, shared memory) V (the MN-major view of the K tile's 256-channel
+//         half), shared-memory operands, as warpgroups 1 and 2 of decode_qreg.cuh issue it (MmaO);
+//   Q K^T: S (64 x 64) = Q K^T over 576 channels, 384 of Q from registers and 192 from shared memory (warpgroup 0's
+//         MmaQn + MmaQr).
+// Every CTA (one per SM) runs `iters` tiles per warpgroup and thread 0 of each warpgroup records clock64() around
+// them. Printed: cycles per tile and the fraction of the peak (1024 dense bf16 FLOP / clock / SM partition: a
+// 64 x 256 x 64 P V is 512 cycles for one warpgroup alone, 1024 for two sharing the SM; Q K^T 64 x 64 x 576 is 1152).
+// Build and run (bench/device_peers.sh step probe):
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I templates \
+//        -I $CUTLASS/include [-I $CUDA/include/cccl] bench/probe_wgmma.cu -o probe && ./probe
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+extern "C" {
+#include "kernels/params.h"
+}
+#include "kernels/decode_kernel.cuh"
+
+namespace probe {
+
+struct Config {   // the 64-token qreg variant (bf16, page 64, two stages)
+  using Element = cutlass::bfloat16_t;
+  using KvElement = cutlass::bfloat16_t;
+  static constexpr int kBlockN = 64;
+  static constexpr int kStages = 2;
+  static constexpr int kNumWarpgroups = 3;
+  static constexpr int kPageSize = 64;
+  static constexpr int kCombineRows = 4;
+  static constexpr fmla::Qk kQk = fmla::Qk::kQreg;
+  static constexpr int kRowsN = 64;
+  static constexpr bool kWidenAhead = false;
+  static constexpr int kCluster = 1;
+  static constexpr fmla::Merge kMerge = fmla::Merge::kWidePdl;
+};
+
+using namespace cute;
+using T = fmla::DecodeTraits<Config>;
+using Element = T::Element;
+
+// mode 0: P V on `wgs` warpgroups (each its 256-channel half: warpgroup w takes half w % 2)
+// mode 1: Q K^T on warpgroup 0 only
+__global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iters, long long* cycles, float* sink) {
+  extern __shared__ char smem_raw[];
+  Element* k_tile = reinterpret_cast<Element*>(fmla::aligned_smem<2>(smem_raw));      // (64 tokens, 576)
+  Element* q_rest = k_tile + T::kBN * T::kD;                                            // (64 rows, 192)
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  for (int i = tid; i < T::kBN * T::kD + T::kBM * (T::kD - fmla::kQregChannels); i += blockDim.x)
+    k_tile[i] = Element(float((i * 37) % 17) * 0.01f);
+  __syncthreads();
+  if (wg >= wgs) return;
+  long long t0 = 0, t1 = 0;
+  float keep = 0.f;
+  if (mode == 0) {
+    using MmaO = T::MmaO;
+    MmaO mma_o;
+    auto thr_o = mma_o.get_thread_slice(wtid);
+    Tensor tOrP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(k_tile + (T::kDV / 64) * (T::kBN * 64)),
+                                                         T::SmemLayoutP{}));
+    Tensor sVt = make_tensor(make_smem_ptr(k_tile), T::SmemLayoutVt{});
+    Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<T::kDVw>, Int<T::kBN>>{}, make_coord(wg % 2, 0)));
+    Tensor acc = partition_fragment_C(mma_o, Shape<Int<T::kBM>, Int<T::kDVw>>{});
+    clear(acc);
+    asm volatile("bar.sync 1, %0;" ::"r"(wgs * 128));
+    t0 = clock64();
+    for (int it = 0; it < iters; ++it) {
+      fmla::issue_ss<true>(mma_o, tOrP, tOrV, acc);
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(acc);
+    t1 = clock64();
+    for (int i = 0; i < size(acc); ++i) keep += acc(i);
+  } else {
+    constexpr int kQc = fmla::kQregChannels, kQs = T::kD - fmla::kQregChannels;
+    using MmaQn = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
+        Shape<Int<T::kBM>, Int<T::kBN>, Int<kQc>>>()));
+    using MmaQr = decltype(make_tiled_mma(SM90::GMMA::ss_op_selector<Element, Element, float,
+        Shape<Int<T::kBM>, Int<T::kBN>, Int<kQs>>>()));
+    MmaQn mma_qn;
+    MmaQr mma_qr;
+    auto thr_qn = mma_qn.get_thread_slice(wtid);
+    auto thr_qr = mma_qr.get_thread_slice(wtid);
+    Tensor tSrQ = thr_qn.partition_fragment_A(make_tensor(make_smem_ptr(q_rest), Shape<Int<T::kBM>, Int<kQc>>{}));
+    for (int i = 0; i < size(tSrQ); ++i) tSrQ(i) = k_tile[i * 131 + wtid];   // data, not constants (no rematerialising)
+    Tensor sK = make_tensor(make_smem_ptr(k_tile), T::SmemLayoutK{});
+    Tensor tSrKn = thr_qn.partition_fragment_B(local_tile(sK, Shape<Int<T::kBN>, Int<kQc>>{}, make_coord(0, 0)));
+    Tensor tSrKr = thr_qr.partition_fragment_B(local_tile(sK, Shape<Int<T::kBN>, Int<kQs>>{}, make_coord(0, kQc / kQs)));
+    Tensor tSsQr = thr_qr.partition_fragment_A(make_tensor(make_smem_ptr(q_rest), T::SmemLayoutQr{}));
+    Tensor acc = partition_fragment_C(mma_qr, Shape<Int<T::kBM>, Int<T::kBN>>{});
+    asm volatile("bar.sync 1, 128;");
+    t0 = clock64();
+    for (int it = 0; it < iters; ++it) {
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      mma_qn.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_qn, tSrQ(_, _, kb), tSrKn(_, _, kb), acc);
+        mma_qn.accumulate_ = GMMA::ScaleOut::One;
+      }
+      mma_qr.accumulate_ = GMMA::ScaleOut::One;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      keep += acc(0);
+    }
+    warpgroup_fence_operand(acc);
+    t1 = clock64();
+  }
+  if (wtid == 0) cycles[blockIdx.x * 2 + wg] = t1 - t0;
+  if (keep == 12345.f) sink[0] = keep;               // keeps the accumulators alive
+}
+
+}  // namespace probe
+
+int main() {
+  using probe::T;
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const int smem = 1024 + (T::kBN * T::kD + T::kBM * (T::kD - fmla::kQregChannels)) * int(sizeof(probe::Element));
+  if (cudaFuncSetAttribute(probe::gemm_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    std::printf("cannot set %d B of shared memory\n", smem);
+    return 1;
+  }
+  long long* cycles = nullptr;
+  float* sink = nullptr;
+  cudaMalloc(&cycles, sizeof(long long) * sms * 2);
+  cudaMalloc(&sink, sizeof(float));
+  const int iters = 2000;
+  struct Case { const char* name; int mode, wgs; double ideal; };
+  const Case cases[] = {{"P V, one warpgroup (64x256x64, shared-memory P and V)", 0, 1, 512.0},
+                        {"P V, two warpgroups (64x256x64 each, both halves of V)", 0, 2, 1024.0},
+                        {"Q K^T, one warpgroup (64x64x576, 384 channels of Q from registers)", 1, 1, 1152.0}};
+  std::printf("%-70s %12s %8s\n", "GEMM per tile, one CTA per SM", "cycles/tile", "of peak");
+  for (const Case& c : cases) {
+    for (int rep = 0; rep < 2; ++rep)             // the first launch warms up clocks and caches
+      probe::gemm_probe<<<sms, 256, smem>>>(c.mode, c.wgs, iters, cycles, sink);
+    if (cudaDeviceSynchronize() != cudaSuccess) {
+      std::printf("%s: launch failed: %s\n", c.name, cudaGetErrorString(cudaGetLastError()));
+      return 1;
+    }
+    std::vector<long long> h(sms * 2);
+    cudaMemcpy(h.data(), cycles, sizeof(long long) * sms * 2, cudaMemcpyDeviceToHost);
+    std::vector<double> per_tile;
+    for (int b = 0; b < sms; ++b) per_tile.push_back(double(h[b * 2]) / iters);   // warpgroup 0 of each CTA
+    std::sort(per_tile.begin(), per_tile.end());
+    const double med = per_tile[per_tile.size() / 2];
+    std::printf("%-70s %12.1f %7.1f%%\n", c.name, med, 100.0 * c.ideal / med);
+  }
+  return 0;
+}
