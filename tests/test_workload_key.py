@@ -166,6 +166,15 @@ def test_no_hint_winner_of_a_run_over_one_length_also_weighs_the_lengths_tuned_b
     _, _, (g,) = _tuned_db(tmp_path, both[:1], stored_rows=stored, db_name="second.sqlite")   # now s_k 2048 only
     assert sorted(g["workloads"]) == sorted(w.key for w in both)          # the other GPU's row is not taken
     assert g["variant"] == expect["variant"] and g["score"] == pytest.approx(expect["score"])
+    class FailsAt8192(LengthAwareMeasurer):
+        def measure(self, variant, shape, seed=0):
+            return {"state": "failed_check"} if shape["mean_sk"] == 8192 else super().measure(variant, shape, seed)
+    tdb = db.TuningDB(tmp_path / "failing.sqlite")
+    run_id = tdb.add_run(HW)
+    res = tune.StudyResult(both[0], {"variant": expect["variant"], "us": 1.0, "trial_index": 0}, None, [])
+    (g,) = tune.no_hint_winners([res], tdb, run_id, GPU, measurer=FailsAt8192(), stored_rows=stored)
+    tdb.close()
+    assert g["workloads"] == [both[0].key]                       # the stored length that failed here is left out
     _, _, (alone,) = _tuned_db(tmp_path, both[:1], db_name="alone.sqlite")
     assert alone["workloads"] == [both[0].key] and alone["variant"] != expect["variant"]
 

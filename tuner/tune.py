@@ -661,6 +661,8 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
                     r = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
                     _add_trial(db, run_id, name, v, w, r, "no_hint", seed, source_hash)
                     times[(vk, w.key)] = r["us"] if r["state"] == "ok" else None
+            # a stored length where every candidate failed here leaves the group (a run member has its best)
+            members = [res for res in members if any(times.get((vk, res.workload.key)) is not None for vk in cands)]
             best_of = {res.workload.key: min(times[(vk, res.workload.key)] for vk in cands
                                              if times.get((vk, res.workload.key)) is not None)
                        for res in members}
