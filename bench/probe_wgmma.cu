@@ -2,6 +2,7 @@
 // (no loads, no softmax, no barriers between iterations): how close each gets to the peak when nothing else runs.
 //   P V : O (64 x 256 per warpgroup) += P (64 x 64, shared memory) V (the MN-major view of the K tile's 256-channel
 //         half), shared-memory operands, as warpgroups 1 and 2 of decode_qreg.cuh issue it (MmaO);
+//   the same with P from registers (register-A wgmma, as FA3's and FlashMLA's own-half P V);
 //   Q K^T: S (64 x 64) = Q K^T over 576 channels, 384 of Q from registers and 192 from shared memory (warpgroup 0's
 //         MmaQn + MmaQr).
 // Every CTA (one per SM) runs `iters` tiles per warpgroup and thread 0 of each warpgroup records clock64() around
@@ -42,6 +43,7 @@ using Element = T::Element;
 
 // mode 0: P V on `wgs` warpgroups (each its 256-channel half: warpgroup w takes half w % 2)
 // mode 1: Q K^T on warpgroup 0 only
+// mode 2: mode 0 with P from registers
 __global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iters, long long* cycles, float* sink) {
   extern __shared__ char smem_raw[];
   Element* k_tile = reinterpret_cast<Element*>(fmla::aligned_smem<2>(smem_raw));      // (64 tokens, 576)
@@ -67,6 +69,31 @@ __global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iter
     t0 = clock64();
     for (int it = 0; it < iters; ++it) {
       fmla::issue_ss<true>(mma_o, tOrP, tOrV, acc);
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(acc);
+    t1 = clock64();
+    for (int i = 0; i < size(acc); ++i) keep += acc(i);
+  } else if (mode == 2) {                      // P V with P from registers (register-A wgmma), V as in mode 0
+    using MmaOr = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
+        Shape<Int<T::kBM>, Int<T::kDVw>, Int<T::kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
+    MmaOr mma;
+    auto thr = mma.get_thread_slice(wtid);
+    Tensor tOrP = thr.partition_fragment_A(make_tensor(make_smem_ptr(k_tile + (T::kDV / 64) * (T::kBN * 64)),
+                                                       T::SmemLayoutP{}));
+    for (int i = 0; i < size(tOrP); ++i) tOrP(i) = k_tile[i * 131 + wtid];
+    Tensor sVt = make_tensor(make_smem_ptr(k_tile), T::SmemLayoutVt{});
+    Tensor tOrV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<T::kDVw>, Int<T::kBN>>{}, make_coord(wg % 2, 0)));
+    Tensor acc = partition_fragment_C(mma, Shape<Int<T::kBM>, Int<T::kDVw>>{});
+    clear(acc);
+    asm volatile("bar.sync 1, %0;" ::"r"(wgs * 128));
+    t0 = clock64();
+    for (int it = 0; it < iters; ++it) {
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma, tOrP(_, _, kb), tOrV(_, _, kb), acc);
+      warpgroup_commit_batch();
       warpgroup_wait<0>();
     }
     warpgroup_fence_operand(acc);
@@ -133,6 +160,7 @@ int main() {
   struct Case { const char* name; int mode, wgs; double ideal; };
   const Case cases[] = {{"P V, one warpgroup (64x256x64, shared-memory P and V)", 0, 1, 512.0},
                         {"P V, two warpgroups (64x256x64 each, both halves of V)", 0, 2, 1024.0},
+                        {"P V, two warpgroups, P from registers (register-A wgmma)", 2, 2, 1024.0},
                         {"Q K^T, one warpgroup (64x64x576, 384 channels of Q from registers)", 1, 1, 1152.0}};
   std::printf("%-70s %12s %8s\n", "GEMM per tile, one CTA per SM", "cycles/tile", "of peak");
   for (const Case& c : cases) {
