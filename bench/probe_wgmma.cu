@@ -119,18 +119,7 @@ __global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iter
     asm volatile("bar.sync 1, 128;");
     t0 = clock64();
     for (int it = 0; it < iters; ++it) {
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      mma_qn.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_qn, tSrQ(_, _, kb), tSrKn(_, _, kb), acc);
-        mma_qn.accumulate_ = GMMA::ScaleOut::One;
-      }
-      mma_qr.accumulate_ = GMMA::ScaleOut::One;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc);
-      warpgroup_commit_batch();
+      fmla::issue_qk_split(mma_qn, tSrQ, tSrKn, mma_qr, tSsQr, tSrKr, acc);
       warpgroup_wait<0>();
       keep += acc(0);
     }

@@ -243,6 +243,25 @@ __device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, T
   warpgroup_commit_batch();
 }
 
+// acc = Q K^T in two parts into one fragment, one batch, not waited for: channels with Q from registers (`mma_n`,
+// register-A fragments tQn), then those with Q from shared memory (`mma_r`, descriptors tQr) (the qreg schedules).
+template <class MmaN, class TQn, class TKn, class MmaR, class TQr, class TKr, class TC>
+__device__ __forceinline__ void issue_qk_split(MmaN& mma_n, TQn const& tQn, TKn const& tKn, MmaR& mma_r,
+                                               TQr const& tQr, TKr const& tKr, TC& acc) {
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  mma_n.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tQn); ++kb) {
+    cute::gemm(mma_n, tQn(_, _, kb), tKn(_, _, kb), acc);
+    mma_n.accumulate_ = GMMA::ScaleOut::One;
+  }
+  mma_r.accumulate_ = GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tQr); ++kb) cute::gemm(mma_r, tQr(_, _, kb), tKr(_, _, kb), acc);
+  warpgroup_commit_batch();
+}
+
 // acc = A * B (kAccumulate: acc += A * B), waited for.
 template <bool kAccumulate, class Mma, class TA, class TB, class TC>
 __device__ __forceinline__ void gemm_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc) {

@@ -126,18 +126,7 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         Tensor tSrKr = thr_qr.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQs>>{}, make_coord(0, kQc / kQs)));
         // Q's shared-memory descriptors from an opaque pointer per tile (hoisted, they would live in registers).
         Tensor tSsQr = thr_qr.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQr{}));
-        warpgroup_fence_operand(acc);
-        warpgroup_arrive();
-        mma_qn.accumulate_ = GMMA::ScaleOut::Zero;
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-          cute::gemm(mma_qn, tSrQ(_, _, kb), tSrKn(_, _, kb), acc);
-          mma_qn.accumulate_ = GMMA::ScaleOut::One;
-        }
-        mma_qr.accumulate_ = GMMA::ScaleOut::One;
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tSsQr); ++kb) cute::gemm(mma_qr, tSsQr(_, _, kb), tSrKr(_, _, kb), acc);
-        warpgroup_commit_batch();
+        issue_qk_split(mma_qn, tSrQ, tSrKn, mma_qr, tSsQr, tSrKr, acc);
         trace_stamp(0, it, 2);                    // Q K^T issued
       };
       // The softmax of tile t (its Q K^T waited for), P published.
