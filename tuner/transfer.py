@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 from flash_mla.codegen.variant import Variant, default_variant, search_space
 
@@ -42,6 +42,16 @@ def distance(w: Workload, row: Mapping, gpu_name: str) -> float:
     return d
 
 
+def stored_variant(row: Mapping) -> Optional[Variant]:
+    """The variant a stored winner row names, or None where this package cannot build it (a row of a newer or
+    older variant space)."""
+    try:
+        v = Variant.from_dict(json.loads(row["variant_json"]))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return v if v.is_valid() else None
+
+
 def transfer_points(w: Workload, rows: Iterable[Mapping], gpu_name: str, n: int = 2) -> list[Variant]:
     """Up to ``n`` variants, other than the default, that won on the stored workloads nearest to ``w``."""
     k = w.workload_key
@@ -55,11 +65,8 @@ def transfer_points(w: Workload, rows: Iterable[Mapping], gpu_name: str, n: int 
     ranked.sort(key=lambda t: (t[0], t[1]))
     out: list[Variant] = []
     for _, _, row in ranked:
-        try:
-            v = Variant.from_dict(json.loads(row["variant_json"]))
-        except (ValueError, TypeError):                 # a row of a newer variant space
-            continue
-        if v.key == default_key or v.key not in valid or v in out:
+        v = stored_variant(row)
+        if v is None or v.key == default_key or v.key not in valid or v in out:
             continue
         out.append(v)
         if len(out) == n:

@@ -14,14 +14,12 @@ every one of its repeats is faster than every repeat of the default (the ranges 
 is at least ``MIN_MARGIN`` below the default's; otherwise the default stays the winner. A candidate that passes
 is then measured beside the default at the edges of its workload's length bucket (``BUCKET_EDGES``): it stays the
 winner only if it is at most ``BUCKET_TOLERANCE`` slower there, since the runtime selects it for every length of the
-bucket. The
-winner row records the repeats' median, both spreads ((max - min) / median) and the rule that decided.
+bucket. The winner row records the repeats' median, both spreads ((max - min) / median) and the rule that decided.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -36,7 +34,7 @@ from flash_mla.codegen.variant import KNOBS, Variant, default_variant, search_sp
 from flash_mla.db import TRIAL_STATES, TuningDB, current_hardware, shipped_db_path, user_db_path
 from flash_mla.workload_key import NO_HINT, WorkloadKey, bucket_seqlen
 
-from .transfer import transfer_points
+from .transfer import stored_variant, transfer_points
 from .worker import Worker
 from .workloads import Workload
 
@@ -600,11 +598,8 @@ def _stored_members(key: WorkloadKey, stored_rows: Sequence[Mapping], gpu_name: 
             continue
         seen.add(k)
         w = Workload(k.h_q, k.s_q, k.batch_bucket, k.seqlen_bucket, k.h_kv, k.causal, k.dtype, k.page_size)
-        try:
-            v = Variant.from_dict(json.loads(row["variant_json"]))
-            best = {"variant": v, "us": row["time_us"], "trial_index": None} if v.is_valid() else None
-        except (ValueError, TypeError, KeyError):
-            best = None
+        v = stored_variant(row)
+        best = None if v is None else {"variant": v, "us": row["time_us"], "trial_index": None}
         out.append(StudyResult(w, best, row.get("default_time_us"), []))
     return out
 
