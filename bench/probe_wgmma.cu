@@ -13,6 +13,7 @@
 //        -I $CUTLASS/include [-I $CUDA/include/cccl] bench/probe_wgmma.cu -o probe && ./probe
 #include <algorithm>
 #include <cstdio>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -41,9 +42,37 @@ using namespace cute;
 using T = fmla::DecodeTraits<Config>;
 using Element = T::Element;
 
-// mode 0: P V on `wgs` warpgroups (each its 256-channel half: warpgroup w takes half w % 2)
+// P V on a resident tile, warpgroup `wg` taking the 256-channel half wg % 2 of V; kPRegs: P from registers
+// (register-A wgmma), else from shared memory (MmaO, as decode_qreg.cuh). Returns the cycles of `iters` tiles.
+template <bool kPRegs>
+__device__ long long pv_cycles(Element* k_tile, int wg, int wtid, int wgs, int iters, float& keep) {
+  using MmaRs = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
+      Shape<Int<T::kBM>, Int<T::kDVw>, Int<T::kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
+  using Mma = std::conditional_t<kPRegs, MmaRs, T::MmaO>;
+  Mma mma;
+  auto thr = mma.get_thread_slice(wtid);
+  Tensor tOrP = thr.partition_fragment_A(make_tensor(make_smem_ptr(k_tile + (T::kDV / 64) * (T::kBN * 64)),
+                                                     T::SmemLayoutP{}));
+  if constexpr (kPRegs)
+    for (int i = 0; i < size(tOrP); ++i) tOrP(i) = k_tile[i * 131 + wtid];   // data, not constants
+  Tensor sVt = make_tensor(make_smem_ptr(k_tile), T::SmemLayoutVt{});
+  Tensor tOrV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<T::kDVw>, Int<T::kBN>>{}, make_coord(wg % 2, 0)));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<T::kBM>, Int<T::kDVw>>{});
+  clear(acc);
+  asm volatile("bar.sync 1, %0;" ::"r"(wgs * 128));
+  const long long t0 = clock64();
+  for (int it = 0; it < iters; ++it) {
+    fmla::issue_ss<true>(mma, tOrP, tOrV, acc);
+    warpgroup_wait<0>();
+  }
+  warpgroup_fence_operand(acc);
+  const long long t1 = clock64();
+  for (int i = 0; i < size(acc); ++i) keep += acc(i);
+  return t1 - t0;
+}
+
+// mode 0: P V on `wgs` warpgroups, P from shared memory; mode 2: the same with P from registers;
 // mode 1: Q K^T on warpgroup 0 only
-// mode 2: mode 0 with P from registers
 __global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iters, long long* cycles, float* sink) {
   extern __shared__ char smem_raw[];
   Element* k_tile = reinterpret_cast<Element*>(fmla::aligned_smem<2>(smem_raw));      // (64 tokens, 576)
@@ -53,52 +82,12 @@ __global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iter
     k_tile[i] = Element(float((i * 37) % 17) * 0.01f);
   __syncthreads();
   if (wg >= wgs) return;
-  long long t0 = 0, t1 = 0;
+  long long taken = 0;                           // cycles of `iters` tiles
   float keep = 0.f;
   if (mode == 0) {
-    using MmaO = T::MmaO;
-    MmaO mma_o;
-    auto thr_o = mma_o.get_thread_slice(wtid);
-    Tensor tOrP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(k_tile + (T::kDV / 64) * (T::kBN * 64)),
-                                                         T::SmemLayoutP{}));
-    Tensor sVt = make_tensor(make_smem_ptr(k_tile), T::SmemLayoutVt{});
-    Tensor tOrV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<T::kDVw>, Int<T::kBN>>{}, make_coord(wg % 2, 0)));
-    Tensor acc = partition_fragment_C(mma_o, Shape<Int<T::kBM>, Int<T::kDVw>>{});
-    clear(acc);
-    asm volatile("bar.sync 1, %0;" ::"r"(wgs * 128));
-    t0 = clock64();
-    for (int it = 0; it < iters; ++it) {
-      fmla::issue_ss<true>(mma_o, tOrP, tOrV, acc);
-      warpgroup_wait<0>();
-    }
-    warpgroup_fence_operand(acc);
-    t1 = clock64();
-    for (int i = 0; i < size(acc); ++i) keep += acc(i);
-  } else if (mode == 2) {                      // P V with P from registers (register-A wgmma), V as in mode 0
-    using MmaOr = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
-        Shape<Int<T::kBM>, Int<T::kDVw>, Int<T::kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
-    MmaOr mma;
-    auto thr = mma.get_thread_slice(wtid);
-    Tensor tOrP = thr.partition_fragment_A(make_tensor(make_smem_ptr(k_tile + (T::kDV / 64) * (T::kBN * 64)),
-                                                       T::SmemLayoutP{}));
-    for (int i = 0; i < size(tOrP); ++i) tOrP(i) = k_tile[i * 131 + wtid];
-    Tensor sVt = make_tensor(make_smem_ptr(k_tile), T::SmemLayoutVt{});
-    Tensor tOrV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<T::kDVw>, Int<T::kBN>>{}, make_coord(wg % 2, 0)));
-    Tensor acc = partition_fragment_C(mma, Shape<Int<T::kBM>, Int<T::kDVw>>{});
-    clear(acc);
-    asm volatile("bar.sync 1, %0;" ::"r"(wgs * 128));
-    t0 = clock64();
-    for (int it = 0; it < iters; ++it) {
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma, tOrP(_, _, kb), tOrV(_, _, kb), acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-    }
-    warpgroup_fence_operand(acc);
-    t1 = clock64();
-    for (int i = 0; i < size(acc); ++i) keep += acc(i);
+    taken = pv_cycles<false>(k_tile, wg, wtid, wgs, iters, keep);
+  } else if (mode == 2) {
+    taken = pv_cycles<true>(k_tile, wg, wtid, wgs, iters, keep);
   } else {
     constexpr int kQc = fmla::kQregChannels, kQs = T::kD - fmla::kQregChannels;
     using MmaQn = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
@@ -117,16 +106,16 @@ __global__ void __launch_bounds__(256, 1) gemm_probe(int mode, int wgs, int iter
     Tensor tSsQr = thr_qr.partition_fragment_A(make_tensor(make_smem_ptr(q_rest), T::SmemLayoutQr{}));
     Tensor acc = partition_fragment_C(mma_qr, Shape<Int<T::kBM>, Int<T::kBN>>{});
     asm volatile("bar.sync 1, 128;");
-    t0 = clock64();
+    const long long t0 = clock64();
     for (int it = 0; it < iters; ++it) {
       fmla::issue_qk_split(mma_qn, tSrQ, tSrKn, mma_qr, tSsQr, tSrKr, acc);
       warpgroup_wait<0>();
       keep += acc(0);
     }
     warpgroup_fence_operand(acc);
-    t1 = clock64();
+    taken = clock64() - t0;
   }
-  if (wtid == 0) cycles[blockIdx.x * 2 + wg] = t1 - t0;
+  if (wtid == 0) cycles[blockIdx.x * 2 + wg] = taken;
   if (keep == 12345.f) sink[0] = keep;               // keeps the accumulators alive
 }
 
