@@ -108,7 +108,8 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
 
     Returns:
         ``tile_scheduler_metadata`` ``(num_sm_parts, 8)`` int32 and ``num_splits`` ``(batch_size + 1,)``
-        int32, both on the device of ``cache_seqlens``. Computed with GPU ops: no host sync.
+        int32, both on the device of ``cache_seqlens``. Computed by one kernel launch (templates/kernels/
+        schedule.cuh, in every variant library; the bf16 / page-64 default's is used): no host sync.
 
         Engines written for FlashMLA's current interface call this form too but keep only the first element
         and pass it with ``num_splits=None`` (vLLM's FlashMLA backend does). The metadata tensor therefore
@@ -145,7 +146,8 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_heads_per
                                            cache_seqlens.shape[0], mean_seqlen)
         split_overhead = policy.overhead if split_overhead is None else split_overhead
         split_min_blocks = policy.min_blocks if split_min_blocks is None else split_min_blocks
-    meta, splits = scheduler.schedule(cache_seqlens, parts, overhead=split_overhead, min_payload=split_min_blocks)
+    # One kernel (templates/kernels/schedule.cuh), bit-identical to scheduler.schedule, the specification.
+    meta, splits = dispatch.schedule_library().schedule(cache_seqlens, parts, split_overhead, split_min_blocks)
     setattr(meta, _HINT_ATTR, mean_seqlen)
     setattr(meta, _SCHED_ATTR, FlashMLASchedMeta(split_overhead=split_overhead, split_min_blocks=split_min_blocks,
                                                  seqlens_hint=seqlens_hint,
@@ -170,7 +172,8 @@ def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype:
         kv_dtype: the KV cache's dtype where it differs from ``dtype`` (``torch.float8_e4m3fn``), else None.
 
     Returns:
-        The keys of the variants loaded, one per distinct variant.
+        The keys of the variants loaded, one per distinct variant (the first: the variant whose library runs
+        get_mla_metadata's schedule kernel).
     """
     from .validation import _require_int
     from .workload_key import WorkloadKey
@@ -192,6 +195,8 @@ def warm_up(*, num_heads_q: int, num_heads_k: int = 1, seqlen_q: int = 1, dtype:
     index = torch.device(device if device is not None else "cuda").index
     index = torch.cuda.current_device() if index is None else index
     loaded = {}
+    sv = dispatch.schedule_variant()                # the library of get_mla_metadata's schedule kernel
+    loaded[sv.key] = dispatch.library_for(sv)
     for b in sizes:
         for mean in means:
             key = WorkloadKey.for_call(dtype=dispatch.dtype_name(dtype, kv_dtype), h_q=num_heads_q, h_kv=num_heads_k,

@@ -46,6 +46,16 @@ def library_for(variant: Variant) -> runtime.Library:
     return runtime.load(art.library)
 
 
+def schedule_variant() -> Variant:
+    """The variant whose library's schedule kernel ``get_mla_metadata`` launches: the bf16 / page-64 default (every
+    variant library carries the same kernel; the metadata call knows neither dtype nor page size)."""
+    return default_variant("bf16", 64)
+
+
+def schedule_library() -> runtime.Library:
+    return library_for(schedule_variant())
+
+
 def _capturing() -> bool:
     import torch
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 2
-from .constants import HEAD_DIM_V
+ABI_VERSION = 3
+from .constants import HEAD_DIM_V, METADATA_SIZE
 
 
 class FmlaParams(ctypes.Structure):
@@ -48,6 +48,8 @@ class Library:
         abi = self._lib.fmla_abi_version()
         if abi != ABI_VERSION:
             raise KernelLaunchError(f"{self.path}: ABI version {abi}, runtime expects {ABI_VERSION}; rebuild it")
+        self._lib.fmla_schedule.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+        self._lib.fmla_schedule.restype = ctypes.c_int
         self.key = self._lib.fmla_variant_key().decode()
         # the C entry point's address, for the C++ launcher (flash_mla/csrc/launcher.cpp) to call directly
         self.entry_address = ctypes.cast(self._lib.fmla_launch, ctypes.c_void_p).value
@@ -57,6 +59,22 @@ class Library:
         if err:
             raise KernelLaunchError(f"variant {self.key}: launch failed with cudaError_t {err} "
                                     "(see cuda_runtime_api.h; run under compute-sanitizer for details)")
+
+
+    def schedule(self, cache_seqlens, num_parts: int, overhead: int, min_payload: int):
+        """flash_mla/scheduler.py's ``schedule`` in one kernel launch on the current stream (bit-identical to it,
+        no host sync): ``(tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32)``."""
+        dev = cache_seqlens.device
+        lens = cache_seqlens.contiguous()
+        b = lens.shape[0]
+        meta = torch.empty((num_parts, METADATA_SIZE), dtype=torch.int32, device=dev)
+        splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
+        workspace = torch.empty(b + 1, dtype=torch.int64, device=dev)
+        err = self._lib.fmla_schedule(lens.data_ptr(), meta.data_ptr(), splits.data_ptr(), workspace.data_ptr(),
+                                      b, num_parts, overhead, min_payload, torch.cuda.current_stream(dev).cuda_stream)
+        if err:
+            raise KernelLaunchError(f"variant {self.key}: the schedule kernel's launch failed with cudaError_t {err}")
+        return meta, splits
 
 
 _libs: dict[str, Library] = {}

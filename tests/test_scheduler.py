@@ -232,3 +232,63 @@ def test_cuda_matches_cpu_bit_for_bit():
         assert m_gpu.dtype == torch.int32 and n_gpu.dtype == torch.int32
         assert torch.equal(m_gpu.cpu(), m_cpu), (lens, parts)
         assert torch.equal(n_gpu.cpu(), n_cpu), (lens, parts)
+
+
+def _schedule_by_search(lens, parts, overhead=FIXED_OVERHEAD_BLOCKS, min_payload=1):
+    """The algorithm of templates/kernels/schedule.cuh in plain Python (starts by a prefix sum, split counts by
+    division, each partition's requests by two binary searches over the claims), to check it against the
+    specification on the CPU; the GPU test below checks the kernel itself."""
+    b = len(lens)
+    nb = [(max(x, 0) + BLOCK_N - 1) // BLOCK_N for x in lens]
+    start = [0] * (b + 1)
+    for i in range(b):
+        start[i + 1] = start[i] + nb[i] + overhead
+    total = start[b]
+    payload = max((total + parts - 1) // parts, min_payload)
+    splits = [0]
+    for i in range(b):
+        if nb[i] > 0:
+            lo = start[i] + overhead
+            splits.append(splits[-1] + (lo + nb[i] - 1) // payload - lo // payload + 1)
+        else:
+            splits.append(splits[-1] + (1 if start[i] < total else 0))
+    claim_lo = [start[i] + overhead if nb[i] else start[i] for i in range(b)]
+    claim_hi = [start[i + 1] if nb[i] else start[i] + 1 for i in range(b)]
+    meta = []
+    for p in range(parts):
+        s, e = p * payload, min((p + 1) * payload, total)
+        first = next((i for i in range(b) if claim_hi[i] > s), b)        # the kernel: binary searches
+        last = next((i for i in range(b) if claim_lo[i] >= e), b) - 1
+        if s >= e or first > last:
+            meta.append([0, 0, -1, 0, 0, 0, 0, 0])
+            continue
+        first_part = claim_lo[first] // payload
+        meta.append([first, min(max(s - start[first] - overhead, 0), nb[first]), last,
+                     min(max(e - start[last] - overhead, 0), nb[last]), p - first_part, 0, 0, 0])
+    return meta, splits
+
+
+@pytest.mark.parametrize("min_payload", [1, 3, 1000])
+@pytest.mark.parametrize("overhead", [0, 1, FIXED_OVERHEAD_BLOCKS])
+def test_the_kernels_algorithm_equals_the_specification(overhead, min_payload):
+    for lens, parts in EDGE_CASES + _random_cases(60, 5 + overhead + min_payload):
+        meta, splits = schedule(torch.tensor(lens, dtype=torch.int32), parts, overhead=overhead,
+                                min_payload=min_payload)
+        want = (meta.tolist(), splits.tolist())
+        assert _schedule_by_search(lens, parts, overhead, min_payload) == want, (lens, parts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_payload", [1, 3, 1000])
+@pytest.mark.parametrize("overhead", [0, 1, FIXED_OVERHEAD_BLOCKS])
+def test_schedule_kernel_matches_the_specification_bit_for_bit(overhead, min_payload):
+    from flash_mla import dispatch
+    lib = dispatch.schedule_library()
+    cases = EDGE_CASES + _random_cases(60, 11 + overhead) + [([4096] * 700 + [0] * 300, 132), ([], 7)]
+    for lens, parts in cases:
+        cpu = torch.tensor(lens, dtype=torch.int32)
+        m_cpu, n_cpu = schedule(cpu, parts, overhead=overhead, min_payload=min_payload)
+        m_gpu, n_gpu = lib.schedule(cpu.cuda(), parts, overhead, min_payload)
+        assert m_gpu.dtype == torch.int32 and n_gpu.dtype == torch.int32
+        assert torch.equal(m_gpu.cpu(), m_cpu), (lens, parts)
+        assert torch.equal(n_gpu.cpu(), n_cpu), (lens, parts)

@@ -31,8 +31,10 @@ def fake_gpu(monkeypatch):
 
 def test_warm_up_loads_each_selected_variant_once(fake_gpu):
     keys = flash_mla.warm_up(num_heads_q=16, batch_sizes=[1, 3, 4, 64, 100], device="cuda:0")
-    # buckets 1, 4, 4, 64, 128: the winners of 1, 4 (the same variant) and 64, and the default for 128
-    assert keys == [WINNERS[1].key, WINNERS[64].key, default_variant().key]
+    # first the library of get_mla_metadata's schedule kernel (the bf16 / page-64 default); then buckets 1, 4, 4, 64,
+    # 128: the winners of 1, 4 (the same variant) and 64, and the default for 128 (loaded already)
+    assert keys == [dispatch.schedule_variant().key, WINNERS[1].key, WINNERS[64].key]
+    assert dispatch.schedule_variant() == default_variant("bf16", 64)
     assert fake_gpu["loaded"] == keys
     assert [k.batch_bucket for k in fake_gpu["keys"]] == [1, 4, 4, 64, 128]
     assert all(k.h_q == 16 and k.s_q == 1 and not k.causal and k.seqlen_bucket == NO_HINT for k in fake_gpu["keys"])
@@ -44,7 +46,7 @@ def test_warm_up_with_a_hint_prepares_both_kinds_of_call(fake_gpu):
                              dtype=torch.bfloat16, device="cuda:0")
     assert [k.seqlen_bucket for k in fake_gpu["keys"]] == [NO_HINT, 4096]
     assert all(k.causal and k.s_q == 2 for k in fake_gpu["keys"])
-    assert keys == [default_variant().key, Variant(block_n=32, stages=2).key]
+    assert keys == [dispatch.schedule_variant().key, Variant(block_n=32, stages=2).key]
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -3,7 +3,10 @@
 #pragma once
 #include <stdint.h>
 
-#define FMLA_ABI_VERSION 2
+// 3: every variant library also exports the split-KV schedule kernel (kernels/schedule.cuh):
+//   int fmla_schedule(const int32_t* seqlens, int32_t* metadata, int32_t* num_splits, long long* workspace,
+//                     int b, int parts, int overhead, int min_payload, void* stream)
+#define FMLA_ABI_VERSION 3
 
 typedef struct FmlaParams {
   // inputs
