@@ -120,7 +120,7 @@ def overhead_run(shapes: list[Shape], peers=(), seed: int = 0, progress=None) ->
     reference first; one that fails gets no times."""
     import torch
     import flash_mla
-    from flash_mla import api, ops
+    from flash_mla import api, dispatch, ops, scheduler
     from flash_mla.testing import compare
     from .measure import HEAD_DIM_V, SCALE, make_problem
     from .peers import measure_peer
@@ -145,6 +145,23 @@ def overhead_run(shapes: list[Shape], peers=(), seed: int = 0, progress=None) ->
             torch.cuda.synchronize()
             verdict = compare(out, problem.ref_out, lse, problem.ref_lse, q.dtype)
             r = {"ok": True, **overhead_us(fn)} if verdict["ok"] else {"ok": False, "error": verdict}
+            rows.append({"shape": shape.name, "impl": label, **r})
+            if progress:
+                progress(rows[-1])
+        # the step's metadata: the schedule kernel against the torch-op specification it must equal
+        rows_k = shape.s_q * shape.h_q // shape.h_kv
+        parts = meta.shape[0]
+        policy = dispatch.split_policy_for(sl.device.index or 0, rows_k, shape.h_kv, sl.shape[0])   # as without a hint
+        want = scheduler.schedule(sl.cpu(), parts, overhead=policy.overhead, min_payload=policy.min_blocks)
+        metadata_calls = {
+            "ours: get_mla_metadata (one kernel)": lambda: flash_mla.get_mla_metadata(sl, rows_k, shape.h_kv),
+            "ours: scheduler.schedule (torch ops, the specification)":
+                lambda: scheduler.schedule(sl, parts, overhead=policy.overhead, min_payload=policy.min_blocks),
+        }
+        for label, fn in metadata_calls.items():
+            m, n = fn()
+            ok = torch.equal(m.cpu(), want[0]) and torch.equal(n.cpu(), want[1])
+            r = {"ok": True, **overhead_us(fn)} if ok else {"ok": False, "error": "differs from scheduler.schedule"}
             rows.append({"shape": shape.name, "impl": label, **r})
             if progress:
                 progress(rows[-1])
