@@ -13,7 +13,7 @@
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
 # evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
-# overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA),
+# overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA), overhead0[:GRID] (ours alone),
 # full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID[:KEYS] (flash-mla bench --kv-fp8, KEYS: more bf16 / fp8 variants),
 # coldstart (import, warm_up and first calls with no nvcc or CUTLASS reachable: binaries from the carried cache).
 # Logs go to OUTDIR; each step prints its table.
@@ -149,6 +149,10 @@ print('winners:', *c.execute('select variant_key from winners'))" "$final/fault.
              python3 -m flash_mla.cli bench --overhead --grid "${grid:-overhead}" --peer "$PEER_FLASHMLA_DIR" \
                --peer "$PEER_FA3MLA_DIR" --out "$out" > "$out/overhead-${grid:-overhead}.txt" 2>&1
              echo "overhead rc=$?"; grep -A80 "^per call" "$out/overhead-${grid:-overhead}.txt"; grep FAILED "$out/overhead-${grid:-overhead}.txt" | head;;
+    overhead0:*) IFS=: read -r _ grid <<< "$step"   # host overhead of ours alone (no peers, no FlashMLA build)
+             python3 -m flash_mla.cli bench --overhead --grid "${grid:-overhead}" --out "$out" \
+               > "$out/overhead0-${grid:-overhead}.txt" 2>&1
+             echo "overhead rc=$?"; grep -A80 "^per call" "$out/overhead0-${grid:-overhead}.txt"; grep FAILED "$out/overhead0-${grid:-overhead}.txt" | head;;
     evaluate-suites) python3 -m flash_mla.cli evaluate --suites --jobs 16 --rep-ms 50 --out "$out/suites" > "$out/evaluate-suites.txt" 2>&1
               echo "evaluate --suites rc=$?"; grep -A40 "^ratio = " "$out/evaluate-suites.txt";;
     evaluate) python3 -m flash_mla.cli evaluate --jobs 16 --out "$out" > "$out/evaluate.txt" 2>&1   # held-out workloads
