@@ -34,7 +34,7 @@ _HINT_ATTR = "_flash_mla_mean_seqlen"
 class FlashMLASchedMeta:
     """The schedule object of FlashMLA's current interface: ``get_mla_metadata()`` (no arguments) returns an
     empty one, and the first ``flash_mla_with_kvcache`` call given it computes the split-KV schedule from
-    that call's ``cache_seqlens`` and shapes (GPU ops, no host sync) and stores it here.
+    that call's ``cache_seqlens`` and shapes (one kernel launch, no host sync) and stores it here.
 
     Later calls with the same object reuse that schedule, so one object serves every layer of a decode
     step. Their shapes and flags must equal the first call's (checked: a mismatch is a ValueError naming
