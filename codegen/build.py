@@ -152,6 +152,21 @@ class Artifact:
     def manifest(self) -> Path:
         return self.directory / "manifest.json"
 
+    def rejection(self) -> str:
+        """Why this build may not be timed as a tuning candidate ('' where it may): it failed, its decode kernel
+        spills registers, or ptxas serialised its wgmmas (C75xx notes). The tuner measures none of these, so no
+        such variant becomes a winner in the database."""
+        if not self.ok:
+            return f"compilation failed: {self.error.strip()[-300:]}" if self.error else "compilation failed"
+        dec = self.resources.get("decode_kernel")
+        if dec is not None and dec.spills:
+            return (f"the decode kernel spills ({dec.spill_stores} B stored, {dec.spill_loads} B loaded; "
+                    f"{dec.registers} registers)")
+        notes = ptxas.serialised_wgmma(self.report_path.read_text()) if self.report_path.exists() else []
+        if notes:
+            return "ptxas serialised the wgmmas: " + "; ".join(notes)
+        return ""
+
     def is_built(self) -> bool:
         """The library exists and matches its manifest (size and SHA-256)."""
         try:

@@ -57,7 +57,7 @@ def parse(report: str) -> dict[str, KernelResources]:
     return out
 
 
-_SERIALISED = re.compile(r"\((C75\d\d)\) Potential Performance Loss: (wgmma[^']*?) in the function")
+_SERIALISED = re.compile(r"\((C75\d\d)\) Potential Performance Loss: (wgmma[^']*?) (?:in|for) the function")
 
 
 def serialised_wgmma(report: str) -> list[str]:

@@ -380,10 +380,12 @@ def cmd_tune(args) -> int:
     from flash_mla.tuner import tune
     workloads = _workloads(args)
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [torch.cuda.current_device()]
-    failed = set()
+    failed = {}                                                 # build key -> why it may not be measured
     for key in {(w.dtype, w.page_size) for w in workloads}:     # compile everything first, in parallel
         print(f"building the {key[0]} / page {key[1]} variant space ...", flush=True)
         failed |= tune.prebuild(next(w for w in workloads if (w.dtype, w.page_size) == key), jobs=args.jobs)
+    for build_key, why in sorted(failed.items()):
+        print(f"not measured: {build_key}: {why}", flush=True)
     from flash_mla.tuner.claims import Claims
     if len(gpus) > 1 and args.worker_of is None:
         # One worker process per GPU on the shared study storage: Optuna's distributed mode. The storage's
@@ -417,13 +419,13 @@ def cmd_tune(args) -> int:
                                              ("confirm_rounds", args.confirm_rounds)) if v is not None}
                 res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
                                          timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
-                                         build_failed=frozenset(failed), on_trial=on_trial, claims=claims,
+                                         build_failed=failed, on_trial=on_trial, claims=claims,
                                          worker_index=worker_index, transfer_rows=transfer_rows, **confirm)
             tune.record(db, run_id, res, gpu_name)
             summary.append(res)
             if args.sweep:
                 res.sweep = tune.sweep(w, storage, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
-                                       build_failed=frozenset(failed))
+                                       build_failed=failed)
                 res.sweep["plot"] = tune.plot_search(Path(args.plots) / f"{w.key}.png", res, storage, gpu_name)
         # Calls without a length hint: one winner per group of workloads that differ only in length.
         no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,

@@ -128,6 +128,30 @@ ptxas info    : Used 56 registers, used 0 barriers
     assert r["combine_kernel"].registers == 56 and r["combine_kernel"].spills == 0
 
 
+def test_a_build_that_spills_or_serialises_its_wgmmas_may_not_be_measured(tmp_path):
+    from flash_mla.codegen.build import Artifact
+    clean = """ptxas info    : Compiling entry function '_ZN3ns13decode_kernelE' for 'sm_90a'
+ptxas info    : Function properties for _ZN3ns13decode_kernelE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 10 barriers
+"""
+    spilling = clean.replace("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+                             "40 bytes stack frame, 44 bytes spill stores, 44 bytes spill loads")
+    serialised = clean + ("ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are "
+                          "serialized due to insufficient register resources for the function '_ZN3ns13decode_kernelE'\n")
+    verdicts = []
+    for i, report in enumerate((clean, spilling, serialised)):
+        a = Artifact(variant=default_variant(), directory=tmp_path / str(i), ok=True, resources=ptxas.parse(report))
+        a.directory.mkdir()
+        a.report_path.write_text(report)
+        verdicts.append(a.rejection())
+    assert verdicts[0] == ""
+    assert "spills (44 B stored, 44 B loaded; 168 registers)" in verdicts[1]
+    assert "C7512" in verdicts[2] and "serialized" in verdicts[2]
+    failed = Artifact(variant=default_variant(), directory=tmp_path / "x", ok=False, error="nvcc: error")
+    assert failed.rejection() == "compilation failed: nvcc: error"
+
+
 # Compile-only subset: every value of every knob and trait appears at least once.
 COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=1, num_warpgroups=2),

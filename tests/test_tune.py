@@ -122,6 +122,21 @@ def test_failed_check_can_never_win(env):
     assert db.winners()[0]["variant_key"] != best.key
 
 
+def test_a_rejected_build_is_never_measured_and_never_wins(env):
+    storage, db, run_id, _ = env
+    w = Workload(128, 1, 32, 4096)
+    best = synthetic_best(w)
+    m = SyntheticMeasurer()
+    why = "the decode kernel spills (44 B stored, 44 B loaded; 168 registers)"
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=100, measurer=m,
+                             build_failed={best.build_key: why})
+    assert best.key not in m.calls and res.best["variant"] != best
+    (t,) = db.trials(variant_key=best.key, state="build_failed")
+    assert t["error"] == why
+    tune.record(db, run_id, res, GPU)
+    assert db.winners()[0]["variant_key"] != best.key
+
+
 def test_study_resumes_without_remeasuring(env):
     storage, db, run_id, tmp_path = env
     w = Workload(128, 2, 128, 8192, causal=True)

@@ -24,6 +24,7 @@ import math
 import statistics
 import time
 import warnings
+from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
 import optuna
@@ -283,10 +284,19 @@ def variant_from_trial(trial: optuna.trial.BaseTrial, w: Workload) -> Variant:
     return Variant(dtype=w.dtype, page_size=w.page_size, **knobs)
 
 
-def prebuild(w: Workload, jobs: Optional[int] = None) -> set:
-    """Compile every valid variant of the workload's space in parallel; return the build keys that failed."""
+def prebuild(w: Workload, jobs: Optional[int] = None) -> dict:
+    """Compile every valid variant of the workload's space in parallel; return {build key: reason} for the builds
+    that may not be measured (failed, spilling, serialised wgmmas: :meth:`Artifact.rejection`)."""
     arts = build(list({v.build_key: v for v in search_space(w.dtype, w.page_size)}.values()), jobs=jobs)
-    return {a.variant.build_key for a in arts if not a.ok}
+    return {a.variant.build_key: why for a in arts if (why := a.rejection())}
+
+
+def _build_failure(build_failed: Mapping[str, str], v: Variant) -> Optional[dict]:
+    """The trial result of a variant whose build was rejected (``build_failed``: build key -> why, as
+    :func:`prebuild` returns), else None."""
+    if v.build_key not in build_failed:
+        return None
+    return {"state": "build_failed", "error": build_failed[v.build_key]}
 
 
 @dataclasses.dataclass
@@ -302,7 +312,7 @@ class StudyResult:
 
 def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, n_trials: int,
                   timeout_s: Optional[float] = None, trial_timeout_s: float = 120.0, gpu: Optional[int] = None,
-                  seed: int = 0, build_failed: frozenset = frozenset(),
+                  seed: int = 0, build_failed: Mapping[str, str] = MappingProxyType({}),
                   on_trial: Optional[Callable[[dict], None]] = None, measurer=None,
                   confirm_top: int = CONFIRM_TOP, confirm_rounds: int = CONFIRM_ROUNDS, claims=None,
                   worker_index: int = 0, bucket_rounds: int = BUCKET_ROUNDS,
@@ -392,10 +402,7 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                 hb = _stop(hb)
                 time.sleep(0.1)                       # the rest of the space may be in others' hands: back off
                 continue
-            if v.build_key in build_failed:
-                r = {"state": "build_failed", "error": "compilation failed"}
-            else:
-                r = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
+            r = _build_failure(build_failed, v) or worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
             measured += 1
             trial.set_user_attr("measured", True)
             _add_trial(db, run_id, name, v, w, r, "search", seed, source_hash)
@@ -503,7 +510,7 @@ def trials_to_within(history: list, target_us: float, tol: float = 0.03) -> Opti
 
 
 def sweep(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, gpu: Optional[int] = None,
-          seed: int = 0, build_failed: frozenset = frozenset(), trial_timeout_s: float = 120.0,
+          seed: int = 0, build_failed: Mapping[str, str] = MappingProxyType({}), trial_timeout_s: float = 120.0,
           measurer=None) -> dict:
     """Measure every valid variant of the space (the exhaustive answer the search is judged against)."""
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
@@ -512,8 +519,7 @@ def sweep(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str, *, gpu
     times = {}
     try:
         for v in search_space(w.dtype, w.page_size):
-            r = {"state": "build_failed"} if v.build_key in build_failed else \
-                worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
+            r = _build_failure(build_failed, v) or worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
             _add_trial(db, run_id, name, v, w, r, "sweep", seed, source_hash)
             if r["state"] == "ok":
                 times[v.key] = r["us"]
