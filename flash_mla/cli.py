@@ -75,15 +75,15 @@ def cmd_build(args) -> int:
         regs, spills = _resource_cols(a)
         print(f"{a.variant.build_key:34} {'yes' if a.ok else 'NO':>3} {regs:>5} {spills:>8} {a.variant.smem_bytes():>7}")
     failed = [a for a in arts if not a.ok]
-    for a in arts:
-        if a.ok and a.report_path.exists():
-            from flash_mla.codegen.ptxas import serialised_wgmma
-            for note in serialised_wgmma(a.report_path.read_text()):
-                print(f"note: {a.variant.build_key}: {note}")
+    # A built variant the tuner may not measure (spills, serialised wgmmas): a note here; with --from-db an error,
+    # since the database would select it.
+    rejected = [(a, why) for a in arts if a.ok and (why := a.rejection())]
+    for a, why in rejected:
+        print(f"{'error' if args.from_db else 'note'}: {a.variant.build_key}: {why}")
     for a in failed:
         print(f"--- {a.variant.build_key} failed:\n{a.error}", file=sys.stderr)
     print(f"{len(arts) - len(failed)}/{len(arts)} built in {time.time() - t0:.0f} s")
-    return 1 if failed else 0
+    return 1 if failed or (args.from_db and rejected) else 0
 
 
 #: Modules of the ``tune`` extra each command needs (pip install 'flash-mla-tuned[tune]').

@@ -59,3 +59,32 @@ def test_serving_import_loads_no_tuning_module():
     code = ("import sys, flash_mla; from flash_mla import dispatch, selection, db; "
             "print(sorted(m for m in ('optuna', 'matplotlib') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("from_db", [True, False])
+def test_build_from_db_fails_where_the_database_selects_a_spilling_variant(from_db, monkeypatch, capsys, tmp_path):
+    from flash_mla.codegen import build as build_mod, ptxas
+    from flash_mla.codegen.variant import default_variant
+    from flash_mla.db import shipped_db_path
+    report = ("ptxas info    : Compiling entry function '_ZN3ns13decode_kernelE' for 'sm_90a'\n"
+              "ptxas info    : Function properties for _ZN3ns13decode_kernelE\n"
+              "    40 bytes stack frame, 44 bytes spill stores, 44 bytes spill loads\n"
+              "ptxas info    : Used 168 registers, used 10 barriers\n")
+
+    def fake_build(variants, jobs=None):
+        arts = []
+        for i, v in enumerate(variants):
+            a = build_mod.Artifact(variant=v, directory=tmp_path / str(i), ok=True)
+            a.directory.mkdir()
+            if v == default_variant("bf16", 64):             # one variant spills, the others are clean
+                a.report_path.write_text(report)
+                a.resources = ptxas.parse(report)
+            arts.append(a)
+        return arts
+
+    monkeypatch.setattr(build_mod, "build", fake_build)
+    argv = ["build", "--from-db", str(shipped_db_path())] if from_db else \
+        ["build", "--variants", default_variant("bf16", 64).key]
+    assert cli.main(argv) == (1 if from_db else 0)
+    out = capsys.readouterr().out
+    assert f"{'error' if from_db else 'note'}: {default_variant('bf16', 64).build_key}: the decode kernel spills" in out
