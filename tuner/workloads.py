@@ -73,6 +73,9 @@ SUITES = {
     "dsv3-tp2": [Workload(64, 1, b, sk) for b in BATCHES for sk in SEQLENS if (b, sk) != (32, 8192)],
     # TP8 over a float8 e4m3 KV cache (bf16 q)
     "dsv3-fp8": [Workload(16, 1, b, sk, dtype="bf16_e4m3") for b in BATCHES for sk in SEQLENS],
+    # fp16 q and cache (models served in half precision): TP8 and TP1 head counts
+    "dsv3-tp8-fp16": [Workload(16, 1, b, sk, dtype="fp16") for b in BATCHES for sk in SEQLENS],
+    "dsv3-tp1-fp16": [Workload(128, 1, b, sk, dtype="fp16") for b in BATCHES for sk in SEQLENS],
 }
 
 
