@@ -72,6 +72,7 @@ def test_suites_cover_the_deepseek_shapes():
     assert [{w.h_q for w in suite(f"dsv3-tp{n}")} for n in (16, 4, 2)] == [{8}, {32}, {64}]
     assert [{(w.h_q, w.dtype) for w in suite(f"dsv3-tp{n}-fp16")} for n in (8, 1)] == [{(16, "fp16")}, {(128, "fp16")}]
     assert [{(w.h_q, w.page_size) for w in suite(f"dsv3-tp{n}-p32")} for n in (8, 1)] == [{(16, 32)}, {(128, 32)}]
+    assert {(w.h_q, w.s_q, w.causal) for w in suite("dsv3-tp8-mtp")} == {(16, 2, True), (16, 4, True)}
     for ws in SUITES.values():
         assert len({w.key for w in ws}) == len(ws) >= 4          # several batch and seqlen buckets
     with pytest.raises(ValueError, match="unknown suite"):

@@ -76,6 +76,8 @@ SUITES = {
     # fp16 q and cache (models served in half precision): TP8 and TP1 head counts
     "dsv3-tp8-fp16": [Workload(16, 1, b, sk, dtype="fp16") for b in BATCHES for sk in SEQLENS],
     "dsv3-tp1-fp16": [Workload(128, 1, b, sk, dtype="fp16") for b in BATCHES for sk in SEQLENS],
+    # TP8 with one and three draft tokens: s_q = 2 and 4, causal (32 and 64 q rows per kv head)
+    "dsv3-tp8-mtp": [Workload(16, sq, b, sk, causal=True) for sq in (2, 4) for b in (32, 128) for sk in SEQLENS],
     # a paged cache of 32-token pages (bf16): TP8 and TP1 head counts
     "dsv3-tp8-p32": [Workload(16, 1, b, sk, page_size=32) for b in BATCHES for sk in SEQLENS],
     "dsv3-tp1-p32": [Workload(128, 1, b, sk, page_size=32) for b in BATCHES for sk in SEQLENS],
