@@ -272,3 +272,27 @@ def test_split_policy_prefers_rows_of_the_calls_kind(dbs):
     assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64) == (5, 1)                 # no hint
     assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 4096) == (2, 1)
     assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 64, 16384) == (7, 1)          # nearest seqlen bucket
+
+
+def test_every_shipped_row_is_what_its_own_key_selects(monkeypatch):
+    """Each winner row of the shipped database is the selection for its own workload key on its own GPU, so no
+    merge can hide a tuned row behind another (the real shipped file, no user database)."""
+    import json
+    shipped = db.shipped_db_path()
+    if shipped is None:
+        pytest.skip("the package has no shipped tuning database")
+    monkeypatch.delenv(db.ENV_USER_DB, raising=False)
+    db.set_user_db(None)
+    selection.clear_cache()
+    with db.TuningDB(shipped, readonly=True) as h:
+        rows = h.winners()
+    assert rows
+    try:
+        for r in rows:
+            key = WorkloadKey(r["dtype"], r["h_q"], r["h_kv"], r["s_q"], r["page_size"], bool(r["causal"]),
+                              r["batch_bucket"], r["seqlen_bucket"])
+            got = selection.select(r["gpu_name"], r["sm_count"], r["cuda_version"], key)
+            want = Variant.from_dict(json.loads(r["variant_json"]))
+            assert got.source == "shipped" and Variant.from_dict(got.variant) == want, (key, got.reason)
+    finally:
+        selection.clear_cache()
