@@ -289,8 +289,7 @@ def test_every_shipped_row_is_what_its_own_key_selects(monkeypatch):
     assert rows
     try:
         for r in rows:
-            key = WorkloadKey(r["dtype"], r["h_q"], r["h_kv"], r["s_q"], r["page_size"], bool(r["causal"]),
-                              r["batch_bucket"], r["seqlen_bucket"])
+            key = WorkloadKey.from_row(r)
             got = selection.select(r["gpu_name"], r["sm_count"], r["cuda_version"], key)
             want = Variant.from_dict(json.loads(r["variant_json"]))
             assert got.source == "shipped" and Variant.from_dict(got.variant) == want, (key, got.reason)
