@@ -7,7 +7,8 @@
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), check:KEYS, full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
-# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), usedb (later steps select from OUTDIR/tuned.sqlite first),
+# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
+# stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), usedb (later steps select from OUTDIR/tuned.sqlite first),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
@@ -87,6 +88,11 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
     trace:*) IFS=: read -r _ shape key <<< "$step"     # qreg phase cycles from the trace build (bench/trace_qreg.py)
            python3 "$repo/bench/trace_qreg.py" "$shape" $key > "$out/trace-$shape.txt" 2>&1
            echo "trace rc=$?"; tail -16 "$out/trace-$shape.txt";;
+    timeline:*) IFS=: read -r _ shapes key <<< "$step"  # nsplit start-up stamps of every CTA (bench/timeline.py)
+           for shape in $shapes; do
+             python3 "$repo/bench/timeline.py" "$shape" $key > "$out/timeline-$shape.txt" 2>&1
+             echo "timeline $shape rc=$?"; tail -22 "$out/timeline-$shape.txt"
+           done;;
     ncusrc:*) IFS=: read -r _ key shape <<< "$step"     # per-SASS-instruction stall samples of one decode launch
            tag=$(echo "$key-$shape" | tr -c 'A-Za-z0-9_\n-' '_')
            ncu --section WarpStateStats --section SourceCounters -k regex:decode_kernel -c 1 -o "$out/src-$tag" \

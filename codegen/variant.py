@@ -79,7 +79,9 @@ class Variant:
     qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
     widen: str = "inline"       # float8 cache, swapped schedules: "ahead" = warpgroup 1 widens the next tile, one of WIDENS
     cluster: int = 1            # CTAs per cluster sharing each K tile by TMA multicast, one of CLUSTERS
-    trace: bool = False         # qreg diagnostics: CTA (0,0,0) stamps clock() at each phase of its first tiles (bench/trace_qreg.py)
+    trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
+                                # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
+                                # and its merge CTAs their steps (bench/timeline.py)
 
     # -- identity -----------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -183,10 +185,11 @@ class Variant:
             return -(-(q + k + p + tail) // 1024) * 1024 + 1024
         if self.qk == "nsplit":
             p = BLOCK_M * self.block_n * el
-            tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages
+            tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages + 8          # + the Q barrier
         else:                                   # full_wg, qreg: P lives in each stage's rope chunk
             p = 0
             tail = 2 * self.stages * BLOCK_M * 4 + 3 * 8 * self.stages   # alpha and row_inv per stage
+            tail += 8 if self.qk not in QREGS else 0                      # full_wg: the Q barrier
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 
@@ -264,8 +267,8 @@ class Variant:
             bad(f"cluster must be one of {CLUSTERS}")
         if self.cluster > 1 and self.qk not in QREGS:
             bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for qk=qreg only")
-        if self.trace and self.qk not in QREGS:
-            bad("trace (phase time stamps) is built into the qreg schedule only")
+        if self.trace and self.qk not in QREGS + ("nsplit",):
+            bad("trace (time stamps) is built into the qreg and nsplit schedules only")
         if self.split_overhead < 1:
             bad("split_overhead must be >= 1")
         if self.split_min_blocks < 1:

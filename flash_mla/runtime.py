@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 from .constants import HEAD_DIM_V, METADATA_SIZE
 
 

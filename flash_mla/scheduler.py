@@ -20,7 +20,12 @@ Metadata row of partition ``p`` (int32, ``METADATA_SIZE`` columns):
     2 end_req      last request it touches (``end_req < begin_req``: the partition is idle)
     3 end_block    one past the last block of ``end_req`` it processes
     4 begin_split  index of this partition among the partitions touching ``begin_req``
-    5..7           reserved, zero
+    5 begin_len    ``max(cache_seqlens[begin_req], 0)``
+    6 begin_slot0  ``num_splits[begin_req]``
+    7 begin_splits ``num_splits[begin_req + 1] - num_splits[begin_req]``
+    (all zero but ``end_req`` = -1 for an idle partition). Columns 5..7 repeat what the kernel could read from
+    ``cache_seqlens`` and ``num_splits``, so that a CTA starts its first request without a second dependent
+    round trip to memory.
 Blocks of a request ``i`` strictly between ``begin_req`` and ``end_req`` are processed whole.
 
 ``num_splits`` has ``b + 1`` entries: ``num_splits[i + 1] - num_splits[i]`` partitions touch request
@@ -101,14 +106,18 @@ def schedule(cache_seqlens: torch.Tensor, num_parts: int, *,
         begin_block = end_block = begin_split = torch.zeros(num_parts, dtype=torch.int64, device=dev)
         splits_per_req = torch.zeros(0, dtype=torch.int64, device=dev)
 
-    zero = torch.zeros_like(p)
+    num_splits = torch.zeros(b + 1, dtype=torch.int64, device=dev)
+    num_splits[1:] = torch.cumsum(splits_per_req, 0)
+    if b:
+        begin_len, slot0 = lens[bq], num_splits[bq]
+        n_begin = num_splits[bq + 1] - slot0
+    else:
+        begin_len = slot0 = n_begin = torch.zeros(num_parts, dtype=torch.int64, device=dev)
     meta = torch.stack([
         torch.where(busy, begin_req, 0), torch.where(busy, begin_block, 0),
         end_req, torch.where(busy, end_block, 0), torch.where(busy, begin_split, 0),
-        zero, zero, zero,
+        torch.where(busy, begin_len, 0), torch.where(busy, slot0, 0), torch.where(busy, n_begin, 0),
     ], dim=1).to(torch.int32)
-    num_splits = torch.zeros(b + 1, dtype=torch.int64, device=dev)
-    num_splits[1:] = torch.cumsum(splits_per_req, 0)
     return meta.contiguous(), num_splits.to(torch.int32)
 
 

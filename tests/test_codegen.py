@@ -250,12 +250,16 @@ def test_kernel_constants_agree_with_the_python_module():
     assert found == KERNEL_CONSTANTS
 
 
-def test_trace_build_is_qreg_only_and_renders_its_entry_points():
+def test_trace_builds_render_their_stamps_and_entry_points():
     plain = Variant(block_n=64, stages=2, num_warpgroups=3, qk="qreg", merge="wide_pdl").validate()
     traced = Variant(**{**plain.as_dict(), "trace": True}).validate()
     assert traced.key == plain.key + "_trace" and traced.build_key == plain.build_key + "_trace"
     src = render(traced)
-    assert "#define FMLA_TRACE 1" in src and "fmla_trace_read" in src and "fmla_trace_clear" in src
+    assert "#define FMLA_TRACE 1" in src and "FMLA_TIMELINE" not in src
+    assert "fmla_trace_read" in src and "fmla_trace_clear" in src
     assert "FMLA_TRACE" not in render(plain) and "fmla_trace" not in render(plain)
-    with pytest.raises(InvalidVariant, match="qreg schedule only"):
-        Variant(trace=True).validate()
+    # nsplit: the start-up timeline of every CTA (bench/timeline.py), same entry points
+    timeline = render(Variant(merge="wide_pdl", trace=True).validate())
+    assert "#define FMLA_TIMELINE 1" in timeline and "FMLA_TRACE" not in timeline and "fmla_trace_read" in timeline
+    with pytest.raises(InvalidVariant, match="qreg and nsplit schedules only"):
+        Variant(qk="full_wg", trace=True).validate()

@@ -76,11 +76,13 @@ def check_schedule(lens: list[int], parts: int, min_payload: int = 1):
     touches = [[] for _ in range(b)]                   # (partition, split slot) per request
     order = []                                         # (req, block) in partition order
     for p, row in enumerate(meta_l):
-        assert row[5:] == [0, 0, 0], f"reserved columns of partition {p} not zero: {row}"
         items = partition_work(row, ns, lens)
         if row[2] < row[0]:
             assert items == [], f"idle partition {p} has work"
+            assert row == [0, 0, -1, 0, 0, 0, 0, 0], f"idle partition {p}: {row}"
             continue
+        i0 = row[0]                                    # columns 5..7: the first request's length and splits
+        assert row[5:] == [max(lens[i0], 0), ns[i0], ns[i0 + 1] - ns[i0]], f"partition {p}: {row}"
         assert 0 <= row[0] <= row[2] < b
         lo_p, hi_p = p * payload, min((p + 1) * payload, total)
         blocks = 0
@@ -164,7 +166,7 @@ def test_zero_length_requests():
 def test_single_partition_does_everything():
     lens = [5, 0, 700, 64]
     meta, num_splits = schedule(torch.tensor(lens, dtype=torch.int32), 1)
-    assert meta.tolist() == [[0, 0, 3, 1, 0, 0, 0, 0]]
+    assert meta.tolist() == [[0, 0, 3, 1, 0, 5, 0, 1]]   # columns 5..7: request 0 has length 5, one split at slot 0
     assert num_splits.tolist() == [0, 1, 2, 3, 4]
 
 
@@ -264,7 +266,8 @@ def _schedule_by_search(lens, parts, overhead=FIXED_OVERHEAD_BLOCKS, min_payload
             continue
         first_part = claim_lo[first] // payload
         meta.append([first, min(max(s - start[first] - overhead, 0), nb[first]), last,
-                     min(max(e - start[last] - overhead, 0), nb[last]), p - first_part, 0, 0, 0])
+                     min(max(e - start[last] - overhead, 0), nb[last]), p - first_part,
+                     max(lens[first], 0), splits[first], splits[first + 1] - splits[first]])
     return meta, splits
 
 

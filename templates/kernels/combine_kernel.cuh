@@ -11,6 +11,7 @@
 
 #include "mla_constants.h"
 #include "params.h"
+#include "trace.cuh"
 
 namespace fmla {
 
@@ -86,6 +87,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(kWideThreads)
 combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weight_stride, int by_partition) {
   using Element = typename Cfg::Element;
+  timeline_stamp<true>(0);                          // (trace builds only) entry
   extern __shared__ float w_smem[];                 // [rows_per_cta][weight_stride] split weights
   __shared__ float4 part_sum[kWideGroups][kWideCols / 4];
   __shared__ float row_lse[kWideGroups];
@@ -108,6 +110,7 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
   const int n = p.num_splits[req + 1] - first;
   if (n <= 1) return;
   asm volatile("griddepcontrol.wait;" ::: "memory");   // the decode kernel's partials are visible
+  timeline_stamp<true>(1);                          // the decode grid is complete
 
   // Per-row weights exp(lse_j - max), once per CTA: warp w handles rows w, w + 4, ...
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -133,6 +136,7 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
     if (lane == 0) row_lse[r] = den > 0.f ? mx + logf(den) : INFINITY;
   }
   __syncthreads();
+  timeline_stamp<true>(2);                          // split weights computed
 
   // Group g sums splits j = g / R, g / R + stride, ... of row g % R: four independent loads per step.
   const int g = threadIdx.x / 16, t = threadIdx.x % 16;
@@ -180,6 +184,7 @@ combine_kernel(const __grid_constant__ FmlaParams p, int rows_per_cta, int weigh
       if (slice == 0 && t == 0) p.lse[(int64_t(req) * p.h_q + head) * p.s_q + sq] = row_lse[r2];
     }
   }
+  timeline_stamp<true>(3);                          // output stored
 }
 
 }  // namespace fmla

@@ -34,6 +34,7 @@
 
 #include "mla_constants.h"
 #include "params.h"
+#include "trace.cuh"
 
 namespace fmla {
 
@@ -52,6 +53,7 @@ struct alignas(1024) SharedStorageNsplit {
   float row_max[kNWG][kBM];
   float row_sum[kNWG][kBM];
   alignas(8) uint64_t full[kStages];
+  uint64_t qfull;                         // the request's Q tile landed (Q by TMA)
 };
 
 // Shared memory of the nsplit schedule over a float8 KV cache: the ring of stored (fp8) tiles, one bf16 tile
@@ -65,6 +67,7 @@ struct alignas(1024) SharedStorageNsplitFp8 {
   float row_max[kNWG][kBM];
   float row_sum[kNWG][kBM];
   alignas(8) uint64_t full[kStages];
+  uint64_t qfull;                         // the request's Q tile landed (Q by TMA)
 };
 
 // Shared memory of the swapped schedule (decode_swap.cuh): Q of Cfg::kRowsN rows, the K ring (bf16), or the
@@ -92,6 +95,7 @@ struct alignas(1024) SharedStorageFullWg {
   alignas(8) uint64_t full[kStages];      // TMA bytes landed
   uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
   uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
+  uint64_t qfull;                         // the request's Q tile landed (Q by TMA)
 };
 
 // Shared memory of the qreg schedule (decode_qreg.cuh): Q's first kQregChannels channels live in warpgroup 0's
@@ -154,6 +158,9 @@ struct DecodeTraits {
   static constexpr bool kQkAhead = Cfg::kQk == Qk::kQregAhead;
   static constexpr int kCluster = Cfg::kCluster;     // CTAs (row blocks along grid z) sharing each K tile
   static constexpr int kProducer = 128;             // full_wg: thread that issues the TMA loads (first of wg 1)
+  // Q by TMA where launch.cuh can describe q (start_request_tma): two-warpgroup nsplit and full_wg. (Four nsplit
+  // warpgroups have 128 registers a thread; the second Q path made them spill.)
+  static constexpr bool kQTma = !kSwap && !kQreg && kNWG == 2;
   static_assert(kSchedBlock % kBN == 0, "stage size must divide the scheduler block");
   static_assert(kBN % kBoxRows == 0 && kPage % kBoxRows == 0, "page size and stage size must nest");
   static_assert(kBNw % 8 == 0, "wgmma N must be a multiple of 8");
@@ -206,27 +213,6 @@ struct DecodeTraits {
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
   static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
-
-// Diagnostics (variant trace=True defines FMLA_TRACE): CTA (0, 0, 0) stamps clock() (32-bit SM cycles: compare
-// them modulo 2^32) at each phase of its first kTraceTiles tiles, per warpgroup, into
-// g_fmla_trace[warpgroup][tile][event]; read back through fmla_trace_read.
-// Without FMLA_TRACE trace_stamp is empty.
-constexpr int kTraceWarpgroups = 3, kTraceTiles = 256, kTraceEvents = 8;
-constexpr int kTraceSize = kTraceWarpgroups * kTraceTiles * kTraceEvents;
-#ifdef FMLA_TRACE
-__device__ unsigned g_fmla_trace[kTraceSize];
-inline void* g_fmla_trace_ptr() {
-  void* p = nullptr;
-  cudaGetSymbolAddress(&p, g_fmla_trace);
-  return p;
-}
-#endif
-__device__ __forceinline__ void trace_stamp(int wg, int tile, int event) {
-#ifdef FMLA_TRACE
-  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tile < kTraceTiles && threadIdx.x % 128 == 0)
-    g_fmla_trace[(wg * kTraceTiles + tile) * kTraceEvents + event] = unsigned(clock());
-#endif
-}
 
 // Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
 // does not wait for it.
@@ -541,14 +527,20 @@ template <class Cfg>
 __device__ __forceinline__ RequestSpan request_span(const FmlaParams& p, const CtaStart& c, int req) {
   constexpr int kSchedBlock = DecodeTraits<Cfg>::kSchedBlock, kBN = DecodeTraits<Cfg>::kBN;
   RequestSpan r;
-  r.seqlen = max(p.cache_seqlens[req], 0);
+  // The first request's length and num_splits entries come from the schedule row's columns 5..7 (read again here,
+  // from L1, rather than held in registers through the request loop): no second dependent round trip to memory
+  // at the CTA's start.
+  const bool first = req == c.begin_req;
+  const int* meta = p.metadata + blockIdx.x * kMetadataSize;
+  r.seqlen = first ? meta[5] : max(p.cache_seqlens[req], 0);
   const int blk_lo = req == c.begin_req ? c.begin_block : 0;
   const int blk_hi = req == c.end_req ? c.end_block : (r.seqlen + kSchedBlock - 1) / kSchedBlock;
   r.tok_lo = blk_lo * kSchedBlock;
   r.tok_hi = min(blk_hi * kSchedBlock, r.seqlen);
   r.n_iter = r.tok_hi > r.tok_lo ? (r.tok_hi - r.tok_lo + kBN - 1) / kBN : 0;
-  r.n_splits = p.num_splits[req + 1] - p.num_splits[req];
-  r.slot = p.num_splits[req] + (req == c.begin_req ? c.begin_split : 0);
+  const int slot0 = first ? meta[6] : p.num_splits[req];
+  r.n_splits = first ? meta[7] : p.num_splits[req + 1] - slot0;
+  r.slot = slot0 + (first ? c.begin_split : 0);
   return r;
 }
 
@@ -563,8 +555,9 @@ __device__ __forceinline__ const Element* q_row(const FmlaParams& p, int req, in
 // The start of a request: its first block-table entry into L2, and the Q tile (rows mb * kBM .. + kBM - 1 of this
 // (request, kv head), channels kC0..575 into sQ's columns 0..; padding rows zero-filled) by cp.async, every 16-byte
 // piece in flight at once (a blocking load per piece would chain ~18 DRAM round trips per thread before the first
-// wgmma). Issued first: it depends on the request alone, so it overlaps the loads of the schedule. One warp per
-// row (the row's head and query position computed once), lanes over its pieces. kWorkers threads (ids `tid`) take
+// wgmma). Issued after the request's own loads (request_span): behind Q's pieces they waited ~2 us at a CTA's start
+// (H100 timeline, bench/timeline.py). One warp per row (the row's head and query position computed once), lanes
+// over its pieces. kWorkers threads (ids `tid`) take
 // part. The caller waits (cp.async.wait_all) and synchronises.
 template <class Cfg, int kC0 = 0, int kWorkers = DecodeTraits<Cfg>::kThreads, class TensorQ>
 __device__ __forceinline__ void start_request(const FmlaParams& p, const CtaStart& c, TensorQ& sQ, int req, int hk,
@@ -590,6 +583,30 @@ __device__ __forceinline__ void start_request(const FmlaParams& p, const CtaStar
                    :: "r"(dst), "l"(src + c8), "r"(valid ? 16 : 0));
     }
   }
+}
+
+// The start of a request with Q by TMA (the nsplit and full_wg schedules, where launch.cuh could describe q with a
+// tensor map: make_q_tensor_map), issued by one thread: its first block-table entry into L2, then the Q tile as nine
+// 64-channel boxes onto s.qfull. A box covers the tile's rows as (query position, head) = (sq0 + i, head0 + j),
+// row = i * box heads + j; rows past s_q lie outside the tensor and land as zeros. The TMA unit keeps the whole tile
+// in flight: the same tile by cp.async (start_request) left its issuing threads waiting ~2 us at a CTA's start on
+// the H100 (bench/timeline.py), its pieces held back by the SM's outstanding-miss limit.
+template <class Cfg, class Smem>
+__device__ __forceinline__ void start_request_tma(const CUtensorMap* tmap_q, const FmlaParams& p, const CtaStart& c,
+                                                  Smem& s, int req, int hk, int mb, int groups) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  constexpr int kBM = T::kBM, kD = T::kD;
+  const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
+                      (req == c.begin_req ? c.begin_block : 0) * T::kSchedBlock / T::kPage;
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.qfull, uint32_t(kBM * kD * sizeof(Element)));
+  const int row0 = mb * kBM;
+  const int head0 = hk * groups + row0 % groups, sq0 = row0 / groups;
+  #pragma unroll 1
+  for (int ch = 0; ch < kD / 64; ++ch)
+    SM90_TMA_LOAD_4D::copy(tmap_q, &s.qfull, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL), s.q + ch * (kBM * 64),
+                           ch * 64, head0, sq0, req);
 }
 
 // Tokens valid..kBN-1 of a bf16 / fp16 tile hold NaN-poisoned page tails or stale data: zero them (all threads) so
@@ -713,7 +730,8 @@ __device__ __forceinline__ void store_lse(const FmlaParams& p, const OutRows& o,
 
 // The nsplit and full_wg schedules (the swapped one is in decode_swap.cuh).
 template <class Cfg>
-__device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const FmlaParams& p) {
+__device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CUtensorMap& tmap_q, const FmlaParams& p,
+                                             int q_tma) {
   using T = DecodeTraits<Cfg>;
   using Element = typename T::Element;
   using SharedStorage = typename T::SharedStorage;
@@ -737,9 +755,13 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
   const int groups = p.h_q / p.h_kv;              // q heads per kv head
   const int rows = p.s_q * groups;                // q rows of one (request, kv head)
 
+  timeline_stamp<false>(0);                       // (trace builds of nsplit only; trace.cuh) entry
+  if constexpr (!T::kQTma) q_tma = 0;
+  if (q_tma && tid == 0) cute::prefetch_tma_descriptor(&tmap_q);
   const CtaStart cs = cta_start<Cfg>(tmap_k, p);
   const float kv_scale = cs.kv_scale, qk_scale = cs.qk_scale, scale_log2 = cs.scale_log2;
   if (cs.end_req < cs.begin_req) return;          // idle partition
+  timeline_stamp<false>(1);                       // schedule row read
 
   if (tid == 0) {
     CUTE_UNROLL
@@ -750,6 +772,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
         cutlass::arch::ClusterBarrier::init(&s.empty[st], kThreads);
       }
     }
+    cutlass::arch::ClusterTransactionBarrier::init(&s.qfull, 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -772,15 +795,24 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
 
   int iter = 0;                                   // global stage counter: drives mbarrier phases
   for (int req = cs.begin_req; req <= cs.end_req; ++req) {
-    start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
-    const RequestSpan span = request_span<Cfg>(p, cs, req);
+    const RequestSpan span = request_span<Cfg>(p, cs, req);   // its loads first, ahead of Q's in the queue
+    if (!q_tma) start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
+    else if (tid == 0) start_request_tma<Cfg>(&tmap_q, p, cs, s, req, hk, mb, groups);
+    const int q_phase = (req - cs.begin_req) & 1;   // one Q tile per request: the parity of s.qfull's phase
     const int seqlen = span.seqlen, tok_lo = span.tok_lo, tok_hi = span.tok_hi, n_iter = span.n_iter;
     const int n_splits = span.n_splits, slot = span.slot;
+    const bool first_req = req == cs.begin_req;
+#ifdef FMLA_TIMELINE
+    asm volatile("" :: "r"(n_iter), "r"(n_splits), "r"(slot));
+    if (first_req) timeline_stamp<false>(2);      // the request's length and split slot read
+#endif
 
     Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBM>, Int<kDVw>>{});
     float inv[2], lse[2];
     if constexpr (kQk == Qk::kNsplit) {
       fill_ring<Cfg>(&tmap_k, p, s, iter, req, hk, span);
+      if (q_tma) cutlass::arch::ClusterTransactionBarrier::wait(&s.qfull, q_phase);
+      if (first_req) timeline_stamp<false>(3);    // Q landed, the ring's loads issued
 
       // Per-thread row bookkeeping for rows r0 and r0 + 8.
       int limit[2];
@@ -793,6 +825,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
         const int stage = iter % kStages;
         const int tok0 = tok_lo + j * kBN;
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[stage], (iter / kStages) & 1);
+        if (first_req && j == 0) timeline_stamp<false>(4);   // the first tile landed
         const int kbuf = T::kKvFp8 ? 0 : stage;     // the bf16 K tile the wgmmas read
         Tensor sK = make_tensor(make_smem_ptr(s.k[kbuf]), SmemLayoutK{});
         prepare_tile<Cfg>(&tmap_k, p, s, sK, stage, j, req, hk, tok0, span);
@@ -855,6 +888,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
           load_stage<Cfg>(&tmap_k, p, s, stage, req, hk, tok0 + kStages * kBN, seqlen);
       }
 
+      if (first_req) timeline_stamp<false>(5);    // the request's tiles computed
       // Epilogue: full row sums across the quad and the warpgroups.
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
@@ -886,6 +920,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
       asm volatile("cp.async.wait_all;\n" ::: "memory");
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
+      if (q_tma) cutlass::arch::ClusterTransactionBarrier::wait(&s.qfull, q_phase);
 
       clear(acc_o);
       inv[0] = inv[1] = 0.f;
@@ -998,7 +1033,9 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
     const OutRows out{req, slot, n_splits > 1, mb, hk, groups, rows};
     store_o<Cfg>(p, out, acc_o, cO, r0, wg * kDVw, inv);
     if (wg == 0) store_lse<Cfg>(p, out, r0, wtid, lse);
+    if (first_req) timeline_stamp<false>(6);      // the request's output stored (issued)
   }
+  timeline_stamp<false>(7);                       // every request done
 }
 
 
@@ -1009,12 +1046,14 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const Fm
 
 namespace fmla {
 
+// tmap_q / q_tma: Q by TMA (nsplit and full_wg schedules, where launch.cuh could describe q; q_tma = 0: cp.async).
 template <class Cfg>
 __global__ void __launch_bounds__(DecodeTraits<Cfg>::kThreads, 1)
-decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ FmlaParams p) {
+decode_kernel(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_q,
+              const __grid_constant__ FmlaParams p, int q_tma) {
   if constexpr (Cfg::kQk == Qk::kSwap) decode_swap_tiles<Cfg>(tmap_k, p);
   else if constexpr (DecodeTraits<Cfg>::kQreg) decode_qreg_tiles<Cfg>(tmap_k, p);
-  else decode_tiles<Cfg>(tmap_k, p);
+  else decode_tiles<Cfg>(tmap_k, tmap_q, p, q_tma);
 }
 
 }  // namespace fmla

@@ -68,8 +68,8 @@ __device__ __forceinline__ void decode_swap_tiles(const CUtensorMap& tmap_k, con
 
   int iter = 0;
   for (int req = cs.begin_req; req <= cs.end_req; ++req) {
+    const RequestSpan span = request_span<Cfg>(p, cs, req);   // its loads first, ahead of Q's in the queue
     start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
-    const RequestSpan span = request_span<Cfg>(p, cs, req);
     const int seqlen = span.seqlen, tok_lo = span.tok_lo, tok_hi = span.tok_hi, n_iter = span.n_iter;
     const int n_splits = span.n_splits, slot = span.slot;
 

@@ -54,6 +54,42 @@ int make_kv_tensor_map(CUtensorMap* map, const FmlaParams& p) {
   return r == CUDA_SUCCESS ? 0 : int(cudaErrorInvalidValue);
 }
 
+// Q as a 4-D tensor (channel, head, query position, request) for the schedules that load Q by TMA
+// (DecodeTraits::kQTma), one box per 64-channel chunk of a 64-row tile: 64 heads of one query position where a kv
+// head's group of q heads is a multiple of 64, else the whole group by 64 / group query positions (rows past s_q are
+// out of bounds: zeros). Returns 1 with the map written, 0 where the kernel loads Q by cp.async instead: other
+// schedules, a group size that neither divides nor is a multiple of 64 (such a tile mixes query positions unevenly),
+// strides or an address a tensor map cannot take, or an empty batch.
+template <class Cfg>
+int make_q_tensor_map(CUtensorMap* map, const FmlaParams& p) {
+  using T = DecodeTraits<Cfg>;
+  using Element = typename T::Element;
+  if constexpr (!T::kQTma) {
+    return 0;
+  } else {
+    const int groups = p.h_q / p.h_kv;
+    if (p.batch <= 0 || groups <= 0 || (groups % T::kBM != 0 && T::kBM % groups != 0)) return 0;
+    const cuuint64_t es = sizeof(Element);
+    const cuuint64_t strides[3] = {cuuint64_t(p.q_head_stride) * es, cuuint64_t(p.q_seq_stride) * es,
+                                   cuuint64_t(p.q_batch_stride) * es};
+    if (reinterpret_cast<uintptr_t>(p.q) % 16 != 0) return 0;
+    for (cuuint64_t st : strides)
+      if (st % 16 != 0 || st >= (cuuint64_t(1) << 40)) return 0;
+    EncodeTiledFn encode = encode_tiled();
+    if (!encode) return 0;
+    const cuuint64_t dims[4] = {cuuint64_t(T::kD), cuuint64_t(p.h_q), cuuint64_t(p.s_q), cuuint64_t(p.batch)};
+    const int box_heads = groups < T::kBM ? groups : T::kBM;
+    const cuuint32_t box[4] = {64, cuuint32_t(box_heads), cuuint32_t(T::kBM / box_heads), 1};
+    const cuuint32_t estr[4] = {1, 1, 1, 1};
+    const CUtensorMapDataType dt = std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                              : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    CUresult r = encode(map, dt, 4, const_cast<void*>(p.q), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? 1 : 0;
+  }
+}
+
 // Launches decode + combine on `stream`. Returns a cudaError_t value (0 = success). No host sync.
 template <class Cfg>
 int launch(const FmlaParams* params, void* stream) {
@@ -73,9 +109,10 @@ int launch(const FmlaParams* params, void* stream) {
     if (e != cudaSuccess) return int(e);
     attr_set[dev] = true;
   }
-  CUtensorMap tmap;
+  CUtensorMap tmap, tmap_q = {};
   int err = make_kv_tensor_map<Cfg>(&tmap, p);
   if (err) return err;
+  const int q_tma = make_q_tensor_map<Cfg>(&tmap_q, p);
   const int rows = p.s_q * (p.h_q / p.h_kv);
   constexpr int kCluster = T::kCluster;
   // Row blocks along z, rounded up to whole clusters (a padding block's rows are past `rows`: zero Q, no stores).
@@ -89,7 +126,7 @@ int launch(const FmlaParams* params, void* stream) {
     return cudaGetLastError();
   };
   if constexpr (Cfg::kMerge == Merge::kSeparate && kCluster == 1) {
-    decode_kernel<Cfg><<<grid, kThreads, kSmemBytes, st>>>(tmap, p);
+    decode_kernel<Cfg><<<grid, kThreads, kSmemBytes, st>>>(tmap, tmap_q, p, q_tma);
     e = cudaGetLastError();
     if (e != cudaSuccess) return int(e);
     e = combine_separate();
@@ -114,7 +151,7 @@ int launch(const FmlaParams* params, void* stream) {
     cfg.stream = st;
     cfg.attrs = attrs;
     cfg.numAttrs = n_attrs;
-    e = cudaLaunchKernelEx(&cfg, decode_kernel<Cfg>, tmap, p);
+    e = cudaLaunchKernelEx(&cfg, decode_kernel<Cfg>, tmap, tmap_q, p, q_tma);
     if (e != cudaSuccess) return int(e);
     if constexpr (Cfg::kMerge == Merge::kSeparate) {
       e = combine_separate();

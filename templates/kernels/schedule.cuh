@@ -9,7 +9,8 @@
 // contiguous range, found by two binary searches over the starts; the partitions a request touches are
 // consecutive, counted by division.
 // Passes: (1) starts (block-wide scan, into the int64 workspace of b + 1 entries), (2) splits per request and
-// their prefix sum (num_splits), (3) one thread per partition writes its metadata row.
+// their prefix sum (num_splits), (3) one thread per partition writes its metadata row (columns 5..7 copy the
+// first request's length and num_splits entries, written by this block in pass 2).
 #pragma once
 
 #include <cub/block/block_scan.cuh>
@@ -99,6 +100,9 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const Schedu
     row[2] = last;
     row[3] = static_cast<int32_t>(min(max(e - a.start[last] - a.overhead, 0ll), nb_last));
     row[4] = static_cast<int32_t>(p - first_part);
+    row[5] = max(a.seqlens[first], 0);          // the first request's length and splits: no dependent reads
+    row[6] = a.num_splits[first];               // at the decode CTA's start
+    row[7] = a.num_splits[first + 1] - a.num_splits[first];
   }
 }
 
