@@ -21,6 +21,7 @@ import torch
 from flash_mla.codegen.variant import default_variant, variants_by_key
 from flash_mla.dispatch import library_for
 from flash_mla.tuner.measure import Shape, check, make_problem
+from flash_mla.tuner.timing import capture_graph
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 replays = int(sys.argv[sys.argv.index("--replays") + 1]) if "--replays" in sys.argv else 20
@@ -46,15 +47,7 @@ DECODE = ["entry", "schedule row read", "span read, Q issued", "Q landed, ring i
           "tiles computed", "output stored", "every request done"]
 MERGE = ["entry", "decode grid complete", "weights computed", "output stored"]
 
-s = torch.cuda.Stream()
-s.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(s):
-    for _ in range(3):
-        call()
-torch.cuda.current_stream().wait_stream(s)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    call()
+graph = capture_graph(call)
 flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 

@@ -13,8 +13,8 @@ def bench_ms(fn, rep_ms: int = 200) -> float:
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
-def graph_time_us(fn, rep_ms: int = 200) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph."""
+def capture_graph(fn):
+    """``fn`` warmed up on a side stream (three calls), then captured in a CUDA graph; returned synchronised."""
     import torch
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -26,7 +26,12 @@ def graph_time_us(fn, rep_ms: int = 200) -> float:
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
-    return bench_ms(graph.replay, rep_ms) * 1e3
+    return graph
+
+
+def graph_time_us(fn, rep_ms: int = 200) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph."""
+    return bench_ms(capture_graph(fn).replay, rep_ms) * 1e3
 
 
 def overhead_us(fn, calls: int = 50, rounds: int = 9, graph_calls: int = 20) -> dict:
