@@ -523,23 +523,25 @@ struct RequestSpan {
   int seqlen, tok_lo, tok_hi, n_iter, n_splits, slot;
 };
 
-template <class Cfg>
+// kFromRow: the first request's length and num_splits entries come from the schedule row's columns 5..7 (read
+// again here, from L1, rather than held in registers through the request loop): no second dependent round trip to
+// memory at the CTA's start. The qreg schedules (compute-bound, a CTA start is a small share of their time; their
+// warpgroup 0 is at its register cap) read cache_seqlens and num_splits.
+template <class Cfg, bool kFromRow = !DecodeTraits<Cfg>::kQreg>
 __device__ __forceinline__ RequestSpan request_span(const FmlaParams& p, const CtaStart& c, int req) {
   constexpr int kSchedBlock = DecodeTraits<Cfg>::kSchedBlock, kBN = DecodeTraits<Cfg>::kBN;
   RequestSpan r;
-  // The first request's length and num_splits entries come from the schedule row's columns 5..7 (read again here,
-  // from L1, rather than held in registers through the request loop): no second dependent round trip to memory
-  // at the CTA's start.
-  const bool first = req == c.begin_req;
+  const bool first = req == c.begin_req;        // this partition's first piece: from begin_block, split begin_split
+  const bool from_row = kFromRow && first;
   const int* meta = p.metadata + blockIdx.x * kMetadataSize;
-  r.seqlen = first ? meta[5] : max(p.cache_seqlens[req], 0);
-  const int blk_lo = req == c.begin_req ? c.begin_block : 0;
+  r.seqlen = from_row ? meta[5] : max(p.cache_seqlens[req], 0);
+  const int blk_lo = first ? c.begin_block : 0;
   const int blk_hi = req == c.end_req ? c.end_block : (r.seqlen + kSchedBlock - 1) / kSchedBlock;
   r.tok_lo = blk_lo * kSchedBlock;
   r.tok_hi = min(blk_hi * kSchedBlock, r.seqlen);
   r.n_iter = r.tok_hi > r.tok_lo ? (r.tok_hi - r.tok_lo + kBN - 1) / kBN : 0;
-  const int slot0 = first ? meta[6] : p.num_splits[req];
-  r.n_splits = first ? meta[7] : p.num_splits[req + 1] - slot0;
+  const int slot0 = from_row ? meta[6] : p.num_splits[req];
+  r.n_splits = from_row ? meta[7] : p.num_splits[req + 1] - slot0;
   r.slot = slot0 + (first ? c.begin_split : 0);
   return r;
 }
@@ -804,7 +806,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
     const bool first_req = req == cs.begin_req;
 #ifdef FMLA_TIMELINE
     asm volatile("" :: "r"(n_iter), "r"(n_splits), "r"(slot));
-    if (first_req) timeline_stamp<false>(2);      // the request's length and split slot read
+    if (first_req) timeline_stamp<false>(2);      // the request's span known, its Q load issued
 #endif
 
     Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBM>, Int<kDVw>>{});
