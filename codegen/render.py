@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from .variant import Variant
+from .variant import QREGS, Variant
 
 
 def templates_dir() -> Path:
@@ -48,6 +48,8 @@ def template_context(v: Variant) -> dict:
         "rows_n": v.rows_per_cta,
         "widen_ahead": "true" if v.widen == "ahead" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
+        # a trace build's stamps (templates/kernels/trace.cuh): qreg phases, or the nsplit start-up timeline
+        "trace_macro": "FMLA_TRACE" if v.qk in QREGS else "FMLA_TIMELINE",
     }
 
 
