@@ -554,25 +554,29 @@ __device__ __forceinline__ const Element* q_row(const FmlaParams& p, int req, in
          (hk * groups + rr % groups) * p.q_head_stride;
 }
 
+// The block-table entry of the first page a request's piece reads, into L2 (a prefetch never faults, so an entry
+// past the table's end is harmless). Both Q paths issue it at a request's start.
+template <class Cfg>
+__device__ __forceinline__ void prefetch_first_page(const FmlaParams& p, const CtaStart& c, int req) {
+  using T = DecodeTraits<Cfg>;
+  const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
+                      (req == c.begin_req ? c.begin_block : 0) * T::kSchedBlock / T::kPage;
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
+}
+
 // The start of a request: its first block-table entry into L2, and the Q tile (rows mb * kBM .. + kBM - 1 of this
 // (request, kv head), channels kC0..575 into sQ's columns 0..; padding rows zero-filled) by cp.async, every 16-byte
 // piece in flight at once (a blocking load per piece would chain ~18 DRAM round trips per thread before the first
 // wgmma). Issued after the request's own loads (request_span): behind Q's pieces they waited ~2 us at a CTA's start
 // (H100 timeline, bench/timeline.py). One warp per row (the row's head and query position computed once), lanes
-// over its pieces. kWorkers threads (ids `tid`) take
-// part. The caller waits (cp.async.wait_all) and synchronises.
+// over its pieces. kWorkers threads (ids `tid`) take part. The caller waits (cp.async.wait_all) and synchronises.
 template <class Cfg, int kC0 = 0, int kWorkers = DecodeTraits<Cfg>::kThreads, class TensorQ>
 __device__ __forceinline__ void start_request(const FmlaParams& p, const CtaStart& c, TensorQ& sQ, int req, int hk,
                                               int mb, int groups, int rows, int tid = threadIdx.x) {
   using T = DecodeTraits<Cfg>;
   using Element = typename T::Element;
   constexpr int kBM = T::kBM, kD = T::kD;
-  if (tid == 0) {
-    // (a prefetch never faults, so an entry past the table's end is harmless)
-    const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
-                        (req == c.begin_req ? c.begin_block : 0) * T::kSchedBlock / T::kPage;
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
-  }
+  if (tid == 0) prefetch_first_page<Cfg>(p, c, req);
   #pragma unroll 1
   for (int r = tid / 32; r < kBM; r += kWorkers / 32) {
     const int rr = mb * kBM + r;
@@ -599,9 +603,7 @@ __device__ __forceinline__ void start_request_tma(const CUtensorMap* tmap_q, con
   using T = DecodeTraits<Cfg>;
   using Element = typename T::Element;
   constexpr int kBM = T::kBM, kD = T::kD;
-  const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride +
-                      (req == c.begin_req ? c.begin_block : 0) * T::kSchedBlock / T::kPage;
-  asm volatile("prefetch.global.L2 [%0];" :: "l"(bt));
+  prefetch_first_page<Cfg>(p, c, req);
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.qfull, uint32_t(kBM * kD * sizeof(Element)));
   const int row0 = mb * kBM;
   const int head0 = hk * groups + row0 % groups, sq0 = row0 / groups;

@@ -7,7 +7,7 @@
 //   int fmla_schedule(const int32_t* seqlens, int32_t* metadata, int32_t* num_splits, long long* workspace,
 //                     int b, int parts, int overhead, int min_payload, void* stream)
 // 4: metadata columns 5..7 carry the first request's length and num_splits entries (flash_mla/scheduler.py);
-//   the decode kernels read them instead of cache_seqlens / num_splits for that request.
+//   the decode kernels other than qreg read them instead of cache_seqlens / num_splits for that request.
 #define FMLA_ABI_VERSION 4
 
 typedef struct FmlaParams {
