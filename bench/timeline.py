@@ -11,6 +11,7 @@ earliest, median and latest CTA, in microseconds after the earliest decode CTA's
 Then, from the per-SM clock, the median cycles of each decode step (event to event within a CTA).
 """
 
+import argparse
 import ctypes
 import dataclasses
 import statistics
@@ -23,14 +24,16 @@ from flash_mla.dispatch import library_for
 from flash_mla.tuner.measure import Shape, check, make_problem
 from flash_mla.tuner.timing import capture_graph
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-replays = int(sys.argv[sys.argv.index("--replays") + 1]) if "--replays" in sys.argv else 20
-if "--replays" in sys.argv:
-    args.remove(str(replays))
-spec = args[0].split(",")
+cli = argparse.ArgumentParser(description="Start-up timeline of a trace build of the nsplit schedule.")
+cli.add_argument("shape", help="b,s_q,h_q,sk[,fixed][,causal]")
+cli.add_argument("key", nargs="?", help="variant key (default: the bf16 / page-64 default variant)")
+cli.add_argument("--replays", type=int, default=20)
+args = cli.parse_args()
+replays = args.replays
+spec = args.shape.split(",")
 b, s_q, h_q, sk = (int(x) for x in spec[:4])
 shape = Shape(b, s_q, h_q, sk, causal="causal" in spec, varlen="fixed" not in spec)
-base = variants_by_key([args[1]])[0] if len(args) > 1 else default_variant()
+base = variants_by_key([args.key])[0] if args.key else default_variant()
 v = dataclasses.replace(base, trace=True).validate()
 problem = make_problem(shape, v.dtype, v.page_size, 0)
 lib = ctypes.CDLL(str(library_for(v).path))      # the same loaded module as the runtime's (dlopen)
