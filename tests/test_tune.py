@@ -489,3 +489,38 @@ def test_tune_command_transfers_stored_winners_unless_told_not_to(flag, expect_r
             "--db", str(tmp_path / "t.sqlite"), "--storage", str(tmp_path / "s.journal"), *flag]
     assert cli.main(argv) == 0
     assert seen == [rows if expect_rows else ()]
+
+
+class TwoKnobMeasurer(SyntheticMeasurer):
+    """The optimum is two knobs from the default (qk=qreg with its three warpgroups, and the separate merge): one
+    knob from the qreg seed, as on the H100 at h_q >= 64."""
+
+    def measure(self, variant, shape, seed=0):
+        v = Variant.from_dict(variant)
+        self.calls.append(v.key)
+        us = 100.0 + 3 * abs(v.stages - 2) + 2 * abs(v.block_n - 64) / 32 + 0.1 * v.split_overhead
+        if v.qk == "qreg":
+            us -= 5.0 + (4.0 if v.merge == "separate" else 0.0)
+        return {"state": "ok", "us": us, "gbs": 1.0, "tflops": 1.0}
+
+
+def test_the_best_variants_one_knob_neighbours_are_measured_next(env):
+    storage, db, run_id, _ = env
+    w = Workload(64, 4, 64, 2048, causal=True)
+    seeds = tune.seed_points(w)
+    qreg_seed = next(v for v in seeds if v.qk == "qreg")
+    target = Variant(**{**qreg_seed.as_dict(), "merge": "separate"}).validate()
+    assert target not in seeds                       # two knobs from the default: no seed
+    valid = {v.key for v in search_space(w.dtype, w.page_size)}
+    neighbours = tune.incumbent_neighbours(qreg_seed, valid, known={})
+    assert target in neighbours and all(sum(getattr(n, k) != getattr(qreg_seed, k) for k in tune.KNOBS) == 1
+                                        for n in neighbours)
+    assert tune.incumbent_neighbours(qreg_seed, valid, known={target.key: 1.0}) == [n for n in neighbours
+                                                                                    if n != target]
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(seeds) + len(neighbours),
+                             measurer=TwoKnobMeasurer(), confirm_rounds=0)
+    order = searched(db, w)
+    assert order[:len(seeds)] == [v.key for v in seeds]
+    # the seeds' best is the qreg seed: its neighbours come next, in KNOBS order
+    assert order[len(seeds):] == [v.key for v in neighbours]
+    assert res.best["variant"] == target

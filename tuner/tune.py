@@ -249,6 +249,22 @@ def seed_points(w: Workload) -> list[Variant]:
     return out
 
 
+def incumbent_neighbours(best: Variant, valid: set, known) -> list[Variant]:
+    """The valid one-knob neighbours of the best variant so far that nobody has measured, in KNOBS order: the
+    local step a study takes once its queued points are measured. Seeds are one knob from the default; a winner
+    two knobs away (on the H100, qk=qreg with the separate merge at h_q >= 64: 2-7% faster than qreg with the wide
+    merge that the seeded studies stored, bench/results/h100-fused-merge-2026-11-24.txt) is one knob from a seed."""
+    out = []
+    for knob, values in KNOBS.items():
+        for value in values:
+            if value == getattr(best, knob):
+                continue
+            v = dataclasses.replace(best, **{knob: value})
+            if v.key in valid and v.key not in known and v not in out:
+                out.append(v)
+    return out
+
+
 def stored_winners(out_db: Optional[TuningDB] = None) -> list[dict]:
     """The winner rows a new study can start from (:mod:`flash_mla.tuner.transfer`): the shipped database's, the
     user database's (``$FLASH_MLA_TUNING_DB``) and those already in ``out_db``, every GPU."""
@@ -326,7 +342,10 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     shape_dict, seed) -> {"state", "us", ...}`` and ``stop()``; tests pass a synthetic one.
 
     A new study measures the default first, then the winners that :func:`~flash_mla.tuner.transfer.transfer_points`
-    finds nearest in ``transfer_rows`` (stored winners, any GPU), then the default's one-knob neighbours.
+    finds nearest in ``transfer_rows`` (stored winners, any GPU), then the default's one-knob neighbours. Whenever
+    nothing is queued and the best variant so far has unmeasured one-knob neighbours
+    (:func:`incumbent_neighbours`), those are queued next (once per best variant); the sampler (TPE) proposes the
+    other points.
 
     Several workers may share the study (``worker_index`` 0, 1, ...: each samples with its own seed, and
     TPE's constant liar keeps them off each other's running points). ``claims`` (a
@@ -362,6 +381,8 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
     history, measured, t0 = [], 0, time.time()
     hb, reuses = None, 0
+    by_key = {v.key: v for v in search_space(w.dtype, w.page_size)}
+    expanded: set[str] = set()                       # best variants whose neighbours were queued
     try:
         while measured < n_trials and len(known) < len(valid):
             if timeout_s is not None and time.time() - t0 > timeout_s:
@@ -370,6 +391,13 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                 _refresh_known(study, known)
                 if len(known) >= len(valid):
                     break
+            ok_now = {k: u for k, u in known.items() if u is not None and k in by_key}
+            if ok_now and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                best = min(ok_now, key=ok_now.get)
+                if best not in expanded:              # the local step: the best variant's unmeasured neighbours
+                    expanded.add(best)
+                    for v in incumbent_neighbours(by_key[best], valid, known):
+                        study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
             with warnings.catch_warnings():            # trials of killed workers: failed, then re-queued
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -425,7 +453,6 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             r = worker.measure(d.as_dict(), dataclasses.asdict(w.shape), seed)
             _add_trial(db, run_id, name, d, w, r, "search", seed, source_hash)
             known[d.key] = r.get("us") if r["state"] == "ok" else None
-        by_key = {v.key: v for v in search_space(w.dtype, w.page_size)}
         confirmed = choice = None
         ranked = sorted((u, k) for k, u in known.items() if u is not None and k in by_key)
         if confirm_rounds > 0 and ranked:
