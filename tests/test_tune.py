@@ -504,23 +504,24 @@ class TwoKnobMeasurer(SyntheticMeasurer):
         return {"state": "ok", "us": us, "gbs": 1.0, "tflops": 1.0}
 
 
-def test_the_best_variants_one_knob_neighbours_are_measured_next(env):
+def test_the_best_variants_nearest_points_are_measured_next(env):
     storage, db, run_id, _ = env
     w = Workload(64, 4, 64, 2048, causal=True)
     seeds = tune.seed_points(w)
     qreg_seed = next(v for v in seeds if v.qk == "qreg")
     target = Variant(**{**qreg_seed.as_dict(), "merge": "separate"}).validate()
     assert target not in seeds                       # two knobs from the default: no seed
-    valid = {v.key for v in search_space(w.dtype, w.page_size)}
-    neighbours = tune.incumbent_neighbours(qreg_seed, valid, known={})
-    assert target in neighbours and all(sum(getattr(n, k) != getattr(qreg_seed, k) for k in tune.KNOBS) == 1
-                                        for n in neighbours)
-    assert tune.incumbent_neighbours(qreg_seed, valid, known={target.key: 1.0}) == [n for n in neighbours
+    space = search_space(w.dtype, w.page_size)
+    neighbours = tune.incumbent_neighbours(qreg_seed, space, known={})
+    assert neighbours == tune.nearest_per_value(qreg_seed, space) and target in neighbours
+    assert sum(getattr(target, k) != getattr(qreg_seed, k) for k in tune.KNOBS) == 1
+    assert tune.incumbent_neighbours(qreg_seed, space, known={target.key: 1.0}) == [n for n in neighbours
                                                                                     if n != target]
-    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(seeds) + len(neighbours),
+    fresh = [v.key for v in neighbours if v not in seeds]
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(seeds) + len(fresh),
                              measurer=TwoKnobMeasurer(), confirm_rounds=0)
     order = searched(db, w)
     assert order[:len(seeds)] == [v.key for v in seeds]
-    # the seeds' best is the qreg seed: its neighbours come next, in KNOBS order
-    assert order[len(seeds):] == [v.key for v in neighbours]
+    # the seeds' best is the qreg seed: its unmeasured nearest points per knob value come next, in KNOBS order
+    assert order[len(seeds):] == fresh
     assert res.best["variant"] == target

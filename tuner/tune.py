@@ -228,41 +228,37 @@ def _enqueue_unmeasured(study, w: Workload, valid: set, known: dict, claims, nam
             return
 
 
-def seed_points(w: Workload) -> list[Variant]:
-    """The default variant and, for every other knob value, the valid variant nearest to it with that value (one
-    knob away where that is valid; otherwise the fewest knobs changed, e.g. qk=qreg with its three warpgroups),
-    in KNOBS order: a new study measures these first. Each knob value's effect on this workload is then seen once
-    (the merge path alone moves times by 4-14% at batch >= 8 on the H100:
-    bench/results/h100-held-out-evaluation-2026-11-23.txt), which 5 random startup trials of the space often miss."""
-    d = default_variant(w.dtype, w.page_size)
-    space = search_space(w.dtype, w.page_size)
-    out = [d]
-    for knob, values in KNOBS.items():
-        for value in values:
-            with_value = [c for c in space if getattr(c, knob) == value]
-            if value == getattr(d, knob) or not with_value:
-                continue
-            # fewest knobs changed; the first in space order among equals (one knob away is unique where valid)
-            v = min(with_value, key=lambda c: sum(getattr(c, k) != getattr(d, k) for k in KNOBS))
-            if v not in out:
-                out.append(v)
-    return out
-
-
-def incumbent_neighbours(best: Variant, valid: set, known) -> list[Variant]:
-    """The valid one-knob neighbours of the best variant so far that nobody has measured, in KNOBS order: the
-    local step a study takes once its queued points are measured. Seeds are one knob from the default; a winner
-    two knobs away (on the H100, qk=qreg with the separate merge at h_q >= 64: 2-7% faster than qreg with the wide
-    merge that the seeded studies stored, bench/results/h100-fused-merge-2026-11-24.txt) is one knob from a seed."""
+def nearest_per_value(center: Variant, space: Sequence[Variant]) -> list[Variant]:
+    """For every knob value other than ``center``'s, the variant of ``space`` nearest to ``center`` with that value
+    (one knob away where that is valid; otherwise the fewest knobs changed, e.g. qk=qreg with its three
+    warpgroups; the first in space order among equals), in KNOBS order, without repeats."""
     out = []
     for knob, values in KNOBS.items():
         for value in values:
-            if value == getattr(best, knob):
+            with_value = [c for c in space if getattr(c, knob) == value]
+            if value == getattr(center, knob) or not with_value:
                 continue
-            v = dataclasses.replace(best, **{knob: value})
-            if v.key in valid and v.key not in known and v not in out:
+            v = min(with_value, key=lambda c: sum(getattr(c, k) != getattr(center, k) for k in KNOBS))
+            if v not in out and v != center:
                 out.append(v)
     return out
+
+
+def seed_points(w: Workload) -> list[Variant]:
+    """The default variant and its :func:`nearest_per_value` points: a new study measures these first. Each knob
+    value's effect on this workload is then seen once (the merge path alone moves times by 4-14% at batch >= 8 on
+    the H100: bench/results/h100-held-out-evaluation-2026-11-23.txt), which 5 random startup trials of the space
+    often miss."""
+    d = default_variant(w.dtype, w.page_size)
+    return [d] + nearest_per_value(d, search_space(w.dtype, w.page_size))
+
+
+def incumbent_neighbours(best: Variant, space: Sequence[Variant], known) -> list[Variant]:
+    """The best variant so far's :func:`nearest_per_value` points that nobody has measured: the local step a study
+    takes once its queued points are measured. The seeds are nearest to the default; a winner further away (on the
+    H100, qk=qreg with the separate merge at h_q >= 64: 2-7% faster than qreg with the wide merge that the seeded
+    studies stored, bench/results/h100-merge-paths-2026-11-24.txt) is near the best seed."""
+    return [v for v in nearest_per_value(best, space) if v.key not in known]
 
 
 def stored_winners(out_db: Optional[TuningDB] = None) -> list[dict]:
@@ -396,7 +392,7 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                 best = min(ok_now, key=ok_now.get)
                 if best not in expanded:              # the local step: the best variant's unmeasured neighbours
                     expanded.add(best)
-                    for v in incumbent_neighbours(by_key[best], valid, known):
+                    for v in incumbent_neighbours(by_key[best], list(by_key.values()), known):
                         study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
             with warnings.catch_warnings():            # trials of killed workers: failed, then re-queued
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
