@@ -458,7 +458,8 @@ class TuningDB:
                       time_spread: Optional[float] = None, default_time_spread: Optional[float] = None,
                       rule: Optional[str] = None) -> bool:
         """Make an ``'ok'`` trial the winner of its workload key unless a faster (or equally fast) one
-        measured on the same kernel source is stored (a stored winner of other source is replaced when
+        measured on the same kernel source is stored: faster relative to the default variant's time of its own
+        run where both rows have one, else in absolute time (a stored winner of other source is replaced when
         this one is newer). ``trial`` is a trial id of this DB or a trial row (dict with the trials columns).
 
         ``default_variant_key`` / ``default_time_us`` record what the default variant achieves on the
@@ -506,13 +507,22 @@ class TuningDB:
         # comparison and the write (which would let a slower winner overwrite a faster one).
         conn.execute("begin immediate")
         try:
-            old = conn.execute(f"select time_us, source_hash, updated_at from winners where {where}",
+            old = conn.execute(f"select time_us, source_hash, updated_at, default_time_us from winners where {where}",
                                [row[f] for f in WORKLOAD_KEY]).fetchone()
             if old is not None:
                 same_source = old[1] is None or row.get("source_hash") is None or old[1] == row["source_hash"]
-                # Same kernel source: the faster stays. Other source: the newer stays (older timings do not
+                # Same kernel source: the faster stays, relative to the default variant measured in each row's own
+                # run where both rows have that time (runs on other days or machines differ by a few percent in
+                # absolute time), else in absolute time. Other source: the newer stays (older timings do not
                 # describe the current kernels).
-                keep_old = old[0] <= row["time_us"] if same_source else (old[2] or "") >= (row.get("updated_at") or "")
+                if same_source:
+                    new_default = row.get("default_time_us")
+                    if old[3] and new_default:
+                        keep_old = old[0] / old[3] <= row["time_us"] / new_default
+                    else:
+                        keep_old = old[0] <= row["time_us"]
+                else:
+                    keep_old = (old[2] or "") >= (row.get("updated_at") or "")
                 if keep_old:
                     conn.execute("rollback")
                     return False
@@ -630,8 +640,9 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
 
     Runs and trials are united: each gets a fresh id in ``dst`` (trials and winners follow their run),
     and a row identical to one already in ``dst`` (every column but the ids) is not added again, so
-    merging the same source twice adds nothing. For a workload key present on both sides the faster
-    winner stays. A source that is ``dst`` itself is skipped. Every source is opened read-only and
+    merging the same source twice adds nothing. For a workload key present on both sides the rule of
+    :meth:`TuningDB.record_winner` decides (same kernel source: the faster relative to its own run's default,
+    else in absolute time; other source: the newer). A source that is ``dst`` itself is skipped. Every source is opened read-only and
     checked before anything is written: a missing source raises FileNotFoundError, one with a newer
     schema SchemaVersionError, a file that is not a tuning database (no schema of this module, or not
     sqlite at all) ValueError naming it.

@@ -211,6 +211,23 @@ def test_record_winner_keeps_faster(tmp_path):
         assert len(tdb.winners()) == 2 and len(tdb.winners(batch_bucket=1)) == 1
 
 
+def test_same_source_winners_compare_against_their_own_runs_default(tmp_path):
+    with db.TuningDB(tmp_path / "t.sqlite") as tdb:
+        rid = _run(tdb)
+        first = tdb.add_trial(rid, "s", Variant(stages=1), WL, "ok", time_us=8.0, source_hash="aaaa")
+        # another day: every time 10% higher, and a variant 10% faster than that day's default
+        later = tdb.add_trial(rid, "s", Variant(stages=2), WL, "ok", time_us=8.5, source_hash="aaaa")
+        worse = tdb.add_trial(rid, "s", Variant(stages=3), WL, "ok", time_us=7.9, source_hash="aaaa")
+        assert tdb.record_winner(first, default_time_us=8.4) is True          # 0.952 of its default
+        assert tdb.record_winner(later, default_time_us=9.4) is True          # 0.904: replaces, though slower
+        assert tdb.record_winner(worse, default_time_us=8.0) is False         # 0.988
+        assert tdb.winners()[0]["variant_key"] == Variant(stages=2).key
+        # without the default's time on either side: absolute time
+        fast = tdb.add_trial(rid, "s", Variant(stages=4, block_n=32), WL, "ok", time_us=8.4, source_hash="aaaa")
+        assert tdb.record_winner(fast) is True                                # 8.4 < 8.5
+        assert tdb.winners()[0]["variant_key"] == Variant(stages=4, block_n=32).key
+
+
 def test_winner_of_new_kernel_source_replaces_a_faster_one_of_old_source(tmp_path):
     with db.TuningDB(tmp_path / "t.sqlite") as tdb:
         rid = _run(tdb)
