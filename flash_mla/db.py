@@ -642,8 +642,8 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
     and a row identical to one already in ``dst`` (every column but the ids) is not added again, so
     merging the same source twice adds nothing. For a workload key present on both sides the rule of
     :meth:`TuningDB.record_winner` decides (same kernel source: the faster relative to its own run's default,
-    else in absolute time; other source: the newer). A source that is ``dst`` itself is skipped. Every source is opened read-only and
-    checked before anything is written: a missing source raises FileNotFoundError, one with a newer
+    else in absolute time; other source: the newer). A source that is ``dst`` itself is skipped. Every source
+    is opened read-only and checked before anything is written: a missing source raises FileNotFoundError, one with a newer
     schema SchemaVersionError, a file that is not a tuning database (no schema of this module, or not
     sqlite at all) ValueError naming it.
 

@@ -338,10 +338,10 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     shape_dict, seed) -> {"state", "us", ...}`` and ``stop()``; tests pass a synthetic one.
 
     A new study measures the default first, then the winners that :func:`~flash_mla.tuner.transfer.transfer_points`
-    finds nearest in ``transfer_rows`` (stored winners, any GPU), then the default's one-knob neighbours. Whenever
-    nothing is queued and the best variant so far has unmeasured one-knob neighbours
-    (:func:`incumbent_neighbours`), those are queued next (once per best variant); the sampler (TPE) proposes the
-    other points.
+    finds nearest in ``transfer_rows`` (stored winners, any GPU), then the rest of :func:`seed_points`. Whenever
+    nothing is queued, the best variant so far's unmeasured nearest points per knob value
+    (:func:`incumbent_neighbours`) are queued next (once per best variant); the sampler (TPE) proposes the other
+    points.
 
     Several workers may share the study (``worker_index`` 0, 1, ...: each samples with its own seed, and
     TPE's constant liar keeps them off each other's running points). ``claims`` (a
@@ -390,7 +390,7 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             ok_now = {k: u for k, u in known.items() if u is not None and k in by_key}
             if ok_now and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
                 best = min(ok_now, key=ok_now.get)
-                if best not in expanded:              # the local step: the best variant's unmeasured neighbours
+                if best not in expanded:              # the local step around the best variant so far
                     expanded.add(best)
                     for v in incumbent_neighbours(by_key[best], list(by_key.values()), known):
                         study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
