@@ -666,6 +666,8 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)
+            # the temporary copy's own lock file (TuningDB(tmp) took it); dst's stays, as every flock file does
+            tmp.with_name(f".{tmp.name}.lock").unlink(missing_ok=True)
     return stats
 
 

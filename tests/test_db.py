@@ -345,6 +345,9 @@ def test_merge(tmp_path):
         (w1,) = tc.winners(batch_bucket=1)
         assert runs[w1["run_id"]] == "host-a"
 
+    # beside c only its own lock file: no temporary copy or its lock left behind
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".")) == [".a.sqlite.lock",
+                                                                                    ".b.sqlite.lock", ".c.sqlite.lock"]
     before = _counts(c)
     again = db.merge([a, b], c)                         # twice: nothing duplicated
     assert again == {"runs_added": 0, "trials_added": 0, "winners_written": 0, "sources_skipped": 0}
