@@ -239,7 +239,7 @@ def nearest_per_value(center: Variant, space: Sequence[Variant]) -> list[Variant
             if value == getattr(center, knob) or not with_value:
                 continue
             v = min(with_value, key=lambda c: sum(getattr(c, k) != getattr(center, k) for k in KNOBS))
-            if v not in out and v != center:
+            if v not in out:
                 out.append(v)
     return out
 
@@ -361,7 +361,8 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
         first = [neighbours[0], *transfer_points(w, transfer_rows, gpu_name)]
         for v in first + [v for v in neighbours if v not in first]:
             study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
-    valid = {v.key for v in search_space(w.dtype, w.page_size)}
+    by_key = {v.key: v for v in search_space(w.dtype, w.page_size)}
+    valid = set(by_key)
     # Results already in the study (a resumed or shared study) are reused, never re-measured.
     known: dict[str, Optional[float]] = {}
     _refresh_known(study, known)
@@ -377,7 +378,6 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     worker = measurer if measurer is not None else Worker(gpu=gpu, timeout_s=trial_timeout_s)
     history, measured, t0 = [], 0, time.time()
     hb, reuses = None, 0
-    by_key = {v.key: v for v in search_space(w.dtype, w.page_size)}
     expanded: set[str] = set()                       # best variants whose neighbours were queued
     try:
         while measured < n_trials and len(known) < len(valid):
