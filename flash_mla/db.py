@@ -236,11 +236,16 @@ def _ro_connection(path: Path) -> sqlite3.Connection:
 BUSY_TIMEOUT_MS = 60_000
 
 
+def _lock_path(path: Path) -> Path:
+    """The lock file of a database file: ``.NAME.lock`` beside it."""
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    """Exclusive inter-process lock on a database file: a lock file beside it (``.NAME.lock``), held by flock
-    for the block (schema creation and migration, merges)."""
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    """Exclusive inter-process lock on a database file: its :func:`_lock_path` file, held by flock for the
+    block (schema creation and migration, merges)."""
+    with open(_lock_path(path), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -643,8 +648,8 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
     merging the same source twice adds nothing. For a workload key present on both sides the rule of
     :meth:`TuningDB.record_winner` decides (same kernel source: the faster relative to its own run's default,
     else in absolute time; other source: the newer). A source that is ``dst`` itself is skipped. Every source
-    is opened read-only and checked before anything is written: a missing source raises FileNotFoundError, one with a newer
-    schema SchemaVersionError, a file that is not a tuning database (no schema of this module, or not
+    is opened read-only and checked before anything is written: a missing source raises FileNotFoundError, one
+    with a newer schema SchemaVersionError, a file that is not a tuning database (no schema of this module, or not
     sqlite at all) ValueError naming it.
 
     ``dst`` given as a path is never half-merged: the merge goes into a temporary copy, under a lock
@@ -667,7 +672,7 @@ def merge(src_paths: Iterable[PathLike], dst: Union[PathLike, TuningDB]) -> dict
         finally:
             tmp.unlink(missing_ok=True)
             # the temporary copy's own lock file (TuningDB(tmp) took it); dst's stays, as every flock file does
-            tmp.with_name(f".{tmp.name}.lock").unlink(missing_ok=True)
+            _lock_path(tmp).unlink(missing_ok=True)
     return stats
 
 
