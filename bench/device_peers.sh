@@ -8,7 +8,7 @@
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
-# stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), tunewl:WORKLOAD[+WORKLOAD...]:TRIALS (the same for workloads given as flash-mla tune --workload specs), usedb (later steps select from OUTDIR/tuned.sqlite first),
+# stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), tunewl:WORKLOAD[+WORKLOAD...]:TRIALS[:notransfer] (the same for workloads given as flash-mla tune --workload specs), usedb (later steps select from OUTDIR/tuned.sqlite first),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
@@ -122,15 +122,13 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
            echo "probe rc=$?"; cat "$out/probe.txt"; tail -3 "$out/probe-build.txt";;
     usedb) export FLASH_MLA_TUNING_DB=$final/tuned.sqlite   # later steps select from this run's tuned rows first
            echo "user tuning DB: $FLASH_MLA_TUNING_DB";;
-    tune:*) IFS=: read -r _ suites trials nt <<< "$step"   # SUITES:TRIALS[:notransfer] (own DB, studies, log)
-            python3 -m flash_mla.cli tune $(for x in ${suites//,/ }; do echo --suite $x; done) --trials "$trials" \
+    tune:*|tunewl:*) IFS=: read -r kind items trials nt <<< "$step"   # SUITES or WORKLOAD[+WORKLOAD...], then
+            if [[ $kind == tune ]]; then targets=$(for x in ${items//,/ }; do echo --suite $x; done)   # TRIALS[:notransfer]
+            else targets=$(for x in ${items//+/ }; do echo --workload $x; done); fi           # (own DB, studies, log)
+            python3 -m flash_mla.cli tune $targets --trials "$trials" \
               ${nt:+--no-transfer} --db "$final/tuned${nt:+-$nt}.sqlite" --storage "$out/studies${nt:+-$nt}.journal" \
               --jobs 16 > "$out/tune${nt:+-$nt}.txt" 2>&1
             echo "tune${nt:+ --no-transfer} rc=$?"; grep -A80 "^workload" "$out/tune${nt:+-$nt}.txt";;
-    tunewl:*) IFS=: read -r _ wls trials <<< "$step"   # WORKLOAD[+WORKLOAD...]:TRIALS (flash-mla tune --workload)
-            python3 -m flash_mla.cli tune $(for x in ${wls//+/ }; do echo --workload $x; done) --trials "$trials" \
-              --db "$final/tuned.sqlite" --storage "$out/studies.journal" --jobs 16 > "$out/tune.txt" 2>&1
-            echo "tune rc=$?"; grep -A80 "^workload" "$out/tune.txt";;
     tunefault:*) IFS=: read -r _ wl trials faults <<< "$step"   # WORKLOAD:TRIALS:KIND:KEY[,KIND:KEY] (injected faults)
             FLASH_MLA_TUNER_FAULT="$faults" python3 -m flash_mla.cli tune --workload "$wl" --trials "$trials" \
               --db "$final/fault.sqlite" --storage "$out/fault.journal" --jobs 16 > "$out/tunefault.txt" 2>&1
