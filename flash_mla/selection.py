@@ -13,11 +13,17 @@ Selection rule
    carried by its result to every layer of the step) the candidates are the rows tuned for a known
    length, and the row with the smallest
    ``|log2(batch_bucket) - log2(call batch bucket)| + |log2(seqlen_bucket) - log2(call seqlen bucket)|``
-   wins; ties go to the larger sequence-length bucket, then to the larger batch bucket. *Without a hint*
-   the candidates are the rows stored for calls without one (``seqlen_bucket = NO_HINT``: the variant
-   with the best geometric-mean time over the tuned lengths of that batch bucket), nearest batch bucket
-   first, ties to the larger. The block table's width is not used: in serving engines it is
+   wins. *Without a hint* the candidates are the rows stored for calls without one (``seqlen_bucket =
+   NO_HINT``: the variant with the best geometric-mean time over the tuned lengths of that batch bucket),
+   nearest batch bucket first. The block table's width is not used: in serving engines it is
    ``max_model_len / page_size`` whatever the lengths.
+   **Ties** (rows at the same distance with different winners; a call between two tuned batch buckets) are
+   broken by the trials stored beside the winners: each tied winner's time relative to the row's own
+   winner, in the run that tuned the row, over the reference workloads (with a hint: the tied rows; without:
+   every row tuned for a length in the tied batch buckets) where every tied winner was measured; the smallest
+   geometric mean wins. (H100: at b2 h_q = 128 the b4 row's separate merge is 1.33x the b1 row's wide merge at
+   b1, the wide merge 1.03x the separate one at b4.) Where no reference workload measured them all, the larger
+   sequence-length bucket wins, then the larger batch bucket.
 4. **Default.** Without a candidate the call runs the default variant
    (:func:`flash_mla.codegen.variant.default_variant` for its dtype and page size), and one WARNING
    record of the ``flash_mla`` logger (``logging``, as serving engines collect it) says so once per (GPU,
@@ -168,19 +174,78 @@ def _rank(row: dict, key: WorkloadKey) -> tuple:
     return (dist, -row["seqlen_bucket"], -row["batch_bucket"])
 
 
+#: Trial columns that name the workload and run of a winner row (its trials are those with the same values).
+_TRIAL_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s_q", "head_dim", "head_dim_v",
+              "page_size", "causal", "batch_bucket", "seqlen_bucket", "run_id")
+
+
+def _trial_medians(handle: db.TuningDB, row: dict) -> dict[str, float]:
+    """Median time of every variant measured in the run that tuned the winner ``row``, for its workload."""
+    times: dict[str, list[float]] = {}
+    for t in handle.trials(**{c: row[c] for c in _TRIAL_KEY}, state="ok"):
+        if t["time_us"]:
+            times.setdefault(t["variant_key"], []).append(float(t["time_us"]))
+    return {k: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
+            for k, v in times.items()}
+
+
+_SHAPE_COLUMNS = ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal")
+
+
+def _break_tie(source: str, tied: list, pool: list, hinted: bool) -> tuple[tuple[dict, dict], str]:
+    """The (row, fields) of the equally near rows ``tied`` (in rank order) whose winner is fastest, relative to
+    each reference workload's own winner, over the reference workloads where every tied winner was measured
+    (module docstring); the first of ``tied`` where they agree or no such workload exists. The reference
+    workloads: with a length hint (``hinted``) the tied rows, without one the rows of ``pool`` ((row, fields)
+    pairs) tuned for a length, of the tied rows' shape and batch buckets. Also a note for the reason."""
+    candidates: dict[str, tuple[dict, dict]] = {}
+    for rf in tied:
+        candidates.setdefault(rf[0]["variant_key"], rf)
+    if len(candidates) == 1:
+        return tied[0], ""
+    handle = _db(source)
+    if hinted:
+        refs = [r for r, _ in tied]
+    else:
+        buckets = {r["batch_bucket"] for r, _ in tied}
+        shape = {c: tied[0][0][c] for c in _SHAPE_COLUMNS}
+        refs = [r for r, _ in pool if r["seqlen_bucket"] != NO_HINT and r["batch_bucket"] in buckets
+                and all(r[c] == v for c, v in shape.items())]
+    logs = {k: 0.0 for k in candidates}
+    used = 0
+    for ref in refs:
+        medians = _trial_medians(handle, ref)
+        base = medians.get(ref["variant_key"])
+        if not base or any(k not in medians for k in candidates):
+            continue
+        used += 1
+        for k in candidates:
+            logs[k] += math.log(medians[k] / base)
+    if not used:
+        return tied[0], ""
+    order = list(candidates)
+    best = min(order, key=lambda k: (logs[k], order.index(k)))
+    ratios = ", ".join(f"{k} {math.exp(logs[k] / used):.3f}" for k in order)
+    return candidates[best], (f"; {len(tied)} rows equally near, decided by their trials on {used} workloads "
+                              f"(time / each workload's winner, geometric mean: {ratios})")
+
+
 def _select_uncached(gpu_name, sm_count, cuda_version, key: WorkloadKey) -> Selection:
     cuda = cuda_major_minor(cuda_version)
     where = {k: v for k, v in key.db_fields().items() if k not in ("batch_bucket", "seqlen_bucket")}
     where.update(gpu_name=gpu_name, sm_count=sm_count, cuda_version=cuda)
     if gpu_name is not None and sm_count is not None and cuda is not None:
         for source in SOURCES:
-            rows = [(r, f) for r, f in _matching_rows(source, where)
-                    if (r["seqlen_bucket"] != NO_HINT) == key.has_hint]
+            pool = _matching_rows(source, where)
+            rows = [(r, f) for r, f in pool if (r["seqlen_bucket"] != NO_HINT) == key.has_hint]
             if rows:
-                row, fields = min(rows, key=lambda rf: _rank(rf[0], key))
+                rows.sort(key=lambda rf: _rank(rf[0], key))
+                nearest = _rank(rows[0][0], key)[0]
+                tied = [rf for rf in rows if _rank(rf[0], key)[0] == nearest]
+                (row, fields), tie_note = _break_tie(source, tied, pool, key.has_hint)
                 tuned = WorkloadKey.from_row(row).canonical
                 reason = (f"{source} DB {db_path(source)}: {row['variant_key']} tuned for {tuned} "
-                          f"(call: {key.canonical})")
+                          f"(call: {key.canonical}){tie_note}")
                 return Selection(fields, source, reason)
     shape = (f"dtype={key.dtype}, h_q={key.h_q}, h_kv={key.h_kv}, s_q={key.s_q}, page_size={key.page_size}, "
              f"causal={key.causal}, {'with' if key.has_hint else 'without'} a length hint")
@@ -218,8 +283,8 @@ def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version:
     The metadata does not know dtype, page size or causality, so the preference is bf16, then page
     size 64, then rows of the same kind as the call (tuned for a length, or for calls without a length
     hint, ``seqlen_bucket`` as in :class:`WorkloadKey`), then the nearest batch bucket, then the nearest
-    seqlen bucket; remaining ties go to the larger seqlen bucket, then the larger batch bucket. Cached per
-    arguments after bucketing ``batch``.
+    seqlen bucket; equally near rows are decided by their trials as in :func:`select`, then go to the larger
+    seqlen bucket, then the larger batch bucket. Cached per arguments after bucketing ``batch``.
     """
     key = (gpu_name, sm_count, cuda_version, num_heads_per_head_k, num_heads_k, bucket_batch(batch),
            int(seqlen_bucket))
@@ -253,7 +318,10 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
                 return (r["dtype"] != "bf16", r["page_size"] != 64, (r["seqlen_bucket"] != NO_HINT) != hinted,
                         abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)), sk,
                         -r["seqlen_bucket"], -r["batch_bucket"], r["causal"], r["s_q"], r["variant_key"])
-            f = min(rows, key=rank)[1]
+            rows.sort(key=rank)
+            # Equally near rows are decided by their trials, as select() decides them.
+            tied = [rf for rf in rows if rank(rf)[:5] == rank(rows[0])[:5]]
+            f = _break_tie(source, tied, rows, hinted)[0][1]
             return SplitPolicy(int(f["split_overhead"]), int(f.get("split_min_blocks", 1)))
     return None
 

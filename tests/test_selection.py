@@ -75,6 +75,52 @@ def test_batch_tie_goes_to_larger_batch_bucket(dbs):
     assert sel(32, 4096).variant == V[1].as_dict()
 
 
+def add_tuned(path, batch_bucket, seqlen_bucket, winner, others, *, time_us=10.0, **shape):
+    """One tuning run of a key: ``winner`` measured at ``time_us`` and stored as the winner, beside trials of the
+    variants ``others`` ({variant: time_us}) in the same run."""
+    shape = {**SHAPE, **shape}
+    workload = {**shape, "batch_bucket": batch_bucket, "seqlen_bucket": seqlen_bucket}
+    with db.TuningDB(path) as tdb:
+        rid = tdb.add_run({"gpu_name": GPU, "sm_count": SMS, "cuda_version": CUDA, "hostname": "h"})
+        for v, us in others.items():
+            tdb.add_trial(rid, "s", v, workload, "ok", time_us=us)
+        assert tdb.record_winner(tdb.add_trial(rid, "s", winner, workload, "ok", time_us=time_us))
+    selection.clear_cache()
+
+
+def test_tie_between_batch_buckets_decided_by_trials(dbs):
+    # b1 and b4 are equally near a call of two requests; b4's winner (V[1]) is 2x slower at b1, b1's (V[0]) only
+    # 5% slower at b4: V[0] is the safer choice, whatever the larger-bucket rule says
+    add_tuned(dbs.shipped, 1, 4096, V[0], {V[1]: 20.0})
+    add_tuned(dbs.shipped, 4, 4096, V[1], {V[0]: 10.5})
+    got = sel(2, 4096)
+    assert got.variant == V[0].as_dict()
+    assert "2 rows equally near, decided by their trials on 2 workloads" in got.reason
+    # the split policy comes from the same row
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 2, 4096) == V[0].split_policy
+    # a call nearer to one row is not affected
+    assert sel(4, 4096).variant == V[1].as_dict()
+
+
+def test_tie_without_a_workload_measuring_both_keeps_the_larger_bucket(dbs):
+    add_tuned(dbs.shipped, 1, 4096, V[0], {V[2]: 20.0})             # V[1] never measured at b1,
+    add_tuned(dbs.shipped, 4, 4096, V[1], {V[2]: 10.5})             # V[0] never at b4
+    got = sel(2, 4096)
+    assert got.variant == V[1].as_dict() and "equally near" not in got.reason
+
+
+def test_no_hint_tie_decided_by_the_tied_buckets_length_rows(dbs):
+    add_tuned(dbs.shipped, 1, NO_HINT, V[0], {})
+    add_tuned(dbs.shipped, 4, NO_HINT, V[1], {})
+    add_tuned(dbs.shipped, 1, 2048, V[0], {V[1]: 15.0})
+    add_tuned(dbs.shipped, 1, 8192, V[0], {V[1]: 13.0})
+    add_tuned(dbs.shipped, 4, 2048, V[1], {V[0]: 10.2})
+    add_tuned(dbs.shipped, 4, 2048, V[1], {V[0]: 10.2}, h_q=64)      # another shape: not a reference
+    got = sel(2, None)
+    assert got.variant == V[0].as_dict()
+    assert "decided by their trials on 3 workloads" in got.reason
+
+
 def test_cuda_compared_as_major_minor(dbs):
     add_winner(dbs.shipped, 64, 4096, V[1], cuda="12.8")
     assert sel(cuda="12.8.1").source == "shipped"

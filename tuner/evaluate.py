@@ -78,7 +78,8 @@ def evaluate(workloads: list[Workload], space, rep_ms: int = 100, seed: int = 0,
         best = min(ok_times, key=ok_times.get) if ok_times else None
         row = {"workload": w.key, "shape": w.shape.name, "n_variants": len(times),
                "n_failed": sum(1 for us in times.values() if us is None), "best": best,
-               "best_us": ok_times.get(best), "default": dispatch.default_variant(w.dtype, w.page_size).key}
+               "best_us": ok_times.get(best), "default": dispatch.default_variant(w.dtype, w.page_size).key,
+               "times": times}                 # every variant's time (None: failed), kept in evaluate.json
         row["default_us"] = times.get(row["default"])
         causal = w.causal and w.s_q > 1
         for tag, hint in (("hint", list(problem.seqlens)), ("nohint", None)):
