@@ -7,7 +7,8 @@
 # Steps: check-wide (sampled matrix, default variant of every merge x dtype x page size), check:KEYS, full-wide (whole
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
-# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
+# ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), ncupeer:PEER:SHAPE (the same metrics for
+# every kernel of a peer's call, PEER = fa3 / flashinfer; bench/peer_once.py), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
 # stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), tunewl:WORKLOAD[+WORKLOAD...]:TRIALS[:notransfer] (the same for workloads given as flash-mla tune --workload specs), usedb (later steps select from OUTDIR/tuned.sqlite first),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
@@ -24,7 +25,7 @@ repo=$(pwd)
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 bash scripts/stage_site.sh /tmp/fmla-site
-if [[ " $* " == *" bench:"* || " $* " == *" bench2:"* || " $* " == *" overhead:"* ]]; then
+if [[ " $* " == *" bench:"* || " $* " == *" bench2:"* || " $* " == *" overhead:"* || " $* " == *" ncupeer:"* ]]; then
   source .peers/device_setup.sh                    # peers; starts FlashMLA's build in the background
   if [[ " $* " != *" bench:"* && " $* " != *" overhead:"* ]]; then   # bench2 only: no FlashMLA, stop its build
     kill $PEERS_BUILD_PID 2>/dev/null; pkill -f "setup.py build_ext" 2>/dev/null; pkill -x nvcc 2>/dev/null; true
@@ -93,6 +94,16 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
              python3 "$repo/bench/timeline.py" "$shape" $key > "$out/timeline-$shape.txt" 2>&1
              echo "timeline $shape rc=$?"; tail -22 "$out/timeline-$shape.txt"
            done;;
+    ncupeer:*) IFS=: read -r _ peer shape <<< "$step"  # the ncupipe metrics for every kernel of a peer's second call
+           case $peer in flashinfer) dir=$PEER_FLASHINFER_DIR;; *) dir=$PEER_FA3MLA_DIR;; esac
+           python3 "$repo/bench/peer_once.py" "$dir" "$shape" > /dev/null 2>&1   # a first run: JIT builds, caches
+           ncu --target-processes all --metrics \
+sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,\
+l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,\
+lts__t_sectors.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,\
+sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active \
+             python3 "$repo/bench/peer_once.py" "$dir" "$shape" > "$out/ncupeer-$peer-$shape.txt" 2>&1
+           echo "ncupeer rc=$?"; echo "$peer $shape"; grep -E "^  [A-Za-z_].*\(|^ +[a-z]+__" "$out/ncupeer-$peer-$shape.txt" | tail -40;;
     ncusrc:*) IFS=: read -r _ key shape <<< "$step"     # per-SASS-instruction stall samples of one decode launch
            tag=$(echo "$key-$shape" | tr -c 'A-Za-z0-9_\n-' '_')
            ncu --section WarpStateStats --section SourceCounters -k regex:decode_kernel -c 1 -o "$out/src-$tag" \
