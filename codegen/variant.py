@@ -307,6 +307,11 @@ KNOBS = {
     # 15% faster than nsplit at h_q = 16 (bench/results/h100-fp8-kv-cache-2026-11-23.txt).
     # qreg passes the sampled matrix (H100, n64 s2 and n32 s5); n64 s2 is 6-8% faster than nsplit on h_q >= 64.
     "qk": ("nsplit", "full_wg", "swap16", "swap32", "qreg"),
+    # cluster = 2 (qreg only: two row blocks share each K tile by TMA multicast): interleaved, repeated A/B against
+    # cluster = 1 on the H100 (bench/results/h100-qreg-halves-2026-11-24.txt section 5): 3-8% faster at h_q = 128
+    # with s_q = 1 (b16 s_k 4096 / 32768 fixed, b128 s_k 8192, b132 s_k 6000 fixed), 1.5-3% slower at s_q = 2 causal
+    # and s_q = 4 h_q = 64.
+    "cluster": (1, 2),
 }
 
 

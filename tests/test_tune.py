@@ -148,7 +148,8 @@ def test_study_resumes_without_remeasuring(env):
     assert len(first) in (5, 6)                # 5 trials, + the default variant when the study missed it
     # a new process: storage reopened from the same journal file
     storage2 = tune.journal_storage(str(tmp_path / "studies.journal"))
-    res = tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=SyntheticMeasurer())
+    res = tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=len(search_space()) + 10,
+                             measurer=SyntheticMeasurer())
     second = searched(db, w)[len(first):]
     assert not set(first) & set(second)        # the default too: its DB row counts as measured
     assert res.best["variant"] == synthetic_best(w)
@@ -190,7 +191,7 @@ def test_a_kill_between_the_db_row_and_the_tell_measures_nothing_twice(env, monk
     monkeypatch.setattr(db, "add_trial", real_add)
     assert searched(db, w) == first.calls              # killed in the search, after the third row
     storage2 = tune.journal_storage(str(tmp_path / "studies.journal"))   # a new process resumes
-    tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=100, measurer=SyntheticMeasurer())
+    tune.tune_workload(w, storage2, db, run_id, GPU, n_trials=len(search_space()) + 10, measurer=SyntheticMeasurer())
     measured = searched(db, w)
     assert len(measured) == len(set(measured)) == len(search_space())
 
@@ -334,10 +335,13 @@ def test_a_new_study_measures_the_default_and_its_nearest_neighbour_per_knob_val
     # every searched value of every knob is seen once, one knob away where that is valid
     for knob, values in tune.KNOBS.items():
         assert {getattr(v, knob) for v in seeds} == set(values), knob
-    # qk=qreg needs three warpgroups: its seed changes exactly those two knobs
-    (qreg,) = [v for v in seeds if v.qk == "qreg"]
+    # qk=qreg needs three warpgroups: its seed changes exactly those two knobs; cluster=2 needs qk=qreg: its seed
+    # changes those and the cluster
+    (qreg,) = [v for v in seeds if v.qk == "qreg" and v.cluster == 1]
     assert qreg.num_warpgroups == 3 and sum(getattr(qreg, k) != getattr(d, k) for k in tune.KNOBS) == 2
-    assert max(changed) <= 2
+    (x2,) = [v for v in seeds if v.cluster == 2]
+    assert x2.qk == "qreg" and sum(getattr(x2, k) != getattr(d, k) for k in tune.KNOBS) == 3
+    assert max(changed) <= 3
 
 
 class LengthSensitiveMeasurer(NoisyMeasurer):
