@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import logging
+import math
+import statistics
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -179,14 +180,18 @@ _TRIAL_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s
               "page_size", "causal", "batch_bucket", "seqlen_bucket", "run_id")
 
 
+#: Trial phases measured at lengths other than the tuned workload's own: the bucket check (other lengths of the
+#: bucket) and the no-hint rows' measurements.
+_OTHER_LENGTH_PHASES = ("bucket", "no_hint")
+
+
 def _trial_medians(handle: db.TuningDB, row: dict) -> dict[str, float]:
-    """Median time of every variant measured in the run that tuned the winner ``row``, for its workload."""
+    """Median time of every variant measured in the run that tuned the winner ``row``, at its workload."""
     times: dict[str, list[float]] = {}
     for t in handle.trials(**{c: row[c] for c in _TRIAL_KEY}, state="ok"):
-        if t["time_us"]:
+        if t["time_us"] and t["phase"] not in _OTHER_LENGTH_PHASES:
             times.setdefault(t["variant_key"], []).append(float(t["time_us"]))
-    return {k: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
-            for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 _SHAPE_COLUMNS = ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal")
@@ -282,9 +287,9 @@ def split_policy(gpu_name: Optional[str], sm_count: Optional[int], cuda_version:
     and ``h_q * s_q / h_kv == num_heads_per_head_k`` (user DB rows if it has any, else shipped rows).
     The metadata does not know dtype, page size or causality, so the preference is bf16, then page
     size 64, then rows of the same kind as the call (tuned for a length, or for calls without a length
-    hint, ``seqlen_bucket`` as in :class:`WorkloadKey`), then the nearest batch bucket, then the nearest
-    seqlen bucket; equally near rows are decided by their trials as in :func:`select`, then go to the larger
-    seqlen bucket, then the larger batch bucket. Cached per arguments after bucketing ``batch``.
+    hint, ``seqlen_bucket`` as in :class:`WorkloadKey`), then the distance of :func:`select`; equally near rows
+    are decided by their trials as in :func:`select`, then go to the larger seqlen bucket, then the larger batch
+    bucket. Cached per arguments after bucketing ``batch``.
     """
     key = (gpu_name, sm_count, cuda_version, num_heads_per_head_k, num_heads_k, bucket_batch(batch),
            int(seqlen_bucket))
@@ -316,11 +321,11 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
                 sk = (abs(math.log2(r["seqlen_bucket"]) - math.log2(seqlen_bucket))
                       if hinted and r["seqlen_bucket"] != NO_HINT else 0.0)
                 return (r["dtype"] != "bf16", r["page_size"] != 64, (r["seqlen_bucket"] != NO_HINT) != hinted,
-                        abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)), sk,
+                        abs(math.log2(r["batch_bucket"]) - math.log2(batch_bucket)) + sk,
                         -r["seqlen_bucket"], -r["batch_bucket"], r["causal"], r["s_q"], r["variant_key"])
             rows.sort(key=rank)
-            # Equally near rows are decided by their trials, as select() decides them.
-            tied = [rf for rf in rows if rank(rf)[:5] == rank(rows[0])[:5]]
+            # Equally near rows (select()'s distance) are decided by their trials, as select() decides them.
+            tied = [rf for rf in rows if rank(rf)[:4] == rank(rows[0])[:4]]
             f = _break_tie(source, tied, rows, hinted)[0][1]
             return SplitPolicy(int(f["split_overhead"]), int(f.get("split_min_blocks", 1)))
     return None
