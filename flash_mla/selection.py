@@ -181,8 +181,9 @@ _TRIAL_KEY = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s
 
 
 #: Trial phases measured at lengths other than the tuned workload's own: the bucket check (other lengths of the
-#: bucket) and the no-hint rows' measurements.
-_OTHER_LENGTH_PHASES = ("bucket", "no_hint")
+#: bucket). The no-hint step's measurements of a workload are at its own lengths and count; its aggregate trial
+#: carries the no-hint key and never matches a row tuned for a length.
+_OTHER_LENGTH_PHASES = ("bucket",)
 
 
 def _trial_medians(handle: db.TuningDB, row: dict) -> dict[str, float]:

@@ -102,6 +102,21 @@ def test_tie_between_batch_buckets_decided_by_trials(dbs):
     assert sel(4, 4096).variant == V[1].as_dict()
 
 
+def test_tie_counts_the_no_hint_steps_trials_but_not_the_bucket_checks(dbs):
+    # the b1 row's only trial of V[1] is the no-hint step's (at the workload's own lengths): it counts; the b4
+    # row's only trial of V[0] is a bucket check's (at another length of the bucket): it does not
+    for bb, winner, other, phase, other_us in ((1, V[0], V[1], "no_hint", 20.0), (4, V[1], V[0], "bucket", 10.5)):
+        workload = {**SHAPE, "batch_bucket": bb, "seqlen_bucket": 4096}
+        with db.TuningDB(dbs.shipped) as tdb:
+            rid = tdb.add_run({"gpu_name": GPU, "sm_count": SMS, "cuda_version": CUDA, "hostname": "h"})
+            tdb.add_trial(rid, "s", other, workload, "ok", time_us=other_us, phase=phase)
+            assert tdb.record_winner(tdb.add_trial(rid, "s", winner, workload, "ok", time_us=10.0, phase="search"))
+    selection.clear_cache()
+    got = sel(2, 4096)
+    assert got.variant == V[0].as_dict()
+    assert "decided by their trials on 1 workloads" in got.reason
+
+
 def test_tie_without_a_workload_measuring_both_keeps_the_larger_bucket(dbs):
     add_tuned(dbs.shipped, 1, 4096, V[0], {V[2]: 20.0})             # V[1] never measured at b1,
     add_tuned(dbs.shipped, 4, 4096, V[1], {V[2]: 10.5})             # V[0] never at b4
