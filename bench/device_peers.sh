@@ -8,7 +8,7 @@
 # matrix, bf16 / page 64 default wide_pdl variant), memcheck[:KEY], racecheck[:KEY], synccheck[:KEY], bench:GRID[:KEYS] (flash-mla bench
 # with the three peers; KEYS = extra variants), bench2:GRID[:KEYS] (the same beside FlashInfer and FA3-MLA only, no FlashMLA build), profile:KEYS[:SHAPES] (per-kernel times of those variants; SHAPES space-separated b,s_q,h_q,sk[,fixed][,causal]),
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), ncupeer:PEER:SHAPE (the same metrics for
-# every kernel of a peer's call, PEER = fa3 / flashinfer; bench/peer_once.py), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
+# every kernel of bench/peer_once.py's two calls of a peer, PEER = fa3 / flashinfer), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
 # stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), tunewl:WORKLOAD[+WORKLOAD...]:TRIALS[:notransfer] (the same for workloads given as flash-mla tune --workload specs), usedb (later steps select from OUTDIR/tuned.sqlite first),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
@@ -94,7 +94,7 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
              python3 "$repo/bench/timeline.py" "$shape" $key > "$out/timeline-$shape.txt" 2>&1
              echo "timeline $shape rc=$?"; tail -22 "$out/timeline-$shape.txt"
            done;;
-    ncupeer:*) IFS=: read -r _ peer shape <<< "$step"  # the ncupipe metrics for every kernel of a peer's second call
+    ncupeer:*) IFS=: read -r _ peer shape <<< "$step"  # the ncupipe metrics for every kernel of bench/peer_once.py
            case $peer in flashinfer) dir=$PEER_FLASHINFER_DIR;; *) dir=$PEER_FA3MLA_DIR;; esac
            python3 "$repo/bench/peer_once.py" "$dir" "$shape" > /dev/null 2>&1   # a first run: JIT builds, caches
            ncu --target-processes all --metrics \

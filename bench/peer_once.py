@@ -3,8 +3,10 @@
 Usage: ``python bench/peer_once.py PEER_DIR "b,s_q,h_q,sk[,fixed][,causal]"``. ``PEER_DIR`` holds a package named
 ``flash_mla`` with FlashMLA's classic API; it goes first on ``sys.path`` (this project is not imported: every peer
 package has that name). Lengths are ``sk`` for every request with ``fixed``, else drawn uniformly from
-[sk / 2, 3 sk / 2]; the KV cache is random bf16 with 64-token pages, one KV head. Two calls: the first warms up
-(a peer may compile at first use), the second is the one to profile (``ncu --launch-skip``).
+[sk / 2, 3 sk / 2]; the KV cache is random bf16 with 64-token pages, one KV head. Two calls, then a finiteness
+check of the output; under ncu every kernel of the process is profiled (the input set-up's, both calls' and the
+check's), so the peer's kernels are found by name in the report. The ``ncupeer`` step runs this once beforehand so
+that a peer that compiles at first use has its cache filled.
 """
 
 import sys
