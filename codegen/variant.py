@@ -57,6 +57,12 @@ WIDENS = ("inline", "ahead")
 # cluster instead of once per CTA (the row-block grid is rounded up to a multiple of 2; an odd last row block
 # computes padding rows). qreg only.
 CLUSTERS = (1, 2)
+# How the producer loads a KV stage. "boxes": one TMA per 64-channel chunk (nine per 64-token bf16 tile, each a
+# 64-row x 128-byte box). "tile": one 5-D TMA per stage (channel-in-chunk, row, chunk, kv head, page: the chunk axis
+# strides 128 bytes inside a row) that lands the same [chunk][row][64] swizzled layout in one instruction, so a
+# refill costs the producer one issue instead of nine. A stage must lie in one page (page size >= block_n), and
+# the cache must be bf16 / fp16.
+TMAS = ("boxes", "tile")
 
 
 class InvalidVariant(ValueError):
@@ -79,6 +85,7 @@ class Variant:
     qk: str = "nsplit"          # who computes S = Q K^T, one of QKS
     widen: str = "inline"       # float8 cache, swapped schedules: "ahead" = warpgroup 1 widens the next tile, one of WIDENS
     cluster: int = 1            # CTAs per cluster sharing each K tile by TMA multicast, one of CLUSTERS
+    tma: str = "boxes"          # TMA issues per KV stage: one per 64-channel chunk, or one for the tile, one of TMAS
     trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
                                 # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
                                 # and its merge CTAs their steps (bench/timeline.py)
@@ -92,14 +99,14 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._trace_tag}{self._min_blocks_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._trace_tag}{self._min_blocks_tag}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._trace_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._trace_tag}")
 
     @property
     def _trace_tag(self) -> str:
@@ -108,6 +115,10 @@ class Variant:
     @property
     def _cluster_tag(self) -> str:
         return "" if self.cluster == 1 else f"_x{self.cluster}"
+
+    @property
+    def _tma_tag(self) -> str:
+        return "" if self.tma == "boxes" else "_tt"
 
     @property
     def _widen_tag(self) -> str:
@@ -267,6 +278,11 @@ class Variant:
             bad(f"cluster must be one of {CLUSTERS}")
         if self.cluster > 1 and self.qk not in QREGS:
             bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for qk=qreg only")
+        if self.tma not in TMAS:
+            bad(f"tma must be one of {TMAS}")
+        if self.tma == "tile" and (self.kv_fp8 or self.page_size < self.block_n):
+            bad("tma=tile loads a stage with one TMA: the stage must lie in one page (page_size >= block_n) of a "
+                "bf16 / fp16 cache")
         if self.trace and self.qk not in QREGS + ("nsplit",):
             bad("trace (time stamps) is built into the qreg and nsplit schedules only")
         if self.split_overhead < 1:
@@ -291,6 +307,12 @@ class Variant:
 
 # Knob values the search explores. Problem traits (dtype, page size) are fixed per search.
 KNOBS = {
+    # First, so that a study's local step tries the incumbent with the other load path before anything else: one
+    # 5-D TMA per stage against nine 64-channel boxes, interleaved A/B on the H100
+    # (bench/results/h100-tma-tile-2026-11-24.txt): 2-5% faster for the two-warpgroup nsplit schedule and for qreg
+    # in clusters of two at h_q >= 64; -0.7% to +1.4% on memory-bound and small-batch shapes; -2.1% to +3.1% for
+    # qreg without clusters.
+    "tma": TMAS,
     "block_n": (32, 64),
     "stages": (1, 2, 3, 4),
     "num_warpgroups": (2, 3, 4),            # 3: the qreg schedule only

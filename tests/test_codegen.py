@@ -12,7 +12,7 @@ import pytest
 from flash_mla.codegen import ptxas
 from flash_mla.codegen.render import render
 from flash_mla.codegen.variant import (ALL_KNOBS, DTYPES, KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
-                                       search_space)
+                                       search_space, variants_by_key)
 
 
 def test_space_is_large_and_valid():
@@ -65,6 +65,9 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="qreg_ahead", num_warpgroups=3, block_n=64, stages=2), "warpgroup 0 needs 160 regs"),
     (dict(qk="qreg_ahead", num_warpgroups=3, block_n=32, stages=1), "stages must be >= 2"),
     (dict(qk="qreg_ahead"), "qreg_ahead and three warpgroups go together"),
+    (dict(tma="bulk"), "tma must be one of"),
+    (dict(page_size=32, block_n=64, tma="tile"), "tma=tile loads a stage with one TMA"),
+    (dict(dtype="bf16_e4m3", qk="swap16", tma="tile"), "tma=tile loads a stage with one TMA"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -99,6 +102,21 @@ def test_cluster_knob_names_a_binary_and_keeps_the_footprint():
     old = one.as_dict()
     old.pop("cluster")
     assert Variant.from_dict(old) == one
+
+
+def test_tma_knob_names_a_binary_and_keeps_the_footprint():
+    boxes = Variant(block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl").validate()
+    tile = Variant(**{**boxes.as_dict(), "tma": "tile"}).validate()
+    assert tile.key == boxes.key + "_tt" and tile.build_key == boxes.build_key + "_tt"
+    assert tile.smem_bytes() == boxes.smem_bytes() and Variant.from_dict(tile.as_dict()) == tile
+    assert "static constexpr bool kTmaTile = true;" in render(tile)
+    assert "static constexpr bool kTmaTile = false;" in render(boxes)
+    # 32-token stages inside 32-token pages take one box too; rows written before the knob existed name "boxes".
+    Variant(page_size=32, block_n=32, stages=3, tma="tile").validate()
+    old = boxes.as_dict()
+    old.pop("tma")
+    assert Variant.from_dict(old) == boxes
+    assert variants_by_key([tile.key]) == [tile]
 
 
 def test_every_variant_renders():
@@ -163,6 +181,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=1, num_warpgroups=2, qk="swap32", widen="ahead"),
     Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
+    Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", tma="tile"),
 ]
 
 

@@ -181,6 +181,10 @@ struct DecodeTraits {
                 "bf16 / fp16 cache; whole 64-channel chunks on each side");
   static_assert(kCluster == 1 || (kCluster == 2 && kQreg), "K tiles multicast in clusters of 2: the qreg schedule");
   static_assert(!kQkAhead || kStages >= 2, "qreg_ahead: the next tile is read while this one is in use");
+  // tma = tile: one 5-D TMA per stage (launch.cuh make_kv_tensor_map), which needs the stage inside one page
+  static constexpr bool kTmaTile = Cfg::kTmaTile;
+  static_assert(!kTmaTile || (!kKvFp8 && kBoxRows == kBN),
+                "tma=tile: one box per stage (page size >= block_n) of a bf16 / fp16 cache");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -354,6 +358,20 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
   // In a cluster every CTA expects the whole tile (above) and issues every kCluster-th box, multicast into the
   // same offsets of all the cluster's CTAs (and their full barriers).
   const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  if constexpr (T::kTmaTile) {
+    // One box (64 channels, kBN rows, kChunks chunks) lands the [chunk][row][64] layout of the stage; in a cluster
+    // the CTAs take turns by tile.
+    const int page = bt[tok0 / kPage];
+    if (T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank) {
+      if constexpr (T::kCluster == 1) {
+        SM90_TMA_LOAD_5D::copy(tmap, &s.full[stage], hint, s.k[stage], 0, tok0 % kPage, 0, hk, page);
+      } else {
+        SM90_TMA_LOAD_MULTICAST_5D::copy(tmap, &s.full[stage], uint16_t((1u << T::kCluster) - 1), hint, s.k[stage],
+                                         0, tok0 % kPage, 0, hk, page);
+      }
+    }
+    return;
+  }
   for (int j = 0; j < boxes; ++j) {
     const int tok = tok0 + j * kBoxRows;
     const int page = bt[tok / kPage];
