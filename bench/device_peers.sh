@@ -10,11 +10,14 @@
 # ncu:KEY:SHAPE (Nsight Compute sections of one decode launch), ncupipe:KEY:SHAPE (tensor pipe, shared memory, L2, DRAM), ncupeer:PEER:SHAPE (the same metrics for
 # every kernel of bench/peer_once.py's two calls of a peer, PEER = fa3 / flashinfer), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
 # stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), tunewl:WORKLOAD[+WORKLOAD...]:TRIALS[:notransfer] (the same for workloads given as flash-mla tune --workload specs), usedb (later steps select from OUTDIR/tuned.sqlite first),
+# ab:GROUPS:SHAPES[:ROUNDS] (bench/ab_rounds.py: groups "A,B;C,D", each against its first variant, interleaved rounds),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
 # oob (a length past the block table under compute-sanitizer, without and with FLASH_MLA_CHECK_VALUES=1),
-# evaluate (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best),
+# evaluate[:K/N[:REP_MS]] (flash-mla evaluate: the API's selection on held-out workloads against the searched space's best;
+# K/N: every N-th workload from the K-th, its evaluate.json as OUTDIR/evaluate-KofN.json for flash-mla evaluate
+# --combine; REP_MS: its --rep-ms),
 # overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA), overhead0[:GRID] (ours alone),
 # full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID[:KEYS] (flash-mla bench --kv-fp8, KEYS: more bf16 / fp8 variants),
 # coldstart (import, warm_up and first calls with no nvcc or CUTLASS reachable: binaries from the carried cache).
@@ -86,6 +89,9 @@ lts__t_sectors.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_pea
 sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncupipe-$key-$shape.txt" 2>&1
            echo "ncupipe rc=$?"; echo "$key $shape"; grep -E "^ +[a-z]+__" "$out/ncupipe-$key-$shape.txt";;
+    ab:*) IFS=: read -r _ groups shapes rounds <<< "$step"   # interleaved A/B rounds (bench/ab_rounds.py)
+          python3 "$repo/bench/ab_rounds.py" --rounds "${rounds:-3}" "$groups" $shapes > "$out/ab.txt" 2>&1
+          echo "ab rc=$?"; cat "$out/ab.txt";;
     trace:*) IFS=: read -r _ shape key <<< "$step"     # qreg phase cycles from the trace build (bench/trace_qreg.py)
            python3 "$repo/bench/trace_qreg.py" "$shape" $key > "$out/trace-$shape.txt" 2>&1
            echo "trace rc=$?"; tail -16 "$out/trace-$shape.txt";;
@@ -174,8 +180,11 @@ print('winners:', *c.execute('select variant_key from winners'))" "$final/fault.
              echo "overhead rc=$?"; grep -A80 "^per call" "$out/overhead0-${grid:-overhead}.txt"; grep FAILED "$out/overhead0-${grid:-overhead}.txt" | head;;
     evaluate-suites) python3 -m flash_mla.cli evaluate --suites --jobs 16 --rep-ms 50 --out "$out/suites" > "$out/evaluate-suites.txt" 2>&1
               echo "evaluate --suites rc=$?"; grep -A40 "^ratio = " "$out/evaluate-suites.txt";;
-    evaluate) python3 -m flash_mla.cli evaluate --jobs 16 --out "$out" > "$out/evaluate.txt" 2>&1   # held-out workloads
-              echo "evaluate rc=$?"; grep -A40 "^ratio = " "$out/evaluate.txt";;
+    evaluate|evaluate:*) IFS=: read -r _ shard rep <<< "$step"   # held-out workloads; K/N: one shard, REP: --rep-ms
+              python3 -m flash_mla.cli evaluate --jobs 16 ${rep:+--rep-ms "$rep"} ${shard:+--shard "$shard"} --out "$out" \
+                > "$out/evaluate.txt" 2>&1
+              echo "evaluate${shard:+ shard $shard} rc=$?"; grep -A40 "^ratio = " "$out/evaluate.txt"
+              [[ -n $shard ]] && cp "$out/evaluate.json" "$final/evaluate-${shard/\//of}.json";;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

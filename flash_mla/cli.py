@@ -263,12 +263,25 @@ def _bench_overhead(args, shapes) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from flash_mla.tuner import evaluate
+    if args.combine:                              # shards' evaluate.json files -> one table, no GPU
+        rows = []
+        for path in args.combine:
+            try:
+                rows += json.loads(Path(path).read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"flash-mla evaluate --combine: {path} is not an evaluate.json ({e})")
+        _write_json_atomic(Path(args.out) / "evaluate.json", {"rows": rows, "summary": evaluate.summary(rows)})
+        print(evaluate.format_table(rows))
+        return 0
     _require_sm90()
     from flash_mla.codegen.build import build
     from flash_mla.codegen.variant import search_space
-    from flash_mla.tuner import evaluate
     from flash_mla.tuner.workloads import SUITES, suite
     workloads = evaluate.held_out() if not args.suites else [w for name in SUITES for w in suite(name)]
+    if args.shard:
+        k, n = args.shard
+        workloads = workloads[k - 1::n]
     space = search_space("bf16", 64)
     arts = build(_unique_builds(space), jobs=args.jobs)
     failed = {a.variant.build_key for a in arts if not a.ok}
@@ -278,9 +291,7 @@ def cmd_evaluate(args) -> int:
     rows = evaluate.evaluate(workloads, space, rep_ms=args.rep_ms, seed=args.seed,
                              progress=lambda w, what, us: print(f"  {w.shape.name} {what}: "
                                                                f"{'%.1f us' % us if us else 'FAILED'}", flush=True))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    with open(Path(args.out) / "evaluate.json", "w") as f:
-        json.dump({"rows": rows, "summary": evaluate.summary(rows)}, f, indent=1, default=str)
+    _write_json_atomic(Path(args.out) / "evaluate.json", {"rows": rows, "summary": evaluate.summary(rows)})
     print(evaluate.format_table(rows))
     return 0 if all(r["hint_us"] and r["nohint_us"] and not r["n_failed"] for r in rows) else 1
 
@@ -295,6 +306,26 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    """JSON written beside ``path`` and renamed over it: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """K/N with 1 <= K <= N."""
+    k, sep, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        k = n = 0
+    if not sep or n < 1 or not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N, got {text!r}")
+    return k, n
 
 
 def _int_at_least(text: str, lowest: int, what: str) -> int:
@@ -546,6 +577,11 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=_positive_int, default=100, help="timing budget per measurement")
     p.add_argument("--suites", action="store_true",
                    help="the tuning suites' own workloads instead of the held-out ones (an exhaustive sweep of each)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="only workloads K, K+N, K+2N, ... (1-based) of the list, so that the sweep can be split over "
+                        "several runs; join their evaluate.json files with --combine")
+    p.add_argument("--combine", nargs="+", default=None, metavar="EVALUATE_JSON",
+                   help="no measurement: join these evaluate.json files (shards) into one table and --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1, help="parallel nvcc jobs")
     p.set_defaults(func=cmd_evaluate)

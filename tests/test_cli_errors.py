@@ -25,6 +25,8 @@ from flash_mla import cli
     (["build", "--jobs", "0"], "expected a positive integer"),
     (["check", "--cases", "-2"], "expected a positive integer"),
     (["bench", "--grid", "huge"], "invalid choice: 'huge'"),
+    (["evaluate", "--shard", "3/2"], "expected K/N with 1 <= K <= N, got '3/2'"),
+    (["evaluate", "--shard", "1"], "expected K/N with 1 <= K <= N, got '1'"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
@@ -88,3 +90,23 @@ def test_build_from_db_fails_where_the_database_selects_a_spilling_variant(from_
     assert cli.main(argv) == (1 if from_db else 0)
     out = capsys.readouterr().out
     assert f"{'error' if from_db else 'note'}: {default_variant('bf16', 64).build_key}: the decode kernel spills" in out
+
+
+def test_evaluate_combines_shards_into_one_table(tmp_path, capsys):
+    import json
+    def row(i, ratio):
+        return {"shape": f"s{i}", "best": "v", "best_us": 100.0, "default_us": 100.0, "hint_variant": "v",
+                "hint_us": 100.0 * ratio, "hint_ratio": ratio, "nohint_variant": "v", "nohint_us": 100.0,
+                "nohint_ratio": 1.0}
+    for k, rows in ((1, [row(0, 1.0), row(2, 1.1)]), (2, [row(1, 1.02)])):
+        (tmp_path / f"e{k}.json").write_text(json.dumps({"rows": rows}))
+    assert cli.main(["evaluate", "--combine", str(tmp_path / "e1.json"), str(tmp_path / "e2.json"),
+                     "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "evaluate.json").read_text())
+    assert [r["shape"] for r in merged["rows"]] == ["s0", "s2", "s1"]
+    assert merged["summary"]["hint"]["within_3pct"] == 2 and merged["summary"]["hint"]["measured"] == 3
+    assert "within 3% of the best on 2/3 workloads" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--combine", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+    assert "is not an evaluate.json" in str(e.value.code)
