@@ -406,17 +406,10 @@ def cmd_tune(args) -> int:
     _require_sm90()
     import subprocess
     import torch
-    from tqdm import tqdm
     from flash_mla.db import TuningDB
     from flash_mla.tuner import tune
     workloads = _workloads(args)
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [torch.cuda.current_device()]
-    failed = {}                                                 # build key -> why it may not be measured
-    for key in {(w.dtype, w.page_size) for w in workloads}:     # compile everything first, in parallel
-        print(f"building the {key[0]} / page {key[1]} variant space ...", flush=True)
-        failed |= tune.prebuild(next(w for w in workloads if (w.dtype, w.page_size) == key), jobs=args.jobs)
-    for build_key, why in sorted(failed.items()):
-        print(f"not measured: {build_key}: {why}", flush=True)
     from flash_mla.tuner.claims import Claims
     if len(gpus) > 1 and args.worker_of is None:
         # One worker process per GPU on the shared study storage: Optuna's distributed mode. The storage's
@@ -439,28 +432,54 @@ def cmd_tune(args) -> int:
         # Stored winners (any GPU) whose variants a new study measures right after the default.
         stored = tune.stored_winners(db)
         transfer_rows = () if args.no_transfer else stored
-        summary = []
-        for w in workloads:
-            with tqdm(total=args.trials, desc=w.key, unit="trial") as bar:
-                def on_trial(r):
-                    bar.update(1)
-                    best = f"{r['best_us']:.1f}us" if r["best_us"] else "-"
-                    bar.set_postfix_str(f"best {best}, last {r['variant']} {r['state']}")
-                confirm = {k: v for k, v in (("confirm_top", args.confirm_top),
-                                             ("confirm_rounds", args.confirm_rounds)) if v is not None}
-                res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
-                                         timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
-                                         build_failed=failed, on_trial=on_trial, claims=claims,
-                                         worker_index=worker_index, transfer_rows=transfer_rows, **confirm)
-            tune.record(db, run_id, res, gpu_name)
-            summary.append(res)
-            if args.sweep:
-                res.sweep = tune.sweep(w, storage, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
-                                       build_failed=failed)
-                res.sweep["plot"] = tune.plot_search(Path(args.plots) / f"{w.key}.png", res, storage, gpu_name)
-        # Calls without a length hint: one winner per group of workloads that differ only in length.
-        no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
-                                       stored_rows=stored)
+        # The variant space compiles in the background, the points each study measures first first; a study
+        # waits only for the binaries it is about to measure (tune.SpaceBuild).
+        first = [v for w in workloads
+                 for v in (*tune.seed_points(w), *tune.transfer_points(w, transfer_rows, gpu_name))]
+        failed = tune.start_space_build(workloads, first, jobs=args.jobs)
+        print("compiling the variant space in the background, each study's first points first ...", flush=True)
+        try:
+            summary, no_hint = _run_studies(args, tune, storage, db, run_id, gpu_name, gpus, workloads, failed,
+                                            claims, worker_index, stored, transfer_rows)
+        finally:
+            failed.close()
+    for build_key, why in sorted(failed.rejected().items()):
+        print(f"not measured: {build_key}: {why}", flush=True)
+    _print_tune_summary(summary, no_hint)
+    print(f"results in {args.db}; studies in {args.storage}")
+    return 0
+
+
+def _run_studies(args, tune, storage, db, run_id, gpu_name, gpus, workloads, failed, claims, worker_index, stored,
+                 transfer_rows):
+    """Each workload's study, recorded; then the winners for calls without a length hint."""
+    from tqdm import tqdm
+    summary = []
+    for w in workloads:
+        with tqdm(total=args.trials, desc=w.key, unit="trial") as bar:
+            def on_trial(r):
+                bar.update(1)
+                best = f"{r['best_us']:.1f}us" if r["best_us"] else "-"
+                bar.set_postfix_str(f"best {best}, last {r['variant']} {r['state']}")
+            confirm = {k: v for k, v in (("confirm_top", args.confirm_top),
+                                         ("confirm_rounds", args.confirm_rounds)) if v is not None}
+            res = tune.tune_workload(w, storage, db, run_id, gpu_name, n_trials=args.trials,
+                                     timeout_s=args.timeout, gpu=gpus[0], seed=args.seed,
+                                     build_failed=failed, on_trial=on_trial, claims=claims,
+                                     worker_index=worker_index, transfer_rows=transfer_rows, **confirm)
+        tune.record(db, run_id, res, gpu_name)
+        summary.append(res)
+        if args.sweep:
+            res.sweep = tune.sweep(w, storage, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
+                                   build_failed=failed)
+            res.sweep["plot"] = tune.plot_search(Path(args.plots) / f"{w.key}.png", res, storage, gpu_name)
+    # Calls without a length hint: one winner per group of workloads that differ only in length.
+    no_hint = tune.no_hint_winners(summary, db, run_id, gpu_name, gpu=gpus[0], seed=args.seed,
+                                   stored_rows=stored, build_failed=failed)
+    return summary, no_hint
+
+
+def _print_tune_summary(summary, no_hint) -> None:
     print(f"\n{'workload':44} {'best variant':28} {'tuned us':>9} {'default us':>10} {'speedup':>8}")
     for r in summary:
         if r.best is None:
@@ -487,8 +506,6 @@ def cmd_tune(args) -> int:
             d = g["default_us"]
             print(f"{g['key'].canonical:44} {g['variant'].key:28} {g['us']:9.1f} "
                   f"{d if d is None else round(d, 1)!s:>10} {g['score']:7.3f}x")
-    print(f"results in {args.db}; studies in {args.storage}")
-    return 0
 
 
 def cmd_db(args) -> int:

@@ -8,6 +8,8 @@ can be tested on any machine.
 from __future__ import annotations
 
 import statistics
+import threading
+import time
 import zlib
 
 import pytest
@@ -125,14 +127,44 @@ def test_failed_check_can_never_win(env):
     assert db.winners()[0]["variant_key"] != best.key
 
 
-def test_a_rejected_build_is_never_measured_and_never_wins(env):
+class _FakeArtifact:
+    def __init__(self, why: str = ""):
+        self.why = why
+
+    def rejection(self) -> str:
+        return self.why
+
+
+def _fake_build(rejected: dict, log: list = None, holds: dict = None):
+    """A build function for tune.SpaceBuild: records each batch's build keys; batch i waits for ``holds[i]``."""
+    def build_fn(variants, jobs=None):
+        if log is not None:
+            log.append([v.build_key for v in variants])
+            if holds and len(log) - 1 in holds:
+                assert holds[len(log) - 1].wait(10)
+        return [_FakeArtifact(rejected.get(v.build_key, "")) for v in variants]
+    return build_fn
+
+
+def _wait_until(cond, timeout=10.0):
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.01)
+    assert cond()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_rejected_build_is_never_measured_and_never_wins(env, background):
     storage, db, run_id, _ = env
     w = Workload(128, 1, 32, 4096)
     best = synthetic_best(w)
     m = SyntheticMeasurer()
     why = "the decode kernel spills (44 B stored, 44 B loaded; 168 registers)"
-    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=100, measurer=m,
-                             build_failed={best.build_key: why})
+    failed = {best.build_key: why}
+    if background:      # the same verdict reached through a build compiling in the background
+        failed = tune.SpaceBuild(search_space(w.dtype, w.page_size), tune.seed_points(w), jobs=8,
+                                 build_fn=_fake_build(failed))
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=100, measurer=m, build_failed=failed)
     assert best.key not in m.calls and res.best["variant"] != best
     (t,) = db.trials(variant_key=best.key, state="build_failed")
     assert t["error"] == why
@@ -294,6 +326,44 @@ def test_sweep_writes_the_search_plot_beside_random_search(env):
     assert not list((tmp_path / "plots").glob("*.tmp.png"))           # written by rename
     res.sweep = None
     assert tune.plot_search(tmp_path / "p2.png", res, storage, GPU) is None
+
+
+def test_space_build_compiles_the_first_points_first_and_a_lookup_waits_for_its_build():
+    space = search_space()
+    keys = list(dict.fromkeys(v.build_key for v in space))
+    by_key = {v.build_key: v for v in space}
+    first = [by_key[keys[-1]], by_key[keys[-2]]]
+    log, holds = [], {1: threading.Event(), 3: threading.Event()}
+    sb = tune.SpaceBuild(space, first, jobs=2, build_fn=_fake_build({keys[-2]: "spills"}, log, holds))
+    assert keys[-2] in sb and sb[keys[-2]] == "spills"     # waits for the first batch
+    assert keys[-1] not in sb
+    assert log[0] == [keys[-1], keys[-2]]
+    _wait_until(lambda: len(log) == 2)                    # the second batch is being compiled (held)
+    assert log[1] == keys[:2]
+    sb.prioritise([by_key[keys[50]], by_key[keys[40]]])   # a study is about to measure these: next batch
+    holds[1].set()
+    assert keys[40] not in sb and log[2] == [keys[50], keys[40]]
+    assert "not_a_build_key" not in sb                    # never waited for
+    _wait_until(lambda: len(log) == 4)                    # the fourth batch is being compiled (held)
+    closer = threading.Thread(target=sb.close)            # stops after the batch being compiled
+    closer.start()
+    _wait_until(lambda: sb._stop)
+    holds[3].set()
+    closer.join(10)
+    assert not closer.is_alive() and len(log) == 4
+    unbuilt = next(k for k in keys if all(k not in b for b in log))
+    assert unbuilt in sb and "not built" in sb[unbuilt]   # what was not built is never measured
+    assert sb.rejected() == {keys[-2]: "spills"}
+
+
+def test_space_build_rejects_a_batch_whose_build_raised():
+    space = search_space()[:6]
+    def boom(variants, jobs=None):
+        raise RuntimeError("ninja: not found")
+    sb = tune.SpaceBuild(space, jobs=2, build_fn=boom)
+    assert space[0].build_key in sb and "ninja: not found" in sb[space[0].build_key]
+    sb.close()
+    assert set(sb.rejected()) == {v.build_key for v in space}
 
 
 def test_held_out_workloads_are_24_and_in_no_suite():
@@ -479,9 +549,12 @@ def test_tune_command_transfers_stored_winners_unless_told_not_to(flag, expect_r
     seen = []
     rows = [{"variant_key": "stored"}]
     monkeypatch.setattr(cli, "_require_sm90", lambda: None)
-    monkeypatch.setattr(tune, "prebuild", lambda w, jobs=None: set())
+    builds = []
+    monkeypatch.setattr(tune, "start_space_build", lambda ws, first, jobs=None: builds.append(first) or tune.SpaceBuild(
+        [v for w in ws for v in search_space(w.dtype, w.page_size)], first, jobs=jobs, build_fn=_fake_build({})))
     monkeypatch.setattr(tune, "run_info", lambda: dict(HW))
     monkeypatch.setattr(tune, "stored_winners", lambda db: rows)
+    monkeypatch.setattr(tune, "transfer_points", lambda w, rows, gpu: [])   # the fake rows name no variant
     monkeypatch.setattr(tune, "record", lambda *a, **k: None)
     monkeypatch.setattr(tune, "no_hint_winners", lambda *a, **k: [])
 
@@ -493,6 +566,8 @@ def test_tune_command_transfers_stored_winners_unless_told_not_to(flag, expect_r
             "--db", str(tmp_path / "t.sqlite"), "--storage", str(tmp_path / "s.journal"), *flag]
     assert cli.main(argv) == 0
     assert seen == [rows if expect_rows else ()]
+    # the studies' first points (the default first) head the background build
+    assert builds and builds[0][0] == default_variant()
 
 
 class TwoKnobMeasurer(SyntheticMeasurer):

@@ -19,9 +19,12 @@ bucket. The winner row records the repeats' median, both spreads ((max - min) / 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import os
 import statistics
+import threading
 import time
 import warnings
 from types import MappingProxyType
@@ -296,16 +299,114 @@ def variant_from_trial(trial: optuna.trial.BaseTrial, w: Workload) -> Variant:
     return Variant(dtype=w.dtype, page_size=w.page_size, **knobs)
 
 
-def prebuild(w: Workload, jobs: Optional[int] = None) -> dict:
-    """Compile every valid variant of the workload's space in parallel; return {build key: reason} for the builds
-    that may not be measured (failed, spilling, serialised wgmmas: :meth:`Artifact.rejection`)."""
-    arts = build(list({v.build_key: v for v in search_space(w.dtype, w.page_size)}.values()), jobs=jobs)
-    return {a.variant.build_key: why for a in arts if (why := a.rejection())}
+class SpaceBuild(Mapping):
+    """The binaries a tuning run may measure, compiled in the background while it measures.
+
+    ``first`` (the variants the studies measure first: each workload's seeds and transfer points) are compiled
+    before the rest of ``space``, in batches of ``jobs`` builds (one ninja run each); :meth:`prioritise` moves
+    variants a study is about to measure to the front of what is not built yet. As a mapping it is build key -> why
+    the build may not be measured (failed, spilling, serialised wgmmas: :meth:`Artifact.rejection`), and a lookup
+    of a key waits until that build has finished: a study
+    measures a variant only once its binary exists and is known to be acceptable, and starts measuring after the
+    first batch instead of after the whole space (on the H100 machine's 16 cores the 120 bf16 / page-64 binaries
+    took ~9.5 min). Keys outside the space are never waited for."""
+
+    def __init__(self, space: Sequence[Variant], first: Sequence[Variant] = (), jobs: Optional[int] = None,
+                 build_fn: Callable = None):
+        order: dict[str, Variant] = {}
+        for v in list(first) + list(space):
+            order.setdefault(v.build_key, v)
+        self._pending = collections.deque(order.values())
+        self._known = set(order)
+        self._why: dict[str, str] = {}
+        self._finished: set[str] = set()
+        self._unbuilt: set[str] = set()             # left when the build was stopped
+        self._jobs = jobs or os.cpu_count() or 1
+        self._build = build_fn or build
+        self._stop = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="flash-mla-space-build", daemon=True)
+        self._thread.start()
+
+    def prioritise(self, variants: Sequence[Variant]) -> None:
+        """Build these next (those not built or being built), in this order."""
+        with self._cv:
+            keys = [v.build_key for v in variants]
+            front = [v for v in self._pending if v.build_key in keys]
+            front.sort(key=lambda v: keys.index(v.build_key))
+            rest = [v for v in self._pending if v.build_key not in keys]
+            self._pending = collections.deque(front + rest)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop or not self._pending:
+                    break
+                batch = [self._pending.popleft() for _ in range(min(self._jobs, len(self._pending)))]
+            try:
+                whys = [a.rejection() for a in self._build(batch, jobs=self._jobs)]
+            except Exception as e:                # never leave a waiting study hanging: such a build is rejected
+                whys = [f"compilation failed: the build raised {type(e).__name__}: {e}"] * len(batch)
+            with self._cv:
+                for v, why in zip(batch, whys):
+                    if why:
+                        self._why[v.build_key] = why
+                    self._finished.add(v.build_key)
+                self._cv.notify_all()
+        with self._cv:
+            self._stop = True
+            for v in self._pending:               # stopped early: what was not built may not be measured
+                self._why.setdefault(v.build_key, "not built (the run's background build was stopped)")
+                self._unbuilt.add(v.build_key)
+                self._finished.add(v.build_key)
+            self._pending.clear()
+            self._cv.notify_all()
+
+    def _wait(self, key: str) -> None:
+        if key in self._known:
+            with self._cv:
+                self._cv.wait_for(lambda: key in self._finished)
+
+    def __contains__(self, key) -> bool:
+        self._wait(key)
+        return key in self._why
+
+    def __getitem__(self, key: str) -> str:
+        self._wait(key)
+        return self._why[key]
+
+    def __iter__(self):                           # the rejections known so far
+        with self._cv:
+            return iter(dict(self._why))
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._why)
+
+    def rejected(self) -> dict[str, str]:
+        """The builds that finished and may not be measured, with why (not those left unbuilt by :meth:`close`)."""
+        with self._cv:
+            return {k: why for k, why in self._why.items() if k not in self._unbuilt}
+
+    def close(self) -> None:
+        """Stop after the batch being compiled (the rest stays unbuilt) and wait for it."""
+        with self._cv:
+            self._stop = True
+        self._thread.join()
+
+
+def start_space_build(workloads: Sequence[Workload], first: Sequence[Variant] = (),
+                      jobs: Optional[int] = None) -> SpaceBuild:
+    """A :class:`SpaceBuild` of the searched spaces of the workloads' dtypes and page sizes, ``first`` first."""
+    keys = dict.fromkeys((w.dtype, w.page_size) for w in workloads)
+    return SpaceBuild([v for d, ps in keys for v in search_space(d, ps)], first, jobs=jobs)
 
 
 def _build_failure(build_failed: Mapping[str, str], v: Variant) -> Optional[dict]:
-    """The trial result of a variant whose build was rejected (``build_failed``: build key -> why, as
-    :func:`prebuild` returns), else None."""
+    """The trial result of a variant whose build was rejected (``build_failed``: build key -> why, a plain mapping
+    or a :class:`SpaceBuild`), else None. A :class:`SpaceBuild` compiles ``v`` next and is waited for."""
+    if isinstance(build_failed, SpaceBuild):
+        build_failed.prioritise([v])
     if v.build_key not in build_failed:
         return None
     return {"state": "build_failed", "error": build_failed[v.build_key]}
@@ -392,7 +493,10 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
                 best = min(ok_now, key=ok_now.get)
                 if best not in expanded:              # the local step around the best variant so far
                     expanded.add(best)
-                    for v in incumbent_neighbours(by_key[best], list(by_key.values()), known):
+                    step = incumbent_neighbours(by_key[best], list(by_key.values()), known)
+                    if isinstance(build_failed, SpaceBuild):
+                        build_failed.prioritise(step)
+                    for v in step:
                         study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
             with warnings.catch_warnings():            # trials of killed workers: failed, then re-queued
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -635,7 +739,8 @@ def _stored_members(key: WorkloadKey, stored_rows: Sequence[Mapping], gpu_name: 
 
 def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, gpu: Optional[int] = None,
                     seed: int = 0, trial_timeout_s: float = 120.0, measurer=None,
-                    stored_rows: Sequence[Mapping] = ()) -> list[dict]:
+                    stored_rows: Sequence[Mapping] = (),
+                    build_failed: Mapping[str, str] = MappingProxyType({})) -> list[dict]:
     """Winners for calls without a length hint (``seqlen_bucket = NO_HINT``, see flash_mla.workload_key).
 
     The tuned workloads are grouped by their key without the length. A group also takes the lengths that
@@ -682,7 +787,8 @@ def no_hint_winners(results: list, db: TuningDB, run_id: int, gpu_name: str, *, 
                 for vk, v in cands.items():
                     if (vk, w.key) in times:
                         continue
-                    r = worker.measure(v.as_dict(), dataclasses.asdict(w.shape), seed)
+                    r = _build_failure(build_failed, v) or worker.measure(v.as_dict(), dataclasses.asdict(w.shape),
+                                                                           seed)
                     _add_trial(db, run_id, name, v, w, r, "no_hint", seed, source_hash)
                     times[(vk, w.key)] = r["us"] if r["state"] == "ok" else None
             # a stored length where every candidate failed here leaves the group (a run member has its best)
