@@ -609,7 +609,7 @@ def main(argv=None) -> int:
     p.add_argument("--workload", action="append", type=_workload_spec,
                    help="h_q=..,s_q=..,batch=..,mean_sk=..[,h_kv=..,causal=1,dtype=bf16,page_size=64] (repeatable)")
     p.add_argument("--trials", type=_positive_int, default=16, help="new measurements per workload")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per workload study")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per workload study (waits for its binaries to compile included)")
     p.add_argument("--storage", default="flash_mla_studies.journal",
                    help="Optuna storage: a journal file (default) or an RDB URL such as postgresql://...")
     p.add_argument("--db", default=None, help="tuning database to write (default: $FLASH_MLA_TUNING_DB or "
