@@ -11,6 +11,11 @@
 # every kernel of bench/peer_once.py's two calls of a peer, PEER = fa3 / flashinfer), trace:SHAPE[:KEY] (qreg phase cycles), timeline:SHAPES[:KEY] (nsplit start-up
 # stamps of every CTA, SHAPES space-separated), ncusrc:KEY:SHAPE (stall samples per SASS instruction, CSV), tune:SUITES:TRIALS[:notransfer] (into OUTDIR/tuned[-notransfer].sqlite), tunewl:WORKLOAD[+WORKLOAD...]:TRIALS[:notransfer] (the same for workloads given as flash-mla tune --workload specs), usedb (later steps select from OUTDIR/tuned.sqlite first),
 # ab:GROUPS:SHAPES[:ROUNDS] (bench/ab_rounds.py: groups "A,B;C,D", each against its first variant, interleaved rounds),
+# packcache[:DTYPE:PAGE] (flash-mla build of that searched space, default bf16 / 64, then the whole binary cache as
+# OUTDIR/cache.tar.xz.aa, .ab, ... (15 MiB parts; the bf16 / page-64 space's 120 binaries: one 8.6 MB part). Put the
+# parts in .cachexz/ (git-ignored) and carry .cachexz: every later call unpacks them into
+# .cache before its steps, so nothing of that space is compiled again; the cache is content-addressed, so after a
+# kernel source change the archived binaries are simply not found and are rebuilt),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
@@ -35,6 +40,9 @@ if [[ " $* " == *" bench:"* || " $* " == *" bench2:"* || " $* " == *" overhead:"
   fi
 else
   python3 -m zipfile -e .peers/whl/nvidia_cutlass-*.whl /tmp/peer-cutlass
+fi
+if compgen -G ".cachexz/cache.tar.xz.*" > /dev/null; then   # binaries built on an earlier machine (packcache)
+  mkdir -p .cache && cat .cachexz/cache.tar.xz.* | xz -d | tar xf - -C .cache || exit 1
 fi
 export PYTHONPATH=/tmp/fmla-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export FLASH_MLA_CUTLASS_INCLUDE=/tmp/peer-cutlass/cutlass_library/source/include
@@ -89,6 +97,12 @@ lts__t_sectors.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_pea
 sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncupipe-$key-$shape.txt" 2>&1
            echo "ncupipe rc=$?"; echo "$key $shape"; grep -E "^ +[a-z]+__" "$out/ncupipe-$key-$shape.txt";;
+    packcache*) IFS=: read -r _ dtype page <<< "$step"   # build a searched space, pack the whole cache for carrying
+          python3 -m flash_mla.cli build --variants all --dtypes "${dtype:-bf16}" --page-sizes "${page:-64}" --jobs 16 \
+            > "$out/build.txt" 2>&1
+          echo "packcache build rc=$?"; tail -1 "$out/build.txt"
+          tar cf - -C "$repo/.cache" flash_mla | xz -T16 -6 | split -b 15M - "$final/cache.tar.xz."
+          ls -la "$final"/cache.tar.xz.*;;
     ab:*) IFS=: read -r _ groups shapes rounds <<< "$step"   # interleaved A/B rounds (bench/ab_rounds.py)
           python3 "$repo/bench/ab_rounds.py" --rounds "${rounds:-3}" "$groups" $shapes > "$out/ab.txt" 2>&1
           echo "ab rc=$?"; cat "$out/ab.txt";;
