@@ -345,6 +345,8 @@ class SpaceBuild(Mapping):
                 batch = [self._pending.popleft() for _ in range(min(self._jobs, len(self._pending)))]
             try:
                 whys = [a.rejection() for a in self._build(batch, jobs=self._jobs)]
+                if len(whys) != len(batch):
+                    raise RuntimeError(f"the build returned {len(whys)} results for {len(batch)} variants")
             except Exception as e:                # never leave a waiting study hanging: such a build is rejected
                 whys = [f"compilation failed: the build raised {type(e).__name__}: {e}"] * len(batch)
             with self._cv:
