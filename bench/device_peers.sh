@@ -56,6 +56,13 @@ import dataclasses
 from flash_mla.codegen.variant import default_variant as d
 print(','.join(dataclasses.replace(d(t, p), merge=m).key for t in ('bf16', 'fp16') for p in (64, 32)
                for m in ('separate', 'wide_pdl')))")
+# Tensor pipe, shared memory, L2 / DRAM and issue metrics of the ncupipe and ncupeer steps.
+pipe_metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
+sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,\
+l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,\
+l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,lts__t_sectors.avg.pct_of_peak_sustained_elapsed,\
+dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
+smsp__issue_active.avg.pct_of_peak_sustained_active
 for step in "$@"; do
   case $step in
     check-wide) python3 -m flash_mla.cli check --variants "$wide_defaults" --jobs 8 --out "$out/check.json" \
@@ -90,11 +97,7 @@ for step in "$@"; do
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncu-$shape.txt" 2>&1
            echo "ncu rc=$?"; grep -E "Duration|Elapsed Cycles|stalled_.* [1-9]|Stall|Warp Cycles|Issued|Throughput|Registers|Block Size|Grid Size|Waves|Dynamic Shared|Hit Rate|One or More|No Eligible" "$out/ncu-$shape.txt" | head -60;;
     ncupipe:*) IFS=: read -r _ key shape <<< "$step"   # tensor pipe, shared memory, L2 / DRAM of one decode launch
-           ncu -k regex:decode_kernel -c 1 --metrics \
-sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,\
-l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,\
-lts__t_sectors.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,\
-sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active \
+           ncu -k regex:decode_kernel -c 1 --metrics "$pipe_metrics" \
              python3 "$repo/bench/profile_kernels.py" --once "$key" "$shape" > "$out/ncupipe-$key-$shape.txt" 2>&1
            echo "ncupipe rc=$?"; echo "$key $shape"; grep -E "^ +[a-z]+__" "$out/ncupipe-$key-$shape.txt";;
     packcache*) IFS=: read -r _ dtype page <<< "$step"   # build a searched space, pack the whole cache for carrying
@@ -117,11 +120,7 @@ sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_p
     ncupeer:*) IFS=: read -r _ peer shape <<< "$step"  # the ncupipe metrics for every kernel of bench/peer_once.py
            case $peer in flashinfer) dir=$PEER_FLASHINFER_DIR;; *) dir=$PEER_FA3MLA_DIR;; esac
            python3 "$repo/bench/peer_once.py" "$dir" "$shape" > /dev/null 2>&1   # a first run: JIT builds, caches
-           ncu --target-processes all --metrics \
-sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,\
-l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,\
-lts__t_sectors.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,\
-sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active \
+           ncu --target-processes all --metrics "$pipe_metrics" \
              python3 "$repo/bench/peer_once.py" "$dir" "$shape" > "$out/ncupeer-$peer-$shape.txt" 2>&1
            echo "ncupeer rc=$?"; echo "$peer $shape"; grep -E "^  [A-Za-z_].*\(|^ +[a-z]+__" "$out/ncupeer-$peer-$shape.txt" | tail -40;;
     ncusrc:*) IFS=: read -r _ key shape <<< "$step"     # per-SASS-instruction stall samples of one decode launch
