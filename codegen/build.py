@@ -186,7 +186,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` written beside ``path`` and renamed over it: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -216,7 +217,7 @@ def _finish(a: Artifact) -> str:
         return f"the built library has ABI version {probe.stdout.strip()}, the runtime expects {_abi_version()}"
     size, digest = a.partial.stat().st_size, _sha256(a.partial)
     os.replace(a.partial, a.library)
-    _write_atomic(a.manifest, json.dumps({"size": size, "sha256": digest, "abi": _abi_version(),
+    write_atomic(a.manifest, json.dumps({"size": size, "sha256": digest, "abi": _abi_version(),
                                           "source": a.source_hash, "nvcc": nvcc_version(),
                                           "cutlass": _cutlass_version()}))
     return ""
@@ -267,7 +268,7 @@ def prepare(v: Variant) -> Artifact:
         p = d / name
         p.parent.mkdir(exist_ok=True)
         if not p.exists() or p.read_text() != text:
-            _write_atomic(p, text)
+            write_atomic(p, text)
     return Artifact(variant=v, directory=d, source_hash=_source_hash(source, headers))
 
 

@@ -309,11 +309,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    """JSON written beside ``path`` and renamed over it: a reader never sees half a file."""
+    from flash_mla.codegen.build import write_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def _shard(text: str) -> tuple[int, int]:
