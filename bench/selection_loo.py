@@ -19,9 +19,9 @@ from pathlib import Path
 from flash_mla import db as db_module
 from flash_mla import selection
 from flash_mla.codegen.variant import Variant, default_variant
+from flash_mla.tuner.evaluate import WITHIN
 from flash_mla.workload_key import NO_HINT, WorkloadKey
 
-WITHIN = 0.03
 args = sys.argv[1:]
 opts = {"--gpu": "NVIDIA H100 80GB HBM3", "--dtype": "bf16", "--page-size": "64"}
 for flag in list(opts):
@@ -34,6 +34,8 @@ with db_module.TuningDB(src, readonly=True) as handle:
             and r["page_size"] == int(opts["--page-size"]) and r["seqlen_bucket"] != NO_HINT]
     measured = [selection._trial_medians(handle, r) for r in rows]
 
+cols = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s_q", "page_size", "causal", "batch_bucket",
+        "seqlen_bucket")                          # a winner row's key
 print(f"{'left out':44} {'pick':40} {'ratio':>6}")
 ratios, unmeasured = [], 0
 with tempfile.TemporaryDirectory() as tmp:
@@ -41,8 +43,6 @@ with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "loo.sqlite"
         shutil.copyfile(src, copy)
         con = sqlite3.connect(copy)
-        cols = ("gpu_name", "sm_count", "cuda_version", "dtype", "h_q", "h_kv", "s_q", "page_size", "causal",
-                "batch_bucket", "seqlen_bucket")
         con.execute(f"delete from winners where {' and '.join(f'{c} = ?' for c in cols)}", [row[c] for c in cols])
         con.commit()
         con.close()
