@@ -20,11 +20,7 @@ if args[:1] == ["--rounds"]:
 if len(args) < 2:
     sys.exit(__doc__)
 groups = [variants_by_key(g.split(",")) for g in args[0].split(";")]
-shapes = []
-for spec in args[1:]:
-    parts = spec.split(",")
-    b, s_q, h_q, sk = (int(x) for x in parts[:4])
-    shapes.append(Shape(b, s_q, h_q, sk, causal="causal" in parts, varlen="fixed" not in parts))
+shapes = [Shape.from_spec(spec) for spec in args[1:]]
 
 print(f"{'shape':28} {'variant':42} " + " ".join(f"{'r' + str(r):>8}" for r in range(rounds))
       + f" {'median':>8} {'vs base':>8}")

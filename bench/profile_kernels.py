@@ -24,11 +24,7 @@ def kernel_label(name: str) -> str:
 once = sys.argv[1] == "--once"
 args = sys.argv[2:] if once else sys.argv[1:]
 variants = variants_by_key(args[0].split(","))
-shapes = []
-for spec in args[1:]:
-    parts = spec.split(",")
-    b, s_q, h_q, sk = (int(x) for x in parts[:4])
-    shapes.append(Shape(b, s_q, h_q, sk, causal="causal" in parts, varlen="fixed" not in parts))
+shapes = [Shape.from_spec(spec) for spec in args[1:]]
 
 if not once:
     one = torch.zeros(1, device="cuda")

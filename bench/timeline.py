@@ -30,9 +30,7 @@ cli.add_argument("key", nargs="?", help="variant key (default: the bf16 / page-6
 cli.add_argument("--replays", type=int, default=20)
 args = cli.parse_args()
 replays = args.replays
-spec = args.shape.split(",")
-b, s_q, h_q, sk = (int(x) for x in spec[:4])
-shape = Shape(b, s_q, h_q, sk, causal="causal" in spec, varlen="fixed" not in spec)
+shape = Shape.from_spec(args.shape)
 base = variants_by_key([args.key])[0] if args.key else default_variant()
 v = dataclasses.replace(base, trace=True).validate()
 problem = make_problem(shape, v.dtype, v.page_size, 0)

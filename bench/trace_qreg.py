@@ -25,9 +25,7 @@ from flash_mla.codegen.variant import variants_by_key
 from flash_mla.dispatch import library_for
 from flash_mla.tuner.measure import Shape, check, make_problem
 
-spec = sys.argv[1].split(",")
-b, s_q, h_q, sk = (int(x) for x in spec[:4])
-shape = Shape(b, s_q, h_q, sk, causal="causal" in spec, varlen="fixed" not in spec)
+shape = Shape.from_spec(sys.argv[1])
 key = sys.argv[2] if len(sys.argv) > 2 else "bf16_p64_n64_s2_w3_o5_c4_mwide_qr"
 v = dataclasses.replace(variants_by_key([key])[0], trace=True).validate()
 problem = make_problem(shape, v.dtype, v.page_size, 0)

@@ -18,6 +18,12 @@ def test_bytes_follow_anchors_formula():
     assert traffic_bytes(s, [1000, 3000]) == 2 * (16 * 576 * 2 + 2000 * 576 * 2 + 16 * 512 * 2)
 
 
+def test_a_shape_spec_parses_as_the_bench_scripts_take_it():
+    assert Shape.from_spec("16,1,128,4096,fixed") == Shape(16, 1, 128, 4096, varlen=False)
+    assert Shape.from_spec("128,2,128,8192,causal") == Shape(128, 2, 128, 8192, causal=True)
+    assert Shape.from_spec("1,1,32,1024").name == "b1 sq1 hq32 sk1024"
+
+
 def test_flops_count_only_attended_pairs():
     s = Shape(1, 2, 128, 100)
     assert attended_pairs(s, [100]) == 200

@@ -26,6 +26,13 @@ class Shape:
     causal: bool = False
     varlen: bool = True
 
+    @classmethod
+    def from_spec(cls, spec: str) -> "Shape":
+        """The bench scripts' shape argument ``"b,s_q,h_q,sk[,fixed][,causal]"`` (one KV head)."""
+        parts = spec.split(",")
+        b, s_q, h_q, sk = (int(x) for x in parts[:4])
+        return cls(b, s_q, h_q, sk, causal="causal" in parts, varlen="fixed" not in parts)
+
     @property
     def name(self) -> str:
         return (f"b{self.b} sq{self.s_q} hq{self.h_q} sk{self.mean_sk}"
