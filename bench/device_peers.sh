@@ -25,6 +25,7 @@
 # --combine; REP_MS: its --rep-ms),
 # overhead[:GRID] (flash-mla bench --overhead: per-call host / eager / graph times beside FlashMLA and FA3-MLA), overhead0[:GRID] (ours alone),
 # full:KEYS (flash-mla check --full: the whole matrix for those variants), kvfp8:GRID[:KEYS] (flash-mla bench --kv-fp8, KEYS: more bf16 / fp8 variants),
+# freshcache (later steps build into an empty binary cache, as on a machine that never built a variant),
 # coldstart (import, warm_up and first calls with no nvcc or CUTLASS reachable: binaries from the carried cache).
 # Logs go to OUTDIR; each step prints its table.
 set -uo pipefail
@@ -150,6 +151,8 @@ for step in "$@"; do
              -I "$FLASH_MLA_CUTLASS_INCLUDE" -I "$(dirname "$nvcc")/../include/cccl" "$repo/bench/probe_wgmma.cu" \
              -o /tmp/probe_wgmma > "$out/probe-build.txt" 2>&1 && /tmp/probe_wgmma > "$out/probe.txt" 2>&1
            echo "probe rc=$?"; cat "$out/probe.txt"; tail -3 "$out/probe-build.txt";;
+    freshcache) export FLASH_MLA_CACHE_DIR=/tmp/fresh-cache/flash_mla   # later steps compile into an empty cache
+           echo "binary cache for later steps: $FLASH_MLA_CACHE_DIR (empty)";;
     usedb) export FLASH_MLA_TUNING_DB=$final/tuned.sqlite   # later steps select from this run's tuned rows first
            echo "user tuning DB: $FLASH_MLA_TUNING_DB";;
     tune:*|tunewl:*) IFS=: read -r kind items trials nt <<< "$step"   # SUITES or WORKLOAD[+WORKLOAD...], then

@@ -3,7 +3,8 @@ h_q = 3, page size 32, causal MTP, split requests, more requests than partitions
 output disagrees with the reference.
 
 Usage: python bench/memcheck_cases.py [VARIANT_KEY]   (default: the variant the API selects; a key runs
-that variant's knobs at each case's page size; a float8-cache key gets the cases' caches quantised)
+that variant's knobs at each case's page size, or at its own where its knobs do not allow the case's, e.g. a
+one-TMA tile load at page size 32; a float8-cache key gets the cases' caches quantised)
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import torch
 
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata
 from flash_mla.reference import mla_decode_reference
-from flash_mla.codegen.variant import variants_by_key
+from flash_mla.codegen.variant import InvalidVariant, variants_by_key
 from flash_mla.testing import compare, make_paged_kv, quantize_e4m3
 
 variant = variants_by_key(sys.argv[1:2])[0] if len(sys.argv) > 1 else None
@@ -27,10 +28,16 @@ CASES = [  # b, s_q, h_q, h_kv, seqlens, page_size, causal
 
 ok = True
 for i, (b, s_q, h_q, h_kv, lens, page, causal) in enumerate(CASES):
+    if variant is not None:
+        try:
+            v = dataclasses.replace(variant, page_size=page).validate()
+        except InvalidVariant:  # knobs tied to the variant's page size: the case at that page size
+            v, page = variant, variant.page_size
+    else:
+        v = None
     g = torch.Generator(device="cuda").manual_seed(i)
     q, k, bt, sl = make_paged_kv(b, s_q, h_q, h_kv, lens, page, torch.bfloat16, "cuda", g)
     meta, splits = get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
-    v = dataclasses.replace(variant, page_size=page) if variant else None
     scale = None
     if v is not None and v.kv_fp8:
         k, scale = quantize_e4m3(k)
