@@ -75,6 +75,9 @@ def test_suites_cover_the_deepseek_shapes():
     assert [{(w.h_q, w.dtype) for w in suite(f"dsv3-tp{n}-fp16")} for n in (8, 1)] == [{(16, "fp16")}, {(128, "fp16")}]
     assert [{(w.h_q, w.page_size) for w in suite(f"dsv3-tp{n}-p32")} for n in (8, 1)] == [{(16, 32)}, {(128, 32)}]
     assert {(w.h_q, w.s_q, w.causal) for w in suite("dsv3-tp8-mtp")} == {(16, 2, True), (16, 4, True)}
+    mid = suite("dsv3-mid")
+    assert {w.h_q for w in mid} == {16, 32, 64, 128} and {(w.batch, w.mean_sk) for w in mid} == {
+        (b, sk) for b in (16, 64) for sk in (1024, 4096)} and len(mid) == 13
     for ws in SUITES.values():
         assert len({w.key for w in ws}) == len(ws) >= 4          # several batch and seqlen buckets
     with pytest.raises(ValueError, match="unknown suite"):
@@ -374,6 +377,14 @@ def test_held_out_workloads_are_24_and_in_no_suite():
     tuned_keys = {w.key for s in SUITES.values() for w in s}
     assert not {w.key for w in ws} & tuned_keys            # not even a suite workload's key
     assert {w.h_q for w in ws} >= {16, 32, 64, 128} and {w.s_q for w in ws} >= {1, 2, 4}
+
+
+def test_held_out_refuses_a_suite_workload_with_its_key(monkeypatch):
+    from flash_mla.tuner import evaluate
+    # b64 s_k 1200 and s_k 1024 share the length bucket 1024: a row tuned for one would serve the other's call
+    monkeypatch.setitem(evaluate.SUITES, "clash", [Workload(32, 1, 64, 1024)])
+    with pytest.raises(ValueError, match="held-out workloads also in a suite"):
+        evaluate.held_out()
 
 
 def test_held_out_summary_counts_within_three_percent():

@@ -48,6 +48,8 @@ class Workload:
 
 BATCHES = (4, 32, 128)
 SEQLENS = (2048, 8192)
+MID_BATCHES = (16, 64)
+MID_SEQLENS = (1024, 4096)
 
 SUITES = {
     # DeepSeek-V3 decode without tensor parallelism: all 128 heads on one GPU
@@ -81,6 +83,11 @@ SUITES = {
     # a paged cache of 32-token pages (bf16): TP8 and TP1 head counts
     "dsv3-tp8-p32": [Workload(16, 1, b, sk, page_size=32) for b in BATCHES for sk in SEQLENS],
     "dsv3-tp1-p32": [Workload(128, 1, b, sk, page_size=32) for b in BATCHES for sk in SEQLENS],
+    # the four head counts at one query token between the other suites' points: b16 / b64, s_k 1024 / 4096 (the
+    # batch and length buckets halfway, in log scale, between theirs), less the three whose key a held-out workload
+    # of tuner/evaluate.py has (h_q=32 b16 s_k 4096 and b64 s_k 1024, h_q=128 b16 s_k 4096)
+    "dsv3-mid": [Workload(h, 1, b, sk) for h in (16, 32, 64, 128) for b in MID_BATCHES for sk in MID_SEQLENS
+                 if (h, b, sk) not in ((32, 16, 4096), (32, 64, 1024), (128, 16, 4096))],
 }
 
 
