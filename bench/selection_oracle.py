@@ -6,12 +6,18 @@ the API call's ratio to the exhaustive best (with the length hint), and the rati
 reach: the fastest, in that run's own times, of the winner variants stored for the same GPU, dtype, page size, h_q,
 h_kv, s_q and causal flag (any batch or length bucket). A workload where that oracle is within 3% but the call is not
 is a miss of the rule that picks among the rows; one where even the oracle is not needs new rows (coverage) or new
-variants. DB defaults to the shipped tuning database.
+variants. Also the ratio of the variant the runtime's rule (flash_mla.selection.select, this checkout's code, with the
+hint) picks from DB, looked up in the run's times: an offline estimate for a changed rule or DB before a device run
+(the call's own time is measured apart and differs from the looked-up one by up to ~1.5%). DB defaults to the
+shipped tuning database.
 """
 
 import json
 import sys
 
+from flash_mla import db as db_module
+from flash_mla import selection
+from flash_mla.codegen.variant import Variant, default_variant
 from flash_mla.db import TuningDB, shipped_db_path
 from flash_mla.tuner.evaluate import HELD_OUT, WITHIN
 
@@ -23,12 +29,15 @@ if "--gpu" in args:
 if not args:
     sys.exit(__doc__)
 rows = json.loads(open(args[0]).read())["rows"]
-with TuningDB(args[1] if len(args) > 1 else shipped_db_path(), readonly=True) as db:
+db_path = args[1] if len(args) > 1 else shipped_db_path()
+with TuningDB(db_path, readonly=True) as db:
     winners = [w for w in db.winners() if w["gpu_name"] == gpu]
+    sms, cuda = winners[0]["sm_count"], winners[0]["cuda_version"]
+db_module.set_user_db(db_path)                    # the rule reads DB (as the user DB) and nothing else
 
 
-print(f"{'shape':30} {'call':>6} {'oracle':>6} {'rows':>4}  oracle's variant")
-counts = {"call": 0, "oracle": 0, "rule": 0, "coverage": 0}
+print(f"{'shape':30} {'call':>6} {'rule':>6} {'oracle':>6} {'rows':>4}  oracle's variant")
+counts = {"call": 0, "offline": 0, "oracle": 0, "rule": 0, "coverage": 0}
 held_out = {w.key: w for w in HELD_OUT}
 for r in rows:
     k = held_out[r["workload"]].workload_key
@@ -38,13 +47,20 @@ for r in rows:
     timed = sorted((r["times"][v], v) for v in cands if r["times"].get(v))
     oracle = timed[0][0] / r["best_us"] if timed else None
     call = r.get("hint_ratio")
+    pick = selection.select(gpu, sms, cuda, k).variant
+    pick = Variant.from_dict(pick).key if pick is not None else default_variant(k.dtype, k.page_size).key
+    offline = r["times"][pick] / r["best_us"] if r["times"].get(pick) else None
+    counts["offline"] += offline is not None and offline <= 1 + WITHIN
     ok_call, ok_oracle = call is not None and call <= 1 + WITHIN, oracle is not None and oracle <= 1 + WITHIN
     counts["call"] += ok_call
     counts["oracle"] += ok_oracle
     counts["rule"] += ok_oracle and not ok_call
     counts["coverage"] += not ok_oracle
     print(f"{r['shape']:30} {call if call is not None else float('nan'):6.3f} "
+          f"{offline if offline is not None else float('nan'):6.3f} "
           f"{oracle if oracle is not None else float('nan'):6.3f} {len(cands):4}  {timed[0][1] if timed else '-'}")
 n = len(rows)
-print(f"\nwithin {WITHIN:.0%} of the best: the call {counts['call']}/{n}, the best stored winner {counts['oracle']}/{n}; "
-      f"misses of the rule {counts['rule']}, workloads no stored winner serves {counts['coverage']}")
+db_module.set_user_db(None)
+print(f"\nwithin {WITHIN:.0%} of the best: the call {counts['call']}/{n} (measured), the rule's pick from this DB "
+      f"{counts['offline']}/{n} (looked up), the best stored winner {counts['oracle']}/{n}; misses of the rule (call) "
+      f"{counts['rule']}, workloads no stored winner serves {counts['coverage']}")

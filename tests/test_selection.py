@@ -75,6 +75,20 @@ def test_batch_tie_goes_to_larger_batch_bucket(dbs):
     assert sel(32, 4096).variant == V[1].as_dict()
 
 
+def test_equal_distance_prefers_the_call_s_own_batch_bucket(dbs):
+    # (32, 4096) is 1 away from all four rows; the two of its own batch bucket are the candidates, and their tie
+    # is decided by their trials, although the trials favour the b16 row's winner everywhere
+    add_tuned(dbs.shipped, 16, 4096, V[0], {V[1]: 20.0, V[2]: 20.0})
+    add_tuned(dbs.shipped, 64, 4096, V[3], {V[0]: 10.0, V[1]: 20.0, V[2]: 20.0})
+    add_tuned(dbs.shipped, 32, 2048, V[1], {V[2]: 10.5, V[0]: 10.0})
+    add_tuned(dbs.shipped, 32, 8192, V[2], {V[1]: 13.0, V[0]: 10.0})
+    got = sel(32, 4096)
+    assert got.variant == V[2].as_dict()
+    assert "2 rows equally near, decided by their trials on 2 workloads" in got.reason
+    # the split policy comes from the same row
+    assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 32, 4096) == V[2].split_policy
+
+
 def add_tuned(path, batch_bucket, seqlen_bucket, winner, others, *, time_us=10.0, **shape):
     """One tuning run of a key: ``winner`` measured at ``time_us`` and stored as the winner, beside trials of the
     variants ``others`` ({variant: time_us}) in the same run."""
