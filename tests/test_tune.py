@@ -139,12 +139,14 @@ class _FakeArtifact:
 
 
 def _fake_build(rejected: dict, log: list = None, holds: dict = None):
-    """A build function for tune.SpaceBuild: records each batch's build keys; batch i waits for ``holds[i]``."""
+    """A build function for tune.SpaceBuild: records the build keys it was asked for; the build of a key in ``holds``
+    waits for that event."""
     def build_fn(variants, jobs=None):
-        if log is not None:
-            log.append([v.build_key for v in variants])
-            if holds and len(log) - 1 in holds:
-                assert holds[len(log) - 1].wait(10)
+        for v in variants:
+            if log is not None:
+                log.append(v.build_key)
+            if holds and v.build_key in holds:
+                assert holds[v.build_key].wait(10)
         return [_FakeArtifact(rejected.get(v.build_key, "")) for v in variants]
     return build_fn
 
@@ -336,30 +338,35 @@ def test_space_build_compiles_the_first_points_first_and_a_lookup_waits_for_its_
     keys = list(dict.fromkeys(v.build_key for v in space))
     by_key = {v.build_key: v for v in space}
     first = [by_key[keys[-1]], by_key[keys[-2]]]
-    log, holds = [], {1: threading.Event(), 3: threading.Event()}
+    log = []
+    holds = {k: threading.Event() for k in (keys[-2], keys[0], keys[1], keys[2])}
     sb = tune.SpaceBuild(space, first, jobs=2, build_fn=_fake_build({keys[-2]: "spills"}, log, holds))
-    assert keys[-2] in sb and sb[keys[-2]] == "spills"     # waits for the first batch
+    # a binary may be measured once its own compilation ends, while the other one started with it still runs
     assert keys[-1] not in sb
-    assert log[0] == [keys[-1], keys[-2]]
-    _wait_until(lambda: len(log) == 2)                    # the second batch is being compiled (held)
-    assert log[1] == keys[:2]
-    sb.prioritise([by_key[keys[50]], by_key[keys[40]]])   # a study is about to measure these: next batch
-    holds[1].set()
-    assert keys[40] not in sb and log[2] == [keys[50], keys[40]]
+    _wait_until(lambda: keys[-2] in log)
+    assert keys[-2] not in sb._finished
+    holds[keys[-2]].set()
+    assert keys[-2] in sb and sb[keys[-2]] == "spills"   # waits for its build
+    _wait_until(lambda: {keys[0], keys[1]} <= set(log))   # both compilers busy again (held)
+    sb.prioritise([by_key[keys[50]], by_key[keys[40]]])   # a study is about to measure these: next
+    holds[keys[0]].set()
+    assert keys[40] not in sb
+    _wait_until(lambda: keys[2] in log)                   # then the space in order (held)
+    assert log.index(keys[50]) < log.index(keys[40]) < log.index(keys[2])
     assert "not_a_build_key" not in sb                    # never waited for
-    _wait_until(lambda: len(log) == 4)                    # the fourth batch is being compiled (held)
-    closer = threading.Thread(target=sb.close)            # stops after the batch being compiled
+    closer = threading.Thread(target=sb.close)            # stops after the compilations in progress
     closer.start()
     _wait_until(lambda: sb._stop)
-    holds[3].set()
+    holds[keys[1]].set()
+    holds[keys[2]].set()
     closer.join(10)
-    assert not closer.is_alive() and len(log) == 4
-    unbuilt = next(k for k in keys if all(k not in b for b in log))
-    assert unbuilt in sb and "not built" in sb[unbuilt]   # what was not built is never measured
+    assert not closer.is_alive()
+    assert set(log) == {keys[-1], keys[-2], keys[0], keys[1], keys[50], keys[40], keys[2]}
+    assert keys[3] in sb and "not built" in sb[keys[3]]   # what was not built is never measured
     assert sb.rejected() == {keys[-2]: "spills"}
 
 
-def test_space_build_rejects_a_batch_whose_build_raised():
+def test_space_build_rejects_a_variant_whose_build_raised():
     space = search_space()[:6]
     def boom(variants, jobs=None):
         raise RuntimeError("ninja: not found")

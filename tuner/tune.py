@@ -303,13 +303,14 @@ class SpaceBuild(Mapping):
     """The binaries a tuning run may measure, compiled in the background while it measures.
 
     ``first`` (the variants the studies measure first: each workload's seeds and transfer points) are compiled
-    before the rest of ``space``, in batches of ``jobs`` builds (one ninja run each); :meth:`prioritise` moves
-    variants a study is about to measure to the front of what is not built yet. As a mapping it is build key -> why
-    the build may not be measured (failed, spilling, serialised wgmmas: :meth:`Artifact.rejection`), and a lookup
-    of a key waits until that build has finished: a study
-    measures a variant only once its binary exists and is known to be acceptable, and starts measuring after the
-    first batch instead of after the whole space (on the H100 machine's 16 cores the 120 bf16 / page-64 binaries
-    took ~9.5 min). Keys outside the space are never waited for."""
+    before the rest of ``space``, ``jobs`` compilations at a time, each variant on its own (one ninja run of one
+    job), so that a binary is ready, and may be measured, as soon as its own compilation ends rather than when the
+    slowest of a batch does; :meth:`prioritise` moves variants a study is about to measure to the front of what
+    is not being built yet. As a mapping it is build key -> why the build may not be measured (failed, spilling,
+    serialised wgmmas: :meth:`Artifact.rejection`), and a lookup of a key waits until that build has finished: a
+    study measures a variant only once its binary exists and is known to be acceptable, and starts measuring after
+    its first point's compilation instead of after the whole space (on the H100 machine's 16 cores the 120 bf16 /
+    page-64 binaries took ~9.5 min). Keys outside the space are never waited for."""
 
     def __init__(self, space: Sequence[Variant], first: Sequence[Variant] = (), jobs: Optional[int] = None,
                  build_fn: Callable = None):
@@ -321,12 +322,13 @@ class SpaceBuild(Mapping):
         self._why: dict[str, str] = {}
         self._finished: set[str] = set()
         self._unbuilt: set[str] = set()             # left when the build was stopped
-        self._jobs = jobs or os.cpu_count() or 1
         self._build = build_fn or build
         self._stop = False
         self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="flash-mla-space-build", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"flash-mla-space-build-{i}", daemon=True)
+                         for i in range(max(1, min(jobs or os.cpu_count() or 1, len(order))))]
+        for t in self._threads:
+            t.start()
 
     def prioritise(self, variants: Sequence[Variant]) -> None:
         """Build these next (those not built or being built), in this order."""
@@ -342,18 +344,16 @@ class SpaceBuild(Mapping):
             with self._cv:
                 if self._stop or not self._pending:
                     break
-                batch = [self._pending.popleft() for _ in range(min(self._jobs, len(self._pending)))]
+                v = self._pending.popleft()
             try:
-                whys = [a.rejection() for a in self._build(batch, jobs=self._jobs)]
-                if len(whys) != len(batch):
-                    raise RuntimeError(f"the build returned {len(whys)} results for {len(batch)} variants")
+                (artifact,) = self._build([v], jobs=1)
+                why = artifact.rejection()
             except Exception as e:                # never leave a waiting study hanging: such a build is rejected
-                whys = [f"compilation failed: the build raised {type(e).__name__}: {e}"] * len(batch)
+                why = f"compilation failed: the build raised {type(e).__name__}: {e}"
             with self._cv:
-                for v, why in zip(batch, whys):
-                    if why:
-                        self._why[v.build_key] = why
-                    self._finished.add(v.build_key)
+                if why:
+                    self._why[v.build_key] = why
+                self._finished.add(v.build_key)
                 self._cv.notify_all()
         with self._cv:
             self._stop = True
@@ -391,10 +391,11 @@ class SpaceBuild(Mapping):
             return {k: why for k, why in self._why.items() if k not in self._unbuilt}
 
     def close(self) -> None:
-        """Stop after the batch being compiled (the rest stays unbuilt) and wait for it."""
+        """Stop after the compilations in progress (the rest stays unbuilt) and wait for them."""
         with self._cv:
             self._stop = True
-        self._thread.join()
+        for t in self._threads:
+            t.join()
 
 
 def start_space_build(workloads: Sequence[Workload], first: Sequence[Variant] = (),
