@@ -18,7 +18,7 @@ from pathlib import Path
 
 from flash_mla import db as db_module
 from flash_mla import selection
-from flash_mla.codegen.variant import Variant, default_variant
+from flash_mla.codegen.variant import default_variant
 from flash_mla.tuner.evaluate import WITHIN
 from flash_mla.workload_key import NO_HINT, WorkloadKey
 
@@ -50,8 +50,7 @@ with tempfile.TemporaryDirectory() as tmp:
         selection.clear_cache()
         key = WorkloadKey.from_row(row)
         pick = selection.select(row["gpu_name"], row["sm_count"], row["cuda_version"], key)
-        variant = (Variant.from_dict(pick.variant).key if pick.variant is not None
-                   else default_variant(key.dtype, key.page_size).key)
+        variant = (pick.variant or default_variant(key.dtype, key.page_size)).key
         times = measured[i]
         ratio = times[variant] / min(times.values()) if variant in times and times else None
         if ratio is None:

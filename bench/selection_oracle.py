@@ -17,7 +17,7 @@ import sys
 
 from flash_mla import db as db_module
 from flash_mla import selection
-from flash_mla.codegen.variant import Variant, default_variant
+from flash_mla.codegen.variant import default_variant
 from flash_mla.db import TuningDB, shipped_db_path
 from flash_mla.tuner.evaluate import HELD_OUT, WITHIN
 
@@ -47,8 +47,7 @@ for r in rows:
     timed = sorted((r["times"][v], v) for v in cands if r["times"].get(v))
     oracle = timed[0][0] / r["best_us"] if timed else None
     call = r.get("hint_ratio")
-    pick = selection.select(gpu, sms, cuda, k).variant
-    pick = Variant.from_dict(pick).key if pick is not None else default_variant(k.dtype, k.page_size).key
+    pick = (selection.select(gpu, sms, cuda, k).variant or default_variant(k.dtype, k.page_size)).key
     offline = r["times"][pick] / r["best_us"] if r["times"].get(pick) else None
     counts["offline"] += offline is not None and offline <= 1 + WITHIN
     ok_call, ok_oracle = call is not None and call <= 1 + WITHIN, oracle is not None and oracle <= 1 + WITHIN

@@ -63,18 +63,11 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-@functools.lru_cache(maxsize=4096)
-def _from_dict(items: tuple) -> Variant:
-    return Variant.from_dict(dict(items)).validate()
-
-
 def variant_for_key(device_index: int, key: WorkloadKey) -> Variant:
     """The tuned winner for a workload key on this device, else the default variant (no tensors needed)."""
     gpu, sms, cuda = selection.device_info(device_index)
     sel = selection.select(gpu, sms, cuda, key)
-    if sel.variant is None:
-        return default_variant(key.dtype, key.page_size)
-    return _from_dict(tuple(sorted(sel.variant.items())))
+    return sel.variant if sel.variant is not None else default_variant(key.dtype, key.page_size)
 
 
 def select_variant(q, k_cache, causal: bool, mean_seqlen: Optional[float] = None) -> Variant:

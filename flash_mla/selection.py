@@ -54,13 +54,16 @@ import math
 import statistics
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import db
 from .db import cuda_major_minor, set_user_db
 from .scheduler import SplitPolicy
 from .workload_key import (HEAD_DIM, HEAD_DIM_V, NO_HINT, WorkloadKey, bucket_batch, problem_dtype,
                            bucket_seqlen)
+
+if TYPE_CHECKING:                          # codegen is imported on first use (selection is on the serving path)
+    from .codegen.variant import Variant
 
 SOURCES = ("user", "shipped")
 
@@ -74,12 +77,12 @@ class Selection:
     """Outcome of :func:`select`.
 
     Attributes:
-        variant: the winning variant's fields (``Variant.from_dict(variant)`` rebuilds it), or ``None``
-            for the default variant. Shared by every cached caller: do not mutate.
+        variant: the winning :class:`~flash_mla.codegen.variant.Variant` (validated; frozen, so every cached
+            caller can share it), or ``None`` for the default variant.
         source: ``'user'``, ``'shipped'`` or ``'default'``.
         reason: one line saying why (which database and bucket, or what was missing).
     """
-    variant: Optional[dict]
+    variant: Optional["Variant"]
     source: str
     reason: str
 
@@ -125,8 +128,8 @@ def db_path(source: str) -> Optional[str]:
     return None if handle is None else str(handle.path)
 
 
-def _usable(row: dict) -> Optional[dict]:
-    """The row's variant fields if this package can build that variant for the row's problem, else None."""
+def _usable(row: dict) -> Optional["Variant"]:
+    """The row's variant (validated) if this package can build it for the row's problem, else None."""
     from .codegen.variant import InvalidVariant, Variant
     try:
         fields = json.loads(row["variant_json"])
@@ -135,19 +138,19 @@ def _usable(row: dict) -> Optional[dict]:
         return None
     if (v.dtype, v.page_size) != (row["dtype"], row["page_size"]):
         return None
-    return v.as_dict()
+    return v
 
 
 def _matching_rows(source: str, where: dict) -> list[tuple[dict, dict]]:
-    """(winner row, variant fields) of ``source`` whose columns equal ``where``; unusable rows dropped."""
+    """(winner row, variant) of ``source`` whose columns equal ``where``; unusable rows dropped."""
     handle = _db(source)
     if handle is None:
         return []
     out = []
     for row in handle.winners(**where):
-        fields = _usable(row)
-        if fields is not None:
-            out.append((row, fields))
+        v = _usable(row)
+        if v is not None:
+            out.append((row, v))
     return out
 
 
@@ -208,10 +211,10 @@ _SHAPE_COLUMNS = ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal")
 
 
 def _break_tie(source: str, tied: list, pool: list, hinted: bool) -> tuple[tuple[dict, dict], str]:
-    """The (row, fields) of the equally near rows ``tied`` (in rank order) whose winner is fastest, relative to
+    """The (row, variant) of the equally near rows ``tied`` (in rank order) whose winner is fastest, relative to
     each reference workload's own winner, over the reference workloads where every tied winner was measured
     (module docstring); the first of ``tied`` where they agree or no such workload exists. The reference
-    workloads: with a length hint (``hinted``) the tied rows, without one the rows of ``pool`` ((row, fields)
+    workloads: with a length hint (``hinted``) the tied rows, without one the rows of ``pool`` ((row, variant)
     pairs) tuned for a length, of the tied rows' shape and batch buckets. Also a note for the reason."""
     candidates: dict[str, tuple[dict, dict]] = {}
     for rf in tied:
@@ -257,11 +260,11 @@ def _select_uncached(gpu_name, sm_count, cuda_version, key: WorkloadKey) -> Sele
                 rows.sort(key=lambda rf: _rank(rf[0], key))
                 nearest = _rank(rows[0][0], key)[:_NEAR_FIELDS]
                 tied = [rf for rf in rows if _rank(rf[0], key)[:_NEAR_FIELDS] == nearest]
-                (row, fields), tie_note = _break_tie(source, tied, pool, key.has_hint)
+                (row, variant), tie_note = _break_tie(source, tied, pool, key.has_hint)
                 tuned = WorkloadKey.from_row(row).canonical
                 reason = (f"{source} DB {db_path(source)}: {row['variant_key']} tuned for {tuned} "
                           f"(call: {key.canonical}){tie_note}")
-                return Selection(fields, source, reason)
+                return Selection(variant, source, reason)
     shape = (f"dtype={key.dtype}, h_q={key.h_q}, h_kv={key.h_kv}, s_q={key.s_q}, page_size={key.page_size}, "
              f"causal={key.causal}, {'with' if key.has_hint else 'without'} a length hint")
     reason = (f"no tuning DB entry for GPU {gpu_name!r} ({sm_count} SMs) with CUDA {cuda} and {shape}; "
@@ -321,8 +324,7 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
     where = dict(gpu_name=gpu_name, sm_count=sm_count, cuda_version=cuda, h_kv=int(nhk),
                  head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V)
     for source in SOURCES:
-        rows = [(r, f) for r, f in _matching_rows(source, where)
-                if r["h_q"] * r["s_q"] == nhphk * r["h_kv"] and f.get("split_overhead") is not None]
+        rows = [(r, v) for r, v in _matching_rows(source, where) if r["h_q"] * r["s_q"] == nhphk * r["h_kv"]]
         if rows:
             hinted = seqlen_bucket != NO_HINT
 
@@ -338,8 +340,7 @@ def _split_policy_uncached(gpu_name, sm_count, cuda_version, nhphk, nhk, batch_b
             # Equally near rows (select()'s distance, then its batch distance) are decided by their trials, as
             # select() decides them.
             tied = [rf for rf in rows if rank(rf)[:5] == rank(rows[0])[:5]]
-            f = _break_tie(source, tied, rows, hinted)[0][1]
-            return SplitPolicy(int(f["split_overhead"]), int(f.get("split_min_blocks", 1)))
+            return _break_tie(source, tied, rows, hinted)[0][1].split_policy
     return None
 
 

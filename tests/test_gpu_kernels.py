@@ -145,7 +145,6 @@ class _no_fallback_report:
 
 def test_shipped_db_winner_is_selected_and_correct():
     from flash_mla import db, dispatch, selection
-    from flash_mla.codegen.variant import Variant
     if db.shipped_db_path() is None:
         pytest.skip("the package ships no tuning database")
     gpu, sms, cuda = selection.device_info(0)
@@ -160,7 +159,7 @@ def test_shipped_db_winner_is_selected_and_correct():
         meta, splits = get_mla_metadata(seqlens, 16, 1, seqlens_hint=seqlens.cpu())
         assert getattr(meta, "_flash_mla_mean_seqlen") == pytest.approx(mean)     # carried to the decode call
         out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
-    assert chosen == Variant.from_dict(sel.variant)
+    assert chosen == sel.variant
     ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, seqlens, 512)
     assert compare(out, ref_out, lse, ref_lse, q.dtype)["ok"]
 

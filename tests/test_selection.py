@@ -58,21 +58,21 @@ def test_exact_bucket_and_nearest_rule(dbs):
     add_winner(dbs.shipped, 64, 65536, V[2])
     add_winner(dbs.shipped, 8, 8192, V[3])
     got = sel(64, 4096)
-    assert (got.source, got.variant) == ("shipped", V[1].as_dict())
+    assert (got.source, got.variant) == ("shipped", V[1])
     assert "tuned for bf16_p64_hq128_hkv1_sq1_b64_sk4096" in got.reason
-    assert sel(2, 1000).variant == V[0].as_dict()              # (2, 1024): (1, 1024) is 1 away
+    assert sel(2, 1000).variant == V[0]              # (2, 1024): (1, 1024) is 1 away
     # (64, 16384) is 2 away from both (64, 4096) and (64, 65536): the larger seqlen bucket wins
-    assert sel(64, 16384).variant == V[2].as_dict()
+    assert sel(64, 16384).variant == V[2]
     # (16, 8192): (8, 8192) is 1 away, (64, 4096) 3
-    assert sel(16, 8192).variant == V[3].as_dict()
+    assert sel(16, 8192).variant == V[3]
     # the hint is bucketed: 5000 tokens -> 8192; (64, 8192) is 1 from (64, 4096), 3 from (64, 65536), 3 from (8, 8192)
-    assert sel(50, 5000).variant == V[1].as_dict()
+    assert sel(50, 5000).variant == V[1]
 
 
 def test_batch_tie_goes_to_larger_batch_bucket(dbs):
     add_winner(dbs.shipped, 16, 4096, V[0])
     add_winner(dbs.shipped, 64, 4096, V[1])
-    assert sel(32, 4096).variant == V[1].as_dict()
+    assert sel(32, 4096).variant == V[1]
 
 
 def test_equal_distance_prefers_the_call_s_own_batch_bucket(dbs):
@@ -83,7 +83,7 @@ def test_equal_distance_prefers_the_call_s_own_batch_bucket(dbs):
     add_tuned(dbs.shipped, 32, 2048, V[1], {V[2]: 10.5, V[0]: 10.0})
     add_tuned(dbs.shipped, 32, 8192, V[2], {V[1]: 13.0, V[0]: 10.0})
     got = sel(32, 4096)
-    assert got.variant == V[2].as_dict()
+    assert got.variant == V[2]
     assert "2 rows equally near, decided by their trials on 2 workloads" in got.reason
     # the split policy comes from the same row
     assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 32, 4096) == V[2].split_policy
@@ -108,12 +108,12 @@ def test_tie_between_batch_buckets_decided_by_trials(dbs):
     add_tuned(dbs.shipped, 1, 4096, V[0], {V[1]: 20.0})
     add_tuned(dbs.shipped, 4, 4096, V[1], {V[0]: 10.5})
     got = sel(2, 4096)
-    assert got.variant == V[0].as_dict()
+    assert got.variant == V[0]
     assert "2 rows equally near, decided by their trials on 2 workloads" in got.reason
     # the split policy comes from the same row
     assert selection.split_policy(GPU, SMS, CUDA, 128, 1, 2, 4096) == V[0].split_policy
     # a call nearer to one row is not affected
-    assert sel(4, 4096).variant == V[1].as_dict()
+    assert sel(4, 4096).variant == V[1]
 
 
 def test_tie_counts_the_no_hint_steps_trials_but_not_the_bucket_checks(dbs):
@@ -127,7 +127,7 @@ def test_tie_counts_the_no_hint_steps_trials_but_not_the_bucket_checks(dbs):
             assert tdb.record_winner(tdb.add_trial(rid, "s", winner, workload, "ok", time_us=10.0, phase="search"))
     selection.clear_cache()
     got = sel(2, 4096)
-    assert got.variant == V[0].as_dict()
+    assert got.variant == V[0]
     assert "decided by their trials on 1 workloads" in got.reason
 
 
@@ -135,7 +135,7 @@ def test_tie_without_a_workload_measuring_both_keeps_the_larger_bucket(dbs):
     add_tuned(dbs.shipped, 1, 4096, V[0], {V[2]: 20.0})             # V[1] never measured at b1,
     add_tuned(dbs.shipped, 4, 4096, V[1], {V[2]: 10.5})             # V[0] never at b4
     got = sel(2, 4096)
-    assert got.variant == V[1].as_dict() and "equally near" not in got.reason
+    assert got.variant == V[1] and "equally near" not in got.reason
 
 
 def test_no_hint_tie_decided_by_the_tied_buckets_length_rows(dbs):
@@ -146,7 +146,7 @@ def test_no_hint_tie_decided_by_the_tied_buckets_length_rows(dbs):
     add_tuned(dbs.shipped, 4, 2048, V[1], {V[0]: 10.2})
     add_tuned(dbs.shipped, 4, 2048, V[1], {V[0]: 10.2}, h_q=64)      # another shape: not a reference
     got = sel(2, None)
-    assert got.variant == V[0].as_dict()
+    assert got.variant == V[0]
     assert "decided by their trials on 3 workloads" in got.reason
 
 
@@ -194,12 +194,12 @@ def test_user_db_beats_shipped(dbs):
     add_winner(dbs.shipped, 64, 4096, V[1])                     # exact bucket in the shipped DB
     add_winner(dbs.user, 1, 131072, V[2])                       # far bucket, same key, in the user DB
     got = sel(64, 4096)
-    assert (got.source, got.variant) == ("user", V[2].as_dict())
+    assert (got.source, got.variant) == ("user", V[2])
     assert str(dbs.user) in got.reason
     # another key: the user DB has no row for it, the shipped one does
     add_winner(dbs.shipped, 64, 4096, V[3], causal=True, s_q=2)
     got = sel(64, 4096, causal=True, s_q=2)
-    assert (got.source, got.variant) == ("shipped", V[3].as_dict())
+    assert (got.source, got.variant) == ("shipped", V[3])
 
 
 def test_env_var_names_user_db(dbs, monkeypatch, caplog):
@@ -314,20 +314,20 @@ def test_select_for_tensors_reads_shapes_and_the_hint_only(dbs, monkeypatch):
     q = torch.empty(8, 1, 128, 576, dtype=torch.bfloat16, device="meta")
     k = torch.empty(100, 64, 1, 576, dtype=torch.bfloat16, device="meta")
     got = selection.select_for_tensors(q, k, causal=False, mean_seqlen=1900.0)
-    assert (got.source, got.variant) == ("shipped", V[5].as_dict())
+    assert (got.source, got.variant) == ("shipped", V[5])
     got = selection.select_for_tensors(q, k, causal=False)
-    assert (got.source, got.variant) == ("shipped", V[6].as_dict())
+    assert (got.source, got.variant) == ("shipped", V[6])
 
 
 def test_rows_with_and_without_a_hint_never_mix(dbs):
     add_winner(dbs.shipped, 64, 4096, V[1])
     add_winner(dbs.shipped, 64, NO_HINT, V[2])
     add_winner(dbs.shipped, 8, NO_HINT, V[3])
-    assert sel(64, 4096).variant == V[1].as_dict()
-    assert sel(64, 131072).variant == V[1].as_dict()               # far length: still a hinted row
-    assert sel(64, None).variant == V[2].as_dict()
-    assert sel(16, None).variant == V[3].as_dict()                 # nearest batch bucket (8 is 1, 64 is 2)
-    assert sel(32, None).variant == V[2].as_dict()                 # tie (8 and 128 would be...): 64 is 1, 8 is 2
+    assert sel(64, 4096).variant == V[1]
+    assert sel(64, 131072).variant == V[1]               # far length: still a hinted row
+    assert sel(64, None).variant == V[2]
+    assert sel(16, None).variant == V[3]                 # nearest batch bucket (8 is 1, 64 is 2)
+    assert sel(32, None).variant == V[2]                 # tie (8 and 128 would be...): 64 is 1, 8 is 2
     assert "tuned for bf16_p64_hq128_hkv1_sq1_b64_sknohint" in sel(64, None).reason
 
 
@@ -337,7 +337,7 @@ def test_no_hint_without_its_rows_is_the_default_and_says_how_to_pass_one(dbs, c
         got = sel(64, None)
     assert "seqlens_hint" in caplog.text
     assert got.source == "default" and "without a length hint" in got.reason
-    assert sel(64, 4096).variant == V[1].as_dict()
+    assert sel(64, 4096).variant == V[1]
 
 
 def test_split_policy_prefers_rows_of_the_calls_kind(dbs):
@@ -367,6 +367,6 @@ def test_every_shipped_row_is_what_its_own_key_selects(monkeypatch):
             key = WorkloadKey.from_row(r)
             got = selection.select(r["gpu_name"], r["sm_count"], r["cuda_version"], key)
             want = Variant.from_dict(json.loads(r["variant_json"]))
-            assert got.source == "shipped" and Variant.from_dict(got.variant) == want, (key, got.reason)
+            assert got.source == "shipped" and got.variant == want, (key, got.reason)
     finally:
         selection.clear_cache()

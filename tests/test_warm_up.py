@@ -22,7 +22,7 @@ def fake_gpu(monkeypatch):
     def select(gpu, sms, cuda, key):
         seen["keys"].append(key)
         v = WINNERS.get(key.batch_bucket) if key.seqlen_bucket == NO_HINT else Variant(block_n=32, stages=2)
-        return selection.Selection(None if v is None else v.as_dict(), "shipped" if v else "default", "test")
+        return selection.Selection(v, "shipped" if v else "default", "test")
     monkeypatch.setattr(selection, "select", select)
     monkeypatch.setattr(dispatch, "library_for", lambda v: seen["loaded"].append(v.key) or object())
     monkeypatch.setattr(dispatch, "split_policy_for", lambda *a: seen["policy"].append(a))

@@ -61,13 +61,11 @@ def tuned_variant(problem):
     """What the runtime would run for this problem when its caller passes the lengths as the hint of
     ``get_mla_metadata`` (as engines can): the tuning DB's winner, None without an entry."""
     from flash_mla import selection
-    from flash_mla.codegen.variant import Variant
     shape = problem.shape
     gpu, sms, cuda = selection.device_info(problem.q.device.index or 0)
     mean_seqlen = float(problem.cache_seqlens.double().mean())      # the bench may sync; a server passes a hint
     key = selection.key_for_tensors(problem.q, problem.k_cache, shape.causal and shape.s_q > 1, mean_seqlen)
-    sel = selection.select(gpu, sms, cuda, key)
-    return Variant.from_dict(sel.variant) if sel.variant else None
+    return selection.select(gpu, sms, cuda, key).variant
 
 
 def run(shapes: list[Shape], impls: dict, include_reference: bool = True, seed: int = 0, progress=None,
