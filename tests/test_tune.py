@@ -531,8 +531,8 @@ def test_transfer_points_are_the_winners_of_the_nearest_stored_workloads():
     ]
     assert distance(w, rows[1], "GPU B") == 1.5 and distance(w, rows[2], "GPU B") == 3.0
     assert distance(w, rows[0], "GPU B") == 6.5
-    assert transfer_points(w, rows, "GPU B") == [qreg, msep]
-    assert transfer_points(w, rows, "GPU B", n=3) == [qreg, msep, swap]
+    assert transfer_points(w, rows, "GPU B", n=2) == [qreg, msep]
+    assert transfer_points(w, rows, "GPU B") == [qreg, msep, swap]           # all there are, up to four
     assert transfer_points(w, [], "GPU B") == []
 
 
@@ -544,6 +544,22 @@ def test_a_new_study_measures_the_transferred_winners_right_after_the_default(en
     tune.tune_workload(w, storage, db, run_id, GPU, n_trials=3, measurer=SyntheticMeasurer(), confirm_rounds=0,
                        transfer_rows=rows)
     assert searched(db, w)[:2] == [default_variant().key, qreg.key]
+
+
+def test_after_the_transferred_winners_the_study_steps_from_the_best_of_them(env):
+    # a transferred winner beats the default: its nearest points come next, not the default's neighbours
+    storage, db, run_id, _ = env
+    w = Workload(64, 4, 64, 2048, causal=True)
+    seeds = tune.seed_points(w)
+    qreg = next(v for v in seeds if v.qk == "qreg")
+    target = Variant(**{**qreg.as_dict(), "merge": "separate"}).validate()
+    space = search_space(w.dtype, w.page_size)
+    step = tune.incumbent_neighbours(qreg, space, known={seeds[0].key: 1.0, qreg.key: 1.0})
+    assert target in step and set(step) != set(seeds[1:])
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=2 + len(step), measurer=TwoKnobMeasurer(),
+                             confirm_rounds=0, transfer_rows=[_winner_row("Other GPU", 64, 4, 64, 2048, qreg, causal=True)])
+    assert searched(db, w) == [seeds[0].key, qreg.key] + [v.key for v in step]
+    assert res.best["variant"] == target
 
 
 def test_stored_winners_include_the_output_db_and_the_shipped_one(env, monkeypatch):
@@ -622,3 +638,32 @@ def test_the_best_variants_nearest_points_are_measured_next(env):
     # the seeds' best is the qreg seed: its unmeasured nearest points per knob value come next, in KNOBS order
     assert order[len(seeds):] == fresh
     assert res.best["variant"] == target
+
+
+def test_search_replay_runs_the_study_over_measured_times(tmp_path):
+    # bench/search_replay.py: the tuner's study answered from an evaluate.json's times (here synthetic: the best of
+    # the space is one knob from the default, a failed measurement among them)
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from flash_mla.tuner.evaluate import HELD_OUT
+    rows = []
+    for w in HELD_OUT[:2]:
+        space = search_space(w.dtype, w.page_size)
+        times = {v.key: 100.0 + (zlib.crc32(v.key.encode()) % 50) for v in space}
+        best = dataclasses.replace(default_variant(w.dtype, w.page_size), merge="separate")
+        assert best in space
+        times[best.key], times[space[-1].key] = 60.0, None
+        rows.append({"workload": w.key, "shape": f"shape{len(rows)}", "times": times, "best_us": 60.0})
+    path = tmp_path / "evaluate.json"
+    path.write_text(json.dumps({"rows": rows, "summary": {}}))
+    script = Path(__file__).resolve().parents[1] / "bench" / "search_replay.py"
+    out = subprocess.run([sys.executable, str(script), str(path), "--seeds", "1", "--no-transfer"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("shape")]
+    assert len(lines) == 2 and all(line.split()[1] == str(len(search_space()) - 1) for line in lines)
+    assert all(line.split()[2] != "-" and line.split()[-1] == "1.000" for line in lines)   # found within 24
+    assert "on 2/2 workloads" in out.stdout and "transfer from stored winners: off" in out.stdout

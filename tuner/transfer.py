@@ -21,6 +21,7 @@ from flash_mla.codegen.variant import Variant, default_variant, search_space
 
 from .workloads import Workload
 
+TRANSFER_POINTS = 4      # winners a new study measures after the default (bench/search_replay.py: 4 over 2)
 ROWS_WEIGHT = 2.0        # q rows per KV head: what picks the schedule
 CAUSAL_WEIGHT = 1.0
 OTHER_GPU_WEIGHT = 0.5
@@ -52,7 +53,7 @@ def stored_variant(row: Mapping) -> Optional[Variant]:
     return v if v.is_valid() else None
 
 
-def transfer_points(w: Workload, rows: Iterable[Mapping], gpu_name: str, n: int = 2) -> list[Variant]:
+def transfer_points(w: Workload, rows: Iterable[Mapping], gpu_name: str, n: int = TRANSFER_POINTS) -> list[Variant]:
     """Up to ``n`` variants, other than the default, that won on the stored workloads nearest to ``w``."""
     k = w.workload_key
     valid = {v.key for v in search_space(w.dtype, w.page_size)}
