@@ -141,7 +141,7 @@ def _usable(row: dict) -> Optional["Variant"]:
     return v
 
 
-def _matching_rows(source: str, where: dict) -> list[tuple[dict, dict]]:
+def _matching_rows(source: str, where: dict) -> list[tuple[dict, "Variant"]]:
     """(winner row, variant) of ``source`` whose columns equal ``where``; unusable rows dropped."""
     handle = _db(source)
     if handle is None:
@@ -210,13 +210,13 @@ def _trial_medians(handle: db.TuningDB, row: dict) -> dict[str, float]:
 _SHAPE_COLUMNS = ("dtype", "h_q", "h_kv", "s_q", "page_size", "causal")
 
 
-def _break_tie(source: str, tied: list, pool: list, hinted: bool) -> tuple[tuple[dict, dict], str]:
+def _break_tie(source: str, tied: list, pool: list, hinted: bool) -> tuple[tuple[dict, "Variant"], str]:
     """The (row, variant) of the equally near rows ``tied`` (in rank order) whose winner is fastest, relative to
     each reference workload's own winner, over the reference workloads where every tied winner was measured
     (module docstring); the first of ``tied`` where they agree or no such workload exists. The reference
     workloads: with a length hint (``hinted``) the tied rows, without one the rows of ``pool`` ((row, variant)
     pairs) tuned for a length, of the tied rows' shape and batch buckets. Also a note for the reason."""
-    candidates: dict[str, tuple[dict, dict]] = {}
+    candidates: dict[str, tuple[dict, "Variant"]] = {}
     for rf in tied:
         candidates.setdefault(rf[0]["variant_key"], rf)
     if len(candidates) == 1:

@@ -556,8 +556,9 @@ def test_after_the_transferred_winners_the_study_steps_from_the_best_of_them(env
     space = search_space(w.dtype, w.page_size)
     step = tune.incumbent_neighbours(qreg, space, known={seeds[0].key: 1.0, qreg.key: 1.0})
     assert target in step and set(step) != set(seeds[1:])
+    rows = [_winner_row("Other GPU", 64, 4, 64, 2048, qreg, causal=True)]
     res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=2 + len(step), measurer=TwoKnobMeasurer(),
-                             confirm_rounds=0, transfer_rows=[_winner_row("Other GPU", 64, 4, 64, 2048, qreg, causal=True)])
+                             confirm_rounds=0, transfer_rows=rows)
     assert searched(db, w) == [seeds[0].key, qreg.key] + [v.key for v in step]
     assert res.best["variant"] == target
 
