@@ -432,8 +432,7 @@ def cmd_tune(args) -> int:
         transfer_rows = () if args.no_transfer else stored
         # The variant space compiles in the background, the points each study measures first first; a study
         # waits only for the binaries it is about to measure (tune.SpaceBuild).
-        first = [v for w in workloads
-                 for v in (*tune.seed_points(w), *tune.transfer_points(w, transfer_rows, gpu_name))]
+        first = [v for w in workloads for v in tune.first_points(w, transfer_rows, gpu_name)]
         failed = tune.start_space_build(workloads, first, jobs=args.jobs)
         print("compiling the variant space in the background, each study's first points first ...", flush=True)
         try:

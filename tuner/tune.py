@@ -256,6 +256,16 @@ def seed_points(w: Workload) -> list[Variant]:
     return [d] + nearest_per_value(d, search_space(w.dtype, w.page_size))
 
 
+def first_points(w: Workload, transfer_rows: Sequence[Mapping], gpu_name: str) -> list[Variant]:
+    """What a new study of ``w`` measures before its local step: the default, then the stored winners
+    :func:`~flash_mla.tuner.transfer.transfer_points` finds nearest in ``transfer_rows``; where it finds none, the
+    default's one-knob neighbours (:func:`seed_points`). With stored winners to start from, the local step takes it
+    from the best of them and the default (bench/search_replay.py)."""
+    seeds = seed_points(w)
+    first = [seeds[0], *transfer_points(w, transfer_rows, gpu_name)]
+    return first if len(first) > 1 else seeds
+
+
 def incumbent_neighbours(best: Variant, space: Sequence[Variant], known) -> list[Variant]:
     """The best variant so far's :func:`nearest_per_value` points that nobody has measured: the local step a study
     takes once its queued points are measured. The seeds are nearest to the default; a winner further away (on the
@@ -302,7 +312,7 @@ def variant_from_trial(trial: optuna.trial.BaseTrial, w: Workload) -> Variant:
 class SpaceBuild(Mapping):
     """The binaries a tuning run may measure, compiled in the background while it measures.
 
-    ``first`` (the variants the studies measure first: each workload's seeds and transfer points) are compiled
+    ``first`` (the variants the studies measure first: each workload's :func:`first_points`) are compiled
     before the rest of ``space``, ``jobs`` compilations at a time, each variant on its own (one ninja run of one
     job), so that a binary is ready, and may be measured, as soon as its own compilation ends rather than when the
     slowest of a batch does; :meth:`prioritise` moves variants a study is about to measure to the front of what
@@ -464,11 +474,7 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=sampler)
     if worker_index == 0 and not study.get_trials(deepcopy=False):
-        neighbours = seed_points(w)                # the default, then its one-knob neighbours
-        first = [neighbours[0], *transfer_points(w, transfer_rows, gpu_name)]
-        # With stored winners to start from, the local step (below) takes it from the best of them and the default;
-        # the default's own neighbours come first only where nothing was transferred (bench/search_replay.py).
-        for v in first + ([v for v in neighbours if v not in first] if len(first) == 1 else []):
+        for v in first_points(w, transfer_rows, gpu_name):
             study.enqueue_trial({k: getattr(v, k) for k in KNOBS})
     by_key = {v.key: v for v in search_space(w.dtype, w.page_size)}
     valid = set(by_key)
