@@ -546,14 +546,20 @@ def test_a_new_study_measures_the_transferred_winners_right_after_the_default(en
     assert searched(db, w)[:2] == [default_variant().key, qreg.key]
 
 
-def test_after_the_transferred_winners_the_study_steps_from_the_best_of_them(env):
-    # a transferred winner beats the default: its nearest points come next, not the default's neighbours
-    storage, db, run_id, _ = env
+def _qreg_two_knobs_from_the_default():
+    """h_q = 64 s_q = 4: the seeds, the qreg seed, TwoKnobMeasurer's optimum (that seed with the separate merge),
+    the space."""
     w = Workload(64, 4, 64, 2048, causal=True)
     seeds = tune.seed_points(w)
     qreg = next(v for v in seeds if v.qk == "qreg")
     target = Variant(**{**qreg.as_dict(), "merge": "separate"}).validate()
-    space = search_space(w.dtype, w.page_size)
+    return w, seeds, qreg, target, search_space(w.dtype, w.page_size)
+
+
+def test_after_the_transferred_winners_the_study_steps_from_the_best_of_them(env):
+    # a transferred winner beats the default: its nearest points come next, not the default's neighbours
+    storage, db, run_id, _ = env
+    w, seeds, qreg, target, space = _qreg_two_knobs_from_the_default()
     step = tune.incumbent_neighbours(qreg, space, known={seeds[0].key: 1.0, qreg.key: 1.0})
     assert target in step and set(step) != set(seeds[1:])
     rows = [_winner_row("Other GPU", 64, 4, 64, 2048, qreg, causal=True)]
@@ -620,12 +626,8 @@ class TwoKnobMeasurer(SyntheticMeasurer):
 
 def test_the_best_variants_nearest_points_are_measured_next(env):
     storage, db, run_id, _ = env
-    w = Workload(64, 4, 64, 2048, causal=True)
-    seeds = tune.seed_points(w)
-    qreg_seed = next(v for v in seeds if v.qk == "qreg")
-    target = Variant(**{**qreg_seed.as_dict(), "merge": "separate"}).validate()
+    w, seeds, qreg_seed, target, space = _qreg_two_knobs_from_the_default()
     assert target not in seeds                       # two knobs from the default: no seed
-    space = search_space(w.dtype, w.page_size)
     neighbours = tune.incumbent_neighbours(qreg_seed, space, known={})
     assert neighbours == tune.nearest_per_value(qreg_seed, space) and target in neighbours
     assert sum(getattr(target, k) != getattr(qreg_seed, k) for k in tune.KNOBS) == 1
