@@ -48,6 +48,7 @@ def template_context(v: Variant) -> dict:
         "rows_n": v.rows_per_cta,
         "widen_ahead": "true" if v.widen == "ahead" else "false",
         "tma_tile": "true" if v.tma == "tile" else "false",
+        "pv_regs": "true" if v.pv == "regs" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
         # a trace build's stamps (templates/kernels/trace.cuh): qreg phases, or the nsplit start-up timeline
         "trace_macro": "FMLA_TRACE" if v.qk in QREGS else "FMLA_TIMELINE",

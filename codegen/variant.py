@@ -63,6 +63,11 @@ CLUSTERS = (1, 2)
 # refill costs the producer one issue instead of nine. A stage must lie in one page (page size >= block_n), and
 # the cache must be bf16 / fp16.
 TMAS = ("boxes", "tile")
+# Where the full_wg schedule's warpgroup 0 reads its own P for O += P V. "smem": from the stage's rope chunk, like
+# warpgroup 1 (its P V waits on a warpgroup barrier after the P stores). "regs": from the registers its softmax
+# left P in (register-A wgmma; the softmax's accumulator layout is the A operand's, so P is not moved), with no
+# barrier; only warpgroup 1 reads the stored copy.
+PVS = ("smem", "regs")
 
 
 class InvalidVariant(ValueError):
@@ -86,6 +91,7 @@ class Variant:
     widen: str = "inline"       # float8 cache, swapped schedules: "ahead" = warpgroup 1 widens the next tile, one of WIDENS
     cluster: int = 1            # CTAs per cluster sharing each K tile by TMA multicast, one of CLUSTERS
     tma: str = "boxes"          # TMA issues per KV stage: one per 64-channel chunk, or one for the tile, one of TMAS
+    pv: str = "smem"            # full_wg: warpgroup 0's own P for P V from shared memory or its registers, one of PVS
     trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
                                 # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
                                 # and its merge CTAs their steps (bench/timeline.py)
@@ -99,14 +105,14 @@ class Variant:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._trace_tag}{self._min_blocks_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._trace_tag}{self._min_blocks_tag}")
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._trace_tag}")
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._trace_tag}")
 
     @property
     def _trace_tag(self) -> str:
@@ -119,6 +125,10 @@ class Variant:
     @property
     def _tma_tag(self) -> str:
         return "" if self.tma == "boxes" else "_tt"
+
+    @property
+    def _pv_tag(self) -> str:
+        return "" if self.pv == "smem" else "_pr"
 
     @property
     def _widen_tag(self) -> str:
@@ -276,13 +286,19 @@ class Variant:
                 bad(f"warpgroup 0 needs {s_regs} regs/thread for Q and S + {QREG_S_MARGIN}, cap is {reg_cap}")
         if self.cluster not in CLUSTERS:
             bad(f"cluster must be one of {CLUSTERS}")
-        if self.cluster > 1 and self.qk not in QREGS:
-            bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for qk=qreg only")
+        if self.cluster > 1 and self.qk not in QREGS + ("full_wg",):
+            bad("cluster > 1 (K tiles multicast to the CTAs of a cluster) is built for the qreg and full_wg schedules "
+                "only")
         if self.tma not in TMAS:
             bad(f"tma must be one of {TMAS}")
         if self.tma == "tile" and (self.kv_fp8 or self.page_size < self.block_n):
             bad("tma=tile loads a stage with one TMA: the stage must lie in one page (page_size >= block_n) of a "
                 "bf16 / fp16 cache")
+        if self.pv not in PVS:
+            bad(f"pv must be one of {PVS}")
+        if self.pv == "regs" and self.qk != "full_wg":
+            bad("pv=regs: warpgroup 0 reads its own P from registers in the full_wg schedule only (qreg's warpgroup 0 "
+                "computes no P V; full_wg_ahead rewrites P before the previous P V is done)")
         if self.trace and self.qk not in QREGS + ("nsplit",):
             bad("trace (time stamps) is built into the qreg and nsplit schedules only")
         if self.split_overhead < 1:
@@ -313,6 +329,17 @@ KNOBS = {
     # in clusters of two at h_q >= 64; -0.7% to +1.4% on memory-bound and small-batch shapes; -2.1% to +3.1% for
     # qreg without clusters.
     "tma": TMAS,
+    # Second and third, so that the local step tries the other sharing of K tiles and P source early (from a
+    # qreg winner, pv = regs reaches the full_wg schedule in clusters of two).
+    # cluster = 2 (qreg and full_wg: two row blocks share each K tile by TMA multicast): interleaved, repeated A/B against
+    # cluster = 1 on the H100 (bench/results/h100-qreg-halves-2026-11-24.txt section 5): 3-8% faster at h_q = 128
+    # with s_q = 1 (b16 s_k 4096 / 32768 fixed, b128 s_k 8192, b132 s_k 6000 fixed), 1.5-3% slower at s_q = 2 causal
+    # and s_q = 4 h_q = 64.
+    "cluster": (1, 2),
+    # pv = regs (full_wg only): interleaved A/B on the H100 (bench/results/h100-full-wg-cluster-pv-2026-11-25.txt):
+    # 64-token tiles -3.4% to +0.4% against pv = smem on six h_q >= 64 shapes, 32-token ones +0.6% to +6%; the
+    # better one depends on the shape, so both are searched.
+    "pv": PVS,
     "block_n": (32, 64),
     "stages": (1, 2, 3, 4),
     "num_warpgroups": (2, 3, 4),            # 3: the qreg schedule only
@@ -329,11 +356,6 @@ KNOBS = {
     # 15% faster than nsplit at h_q = 16 (bench/results/h100-fp8-kv-cache-2026-11-23.txt).
     # qreg passes the sampled matrix (H100, n64 s2 and n32 s5); n64 s2 is 6-8% faster than nsplit on h_q >= 64.
     "qk": ("nsplit", "full_wg", "swap16", "swap32", "qreg"),
-    # cluster = 2 (qreg only: two row blocks share each K tile by TMA multicast): interleaved, repeated A/B against
-    # cluster = 1 on the H100 (bench/results/h100-qreg-halves-2026-11-24.txt section 5): 3-8% faster at h_q = 128
-    # with s_q = 1 (b16 s_k 4096 / 32768 fixed, b128 s_k 8192, b132 s_k 6000 fixed), 1.5-3% slower at s_q = 2 causal
-    # and s_q = 4 h_q = 64.
-    "cluster": (1, 2),
 }
 
 
@@ -354,7 +376,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
 ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
-             "cluster": CLUSTERS}
+             "cluster": CLUSTERS, "pv": PVS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

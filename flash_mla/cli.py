@@ -563,9 +563,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="time implementations over a shape grid against measured ceilings (SM90 GPU)")
-    p.add_argument("--grid", choices=["default", "quick", "latency", "memory", "overhead"], default="default",
+    p.add_argument("--grid", choices=["default", "quick", "latency", "memory", "compute", "overhead"], default="default",
                    help="default: memory-bound, compute-bound, MTP and fixed-length shapes; latency: its b <= 8 "
-                        "shapes; memory: its h_q <= 32 shapes; quick: one shape per regime; overhead: b1 shapes "
+                        "shapes; memory: its h_q <= 32 shapes; compute: its h_q >= 64 shapes; quick: one shape per "
+                        "regime; overhead: b1 shapes "
                         "and the quick grid")
     p.add_argument("--overhead", action="store_true",
                    help="host overhead instead of kernel time: per-call host, eager and CUDA-graph times of the "

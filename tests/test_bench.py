@@ -54,8 +54,10 @@ def test_latency_grid_is_the_small_batch_part_of_the_default_grid():
     lat = bench.GRIDS["latency"]()
     assert lat and all(s.b <= 8 for s in lat)
     assert set(lat) == {s for s in bench.default_grid() if s.b <= 8}
-    assert set(bench.GRIDS) == {"default", "quick", "latency", "memory", "overhead"}
+    assert set(bench.GRIDS) == {"default", "quick", "latency", "memory", "overhead", "compute"}
     assert set(bench.GRIDS["memory"]()) == {s for s in bench.default_grid() if s.h_q <= 32}
+    assert set(bench.GRIDS["compute"]()) == {s for s in bench.default_grid() if s.h_q >= 64}
+    assert len(bench.GRIDS["memory"]()) + len(bench.GRIDS["compute"]()) == len(bench.default_grid())
 
 
 def _rows():

@@ -60,7 +60,7 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="qreg", num_warpgroups=3, block_n=64, stages=3), "shared memory"),
     (dict(qk="qreg", num_warpgroups=3, block_n=32, stages=6), "shared memory"),
     (dict(dtype="bf16_e4m3", qk="qreg", num_warpgroups=3), "cache must be bf16 / fp16"),
-    (dict(cluster=2), "qk=qreg only"),
+    (dict(cluster=2), "qreg and full_wg schedules only"),
     (dict(qk="qreg", num_warpgroups=3, cluster=4), "cluster must be one of"),
     (dict(qk="qreg_ahead", num_warpgroups=3, block_n=64, stages=2), "warpgroup 0 needs 160 regs"),
     (dict(qk="qreg_ahead", num_warpgroups=3, block_n=32, stages=1), "stages must be >= 2"),
@@ -182,6 +182,8 @@ COMPILE_SUBSET = [
     Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", tma="tile"),
+    Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, qk="full_wg", cluster=2, tma="tile",
+            pv="regs"),
 ]
 
 

@@ -423,13 +423,15 @@ def test_a_new_study_measures_the_default_and_its_nearest_neighbour_per_knob_val
     # every searched value of every knob is seen once, one knob away where that is valid
     for knob, values in tune.KNOBS.items():
         assert {getattr(v, knob) for v in seeds} == set(values), knob
-    # qk=qreg needs three warpgroups: its seed changes exactly those two knobs; cluster=2 needs qk=qreg: its seed
-    # changes those and the cluster
+    # qk=qreg needs three warpgroups: its seed changes exactly those two knobs; cluster=2 and pv=regs need qreg or
+    # full_wg (pv: full_wg only): their seeds are the default with qk=full_wg and that knob (two warpgroups stay)
     (qreg,) = [v for v in seeds if v.qk == "qreg" and v.cluster == 1]
     assert qreg.num_warpgroups == 3 and sum(getattr(qreg, k) != getattr(d, k) for k in tune.KNOBS) == 2
     (x2,) = [v for v in seeds if v.cluster == 2]
-    assert x2.qk == "qreg" and sum(getattr(x2, k) != getattr(d, k) for k in tune.KNOBS) == 3
-    assert max(changed) <= 3
+    assert x2.qk == "full_wg" and sum(getattr(x2, k) != getattr(d, k) for k in tune.KNOBS) == 2
+    (pr,) = [v for v in seeds if v.pv == "regs"]
+    assert pr.qk == "full_wg" and sum(getattr(pr, k) != getattr(d, k) for k in tune.KNOBS) == 2
+    assert max(changed) <= 2
 
 
 class LengthSensitiveMeasurer(NoisyMeasurer):

@@ -46,8 +46,13 @@ def memory_grid() -> list[Shape]:
     return [s for s in default_grid() if s.h_q <= 32]
 
 
+def compute_grid() -> list[Shape]:
+    """The compute-bound (h_q >= 64) shapes of the default grid."""
+    return [s for s in default_grid() if s.h_q >= 64]
+
+
 GRIDS = {"default": default_grid, "quick": quick_grid, "latency": latency_grid, "overhead": overhead_grid,
-         "memory": memory_grid}
+         "memory": memory_grid, "compute": compute_grid}
 
 
 def with_ceilings(row: dict, ceil: dict) -> dict:

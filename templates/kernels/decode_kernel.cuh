@@ -179,12 +179,16 @@ struct DecodeTraits {
   static_assert(!kQreg || (kNWG == 3 && !kKvFp8 && (kD - kQregChannels) % 64 == 0 && kQregChannels % 64 == 0),
                 "qreg: warpgroup 0 computes S from Q partly in registers, warpgroups 1 and 2 the two output halves; "
                 "bf16 / fp16 cache; whole 64-channel chunks on each side");
-  static_assert(kCluster == 1 || (kCluster == 2 && kQreg), "K tiles multicast in clusters of 2: the qreg schedule");
+  static_assert(kCluster == 1 || (kCluster == 2 && (kQreg || Cfg::kQk == Qk::kFullWg)),
+                "K tiles multicast in clusters of 2: the qreg and full_wg schedules");
   static_assert(!kQkAhead || kStages >= 2, "qreg_ahead: the next tile is read while this one is in use");
   // tma = tile: one 5-D TMA per stage (launch.cuh make_kv_tensor_map), which needs the stage inside one page
   static constexpr bool kTmaTile = Cfg::kTmaTile;
   static_assert(!kTmaTile || (!kKvFp8 && kBoxRows == kBN),
                 "tma=tile: one box per stage (page size >= block_n) of a bf16 / fp16 cache");
+  // pv = regs: full_wg's warpgroup 0 takes its own P for P V from the registers its softmax left it in
+  static constexpr bool kPvRegs = Cfg::kPvRegs;
+  static_assert(!kPvRegs || Cfg::kQk == Qk::kFullWg, "pv=regs: the full_wg schedule's warpgroup 0");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -203,6 +207,12 @@ struct DecodeTraits {
   // MN-major view of the K tile, B = P^T).
   using MmaS = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::S;
   using MmaO = typename MmaPlan<kSwap, Element, kBM, kBN, kBNw, kDVw, kD>::O;
+  // O += P V with P from registers (pv = regs): the A fragment of m64nNk16 holds, per thread, the same (row,
+  // column) elements in the same order as the m64n(BLOCK_N) accumulator of S, so P is the S fragment converted.
+  // (Declared with the full_wg shape for every schedule, so that its selector always sees a valid wgmma.)
+  using MmaOr = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
+      Shape<Int<kBlockM>, Int<kDV / 2>, Int<kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
+  static_assert(!Cfg::kPvRegs || (kBM == kBlockM && kDVw == kDV / 2), "pv=regs: 64 rows, two output halves");
 
   using SharedStorage = std::conditional_t<kQreg, SharedStorageQreg<Element, SmemLayoutQr, SmemLayoutK, kStages, kBM>,
       std::conditional_t<kSwap,
@@ -339,6 +349,23 @@ __device__ __forceinline__ typename Cfg::Element* p_buffer(SharedStorage& s) {
   else return p_tile<Cfg>(s, 0);
 }
 
+// A consumer thread is done with stage `st` (its wgmmas on it completed): it arrives on its CTA's empty barrier,
+// and in a cluster one lane per warp also on every other CTA's (whose producer multicasts into this CTA too), so
+// that no CTA refills a stage before the consumers of every CTA have released it.
+template <class Cfg, class Smem>
+__device__ __forceinline__ void release_stage(Smem& s, int st) {
+  cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+  if constexpr (DecodeTraits<Cfg>::kCluster > 1) {
+    __syncwarp();                               // every lane's wgmma reads of the stage are done
+    if (threadIdx.x % 32 == 0) {
+      const uint32_t rank = cute::block_rank_in_cluster();
+      CUTE_UNROLL
+      for (uint32_t c = 0; c < DecodeTraits<Cfg>::kCluster; ++c)
+        if (c != rank) cutlass::arch::ClusterBarrier::arrive(&s.empty[st], c, 1u);
+    }
+  }
+}
+
 // Issue the TMA copies of one stage: tokens [tok0, tok0 + kBN) of request `req`, kv head `hk`.
 // Boxes past the sequence end are skipped (their rows are zeroed after arrival).
 template <class Cfg, class Smem>
@@ -427,11 +454,12 @@ __device__ __forceinline__ void widen_fp8_tile(Smem& s, int stage, int valid, in
 
 // Softmax of tile t of the full_wg schedules (acc_s complete): mask, new row maxima, alpha, P into the
 // stage's rope chunk, alpha into shared memory; then publish both to warpgroup 1.
-template <class Cfg, class AccS, class CoordS, class MmaSType, class Smem>
+// rP receives P in the accumulator's layout (the pv = regs schedule reads it as its P V operand).
+template <class Cfg, class AccS, class CoordS, class MmaSType, class Smem, class RegP>
 __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS const& cS, MmaSType const& mma_s,
                                              Smem& s, int iter, int tok_lo, int tok_hi,
                                              const int (&limit)[2], int r0, int wtid, float scale_log2,
-                                             float (&m_run)[2], float (&l_run)[2], float (&alpha)[2]) {
+                                             float (&m_run)[2], float (&l_run)[2], float (&alpha)[2], RegP& rP) {
   using T = DecodeTraits<Cfg>;
   using Element = typename T::Element;
   using SmemLayoutK = typename T::SmemLayoutK;
@@ -456,7 +484,7 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
     alpha[h] = m_run[h] == -INFINITY ? 0.f : exp2f(m_run[h] * scale_log2 - base[h]);
     m_run[h] = m;
   }
-  Tensor rP = make_tensor_like<Element>(acc_s);
+  static_assert(size(RegP{}) == size(AccS{}), "P has the accumulator's shape");
   float rs[2] = {0.f, 0.f};
   CUTE_UNROLL
   for (int i = 0; i < size(acc_s); ++i) {
@@ -500,8 +528,11 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
   }
   cutlass::arch::fence_view_async_shared();   // generic-proxy stores -> wgmma (async proxy) reads
   cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
-  if constexpr (!DecodeTraits<Cfg>::kQreg)
-    cutlass::arch::NamedBarrier::sync(128, 0);  // every P store of this warpgroup before its own P V
+  // Every P store (pv = smem) and V-tail zero of this warpgroup before its own P V reads them from shared memory.
+  // With P from registers only the zeroed V rows of a request's last tile need it (valid is warpgroup-uniform).
+  if constexpr (!DecodeTraits<Cfg>::kQreg) {
+    if (!DecodeTraits<Cfg>::kPvRegs || valid < kBN) cutlass::arch::NamedBarrier::sync(128, 0);
+  }
 }
 
 // What a CTA reads before its first request (after the programmatic-dependent-launch wait, where the merge path
@@ -791,13 +822,15 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
       cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
       if constexpr (kQk != Qk::kNsplit) {
         cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
-        cutlass::arch::ClusterBarrier::init(&s.empty[st], kThreads);
+        // every thread of this CTA, and in a cluster one lane per warp of each other CTA (release_stage)
+        cutlass::arch::ClusterBarrier::init(&s.empty[st], kThreads + (kThreads / 32) * (T::kCluster - 1));
       }
     }
     cutlass::arch::ClusterTransactionBarrier::init(&s.qfull, 1);
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (T::kCluster > 1) cute::cluster_sync();   // the peer's barriers exist before any multicast or arrive
+  else __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), SmemLayoutQ{});
   MmaS mma_s;
@@ -970,6 +1003,27 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
         float l_run[2] = {0.f, 0.f};
         float alpha[2] = {1.f, 1.f};
         Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBM>, Int<kBNw>>{});
+        Tensor rP = make_tensor_like<Element>(acc_s);   // P of the current tile, the accumulator's layout
+        // pv = regs: this warpgroup's P V reads P from rP, viewed as the register-A fragment of MmaOr (the same
+        // registers in the same order: element i of both is (row, column) of one thread's share of the tile).
+        typename T::MmaOr mma_or;
+        auto thr_or = mma_or.get_thread_slice(wtid);
+        Tensor tOrPr = make_tensor(rP.data(), thr_or.partition_fragment_A(
+            make_tensor(make_smem_ptr(p_tile<Cfg>(s, 0)), SmemLayoutP{})).layout());
+        if constexpr (T::kPvRegs) static_assert(size(tOrPr) == size(rP), "P's register fragments match");
+        // O += P V of tile t with P from registers (pv = regs); issued, not waited.
+        auto issue_pv_regs = [&](int t) {
+          const int st = (iter + t) % kStages;
+          Tensor sVt = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutVt{});
+          Tensor tOrV = thr_or.partition_fragment_B(local_tile(sVt, Shape<Int<kDVw>, Int<kBN>>{}, make_coord(0, 0)));
+          warpgroup_fence_operand(tOrPr);
+          issue_ss<true>(mma_or, tOrPr, tOrV, acc_o);
+          warpgroup_fence_operand(tOrPr);
+        };
+        auto issue_pv0 = [&](int t) {
+          if constexpr (T::kPvRegs) issue_pv_regs(t);
+          else issue_pv(t);
+        };
 
         // S = Q K^T for tile t, all kBN columns; waits for the tile's bytes, issues, does not wait.
         auto issue_qk = [&](int t) {
@@ -989,7 +1043,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
           issue_qk(0);
           warpgroup_wait<0>();
           softmax_tile<Cfg>(0, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run, l_run,
-                            alpha);
+                            alpha, rP);
         }
         for (int j = 0; j + 1 < n_iter; ++j) {
           const int st = (iter + j) % kStages;
@@ -999,27 +1053,27 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
             issue_pv(j);
             warpgroup_wait<1>();                      // QK(j+1) done; its softmax overlaps PV(j)
             softmax_tile<Cfg>(j + 1, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run,
-                              l_run, alpha);
+                              l_run, alpha, rP);
             warpgroup_wait<0>();
             warpgroup_fence_operand(acc_o);
-            cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+            release_stage<Cfg>(s, st);
           } else {
-            issue_pv(j);
+            issue_pv0(j);
             issue_qk(j + 1);                          // waits for tile j+1's bytes while PV(j) runs
             warpgroup_wait<1>();                      // PV(j) done: release the stage at once
             warpgroup_fence_operand(acc_o);
-            cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+            release_stage<Cfg>(s, st);
             warpgroup_wait<0>();
             softmax_tile<Cfg>(j + 1, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run,
-                              l_run, alpha);
+                              l_run, alpha, rP);
           }
         }
         if (n_iter > 0) {
           rescale_o(alpha[0], alpha[1]);
-          issue_pv(n_iter - 1);
+          issue_pv0(n_iter - 1);
           warpgroup_wait<0>();
           warpgroup_fence_operand(acc_o);
-          cutlass::arch::ClusterBarrier::arrive(&s.empty[(iter + n_iter - 1) % kStages]);
+          release_stage<Cfg>(s, (iter + n_iter - 1) % kStages);
         }
 
         // Full row sums across the quad (warpgroup 1 got 1 / sum with the last tile's P).
@@ -1042,7 +1096,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
           issue_pv(j);
           warpgroup_wait<0>();
           warpgroup_fence_operand(acc_o);
-          cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
+          release_stage<Cfg>(s, st);
           if (tid == kProducer && j + kStages < n_iter) {
             cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
             load_stage<Cfg>(&tmap_k, p, s, st, req, hk, tok_lo + (j + kStages) * kBN, seqlen);
@@ -1058,6 +1112,8 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
     if (first_req) timeline_stamp<false>(6);      // the request's output stored (issued)
   }
   timeline_stamp<false>(7);                       // every request done
+  // No CTA of a cluster exits while its peer may still multicast into it or arrive on its barriers.
+  if constexpr (T::kCluster > 1) cute::cluster_sync();
 }
 
 

@@ -132,8 +132,9 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       // The softmax of tile t (its Q K^T waited for), P published.
       auto softmax = [&](int t, auto& acc) {
         trace_stamp(0, iter + t, 3);              // Q K^T done
+        Tensor rP = make_tensor_like<Element>(acc);   // P of the tile (published through shared memory)
         softmax_tile<Cfg>(t, acc, cS, mma_qr, s, iter, span.tok_lo, span.tok_hi, limit, r0, wtid, scale_log2,
-                          m_run, l_run, alpha);
+                          m_run, l_run, alpha, rP);
         trace_stamp(0, iter + t, 4);              // P published
       };
       const int n_iter = span.n_iter;
@@ -229,16 +230,7 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
         warpgroup_wait<0>();
         trace_stamp(wg, it, 3);                   // P V done
         warpgroup_fence_operand(acc_o);
-        cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
-        if constexpr (kCluster > 1) {
-          __syncwarp();                           // every lane's P V reads of the stage are done
-          if (tid % 32 == 0) {
-            const uint32_t rank = cute::block_rank_in_cluster();
-            CUTE_UNROLL
-            for (uint32_t c = 0; c < kCluster; ++c)
-              if (c != rank) cutlass::arch::ClusterBarrier::arrive(&s.empty[st], c, 1u);
-          }
-        }
+        release_stage<Cfg>(s, st);
         if (tid == kProducer && j + kStages < n_iter) {
           cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
           trace_stamp(wg, it, 4);                 // stage released by both output warpgroups
