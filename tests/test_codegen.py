@@ -68,10 +68,26 @@ def test_key_is_stable_and_roundtrips():
     (dict(tma="bulk"), "tma must be one of"),
     (dict(page_size=32, block_n=64, tma="tile"), "tma=tile loads a stage with one TMA"),
     (dict(dtype="bf16_e4m3", qk="swap16", tma="tile"), "tma=tile loads a stage with one TMA"),
+    (dict(qk="full_wg", pv="shared"), "pv must be one of"),
+    (dict(pv="regs"), "pv=regs: warpgroup 0 reads its own P from registers in the full_wg schedule only"),
+    (dict(qk="full_wg_ahead", stages=2, pv="regs"), "full_wg schedule only"),
+    (dict(qk="qreg", num_warpgroups=3, pv="regs"), "full_wg schedule only"),
+    (dict(qk="full_wg_ahead", stages=2, cluster=2), "qreg and full_wg schedules only"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
         Variant(**kwargs).validate()
+
+
+def test_pv_and_full_wg_cluster_render_and_name():
+    v = Variant(qk="full_wg", cluster=2, tma="tile", pv="regs").validate()
+    assert v.key.endswith("_qf_x2_tt_pr") and v.build_key.endswith("_qf_x2_tt_pr")
+    src = render(v)
+    assert "static constexpr bool kPvRegs = true;" in src and "static constexpr int kCluster = 2;" in src
+    assert "static constexpr bool kPvRegs = false;" in render(Variant(qk="full_wg").validate())
+    old = Variant(qk="full_wg").as_dict()
+    old.pop("pv")                          # a DB row written before the knob existed keeps its kernel
+    assert Variant.from_dict(old).pv == "smem"
 
 
 def test_qreg_shared_memory_mirrors_its_struct():
