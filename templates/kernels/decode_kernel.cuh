@@ -13,7 +13,9 @@
 // by warpgroup 0), empty (both warpgroups done with the stage; the producer thread of warpgroup 1 then
 // refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (the stage is released as soon as
 // P V ends); "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of
-// tile j (needs a deeper ring to keep the loads ahead).
+// tile j (needs a deeper ring to keep the loads ahead). full_wg with Cfg::kPvRegs: warpgroup 0's own P V reads P
+// from the registers of its softmax (register-A wgmma), only warpgroup 1 reads the stored copy; with Cfg::kCluster
+// = 2: two row blocks share each K tile by TMA multicast, as in decode_qreg.cuh (release_stage).
 // A float8 e4m3 KV cache (Cfg::KvElement != Element; nsplit only): the TMA ring holds the tiles as stored (one
 // byte per channel, unswizzled 192-channel boxes); at the top of each tile all threads widen it into one
 // bf16 K tile in the swizzled layout the wgmmas read (exact: every e4m3 value is a bf16 value), and the fp8
