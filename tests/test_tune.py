@@ -67,6 +67,19 @@ def env(tmp_path):
     db.close()
 
 
+@pytest.fixture
+def bookkeeping_space(monkeypatch):
+    """The searched space with `cluster` and `pv` held at their first value, for the tests that run a study over the
+    whole space: what they check (nothing measured twice, a resumed study skips what it measured, the sweep's count,
+    the optimum or a real gain found by an exhaustive study) does not depend on the space's size, and
+    TPE's cost per trial grows with it."""
+    from flash_mla.codegen import variant as V
+    small = {**V.KNOBS, "cluster": V.KNOBS["cluster"][:1], "pv": V.KNOBS["pv"][:1]}
+    monkeypatch.setattr(V, "KNOBS", small)
+    monkeypatch.setattr(tune, "KNOBS", small)
+    assert 0 < len(search_space()) < len(search_space(knobs={**small, **{k: V.ALL_KNOBS[k] for k in ("cluster", "pv")}}))
+
+
 def test_suites_cover_the_deepseek_shapes():
     assert {w.h_q for w in suite("dsv3-tp1")} == {128} and {w.h_q for w in suite("dsv3-tp8")} == {16}
     assert all(w.s_q == 2 and w.causal for w in suite("dsv3-mtp"))
@@ -84,7 +97,7 @@ def test_suites_cover_the_deepseek_shapes():
         suite("nope")
 
 
-def test_study_finds_the_synthetic_optimum_and_records_it(env):
+def test_study_finds_the_synthetic_optimum_and_records_it(env, bookkeeping_space):
     storage, db, run_id, _ = env
     w = Workload(128, 1, 32, 4096)
     m = SyntheticMeasurer()
@@ -177,7 +190,7 @@ def test_a_rejected_build_is_never_measured_and_never_wins(env, background):
     assert db.winners()[0]["variant_key"] != best.key
 
 
-def test_study_resumes_without_remeasuring(env):
+def test_study_resumes_without_remeasuring(env, bookkeeping_space):
     storage, db, run_id, tmp_path = env
     w = Workload(128, 2, 128, 8192, causal=True)
     tune.tune_workload(w, storage, db, run_id, GPU, n_trials=5, measurer=SyntheticMeasurer())
@@ -200,7 +213,7 @@ def test_trials_to_within():
     assert tune.trials_to_within([150.0, None], 100.0) is None
 
 
-def test_sweep_reports_trials_to_3pct(env):
+def test_sweep_reports_trials_to_3pct(env, bookkeeping_space):
     storage, db, run_id, _ = env
     w = Workload(16, 1, 128, 8192)
     tune.tune_workload(w, storage, db, run_id, GPU, n_trials=100, measurer=SyntheticMeasurer())
@@ -209,7 +222,7 @@ def test_sweep_reports_trials_to_3pct(env):
     assert 1 <= sw["trials_to_3pct"] <= len(search_space())
 
 
-def test_a_kill_between_the_db_row_and_the_tell_measures_nothing_twice(env, monkeypatch):
+def test_a_kill_between_the_db_row_and_the_tell_measures_nothing_twice(env, monkeypatch, bookkeeping_space):
     storage, db, run_id, tmp_path = env
     w = Workload(16, 1, 4, 2048)
     real_add = db.add_trial
@@ -298,7 +311,7 @@ def test_noise_alone_never_replaces_the_default(env, seed):
     assert {t["source_hash"] for t in db.trials()} == {tune.kernel_source_digest()}
 
 
-def test_a_real_gain_beats_the_noise_and_is_recorded_with_its_spread(env):
+def test_a_real_gain_beats_the_noise_and_is_recorded_with_its_spread(env, bookkeeping_space):
     storage, db, run_id, _ = env
     w = Workload(16, 1, 4, 2048)
     fast = next(v for v in search_space() if v.block_n == 32 and v.stages == 3)
