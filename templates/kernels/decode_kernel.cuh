@@ -190,7 +190,6 @@ struct DecodeTraits {
                 "tma=tile: one box per stage (page size >= block_n) of a bf16 / fp16 cache");
   // pv = regs: full_wg's warpgroup 0 takes its own P for P V from the registers its softmax left it in
   static constexpr bool kPvRegs = Cfg::kPvRegs;
-  static_assert(!kPvRegs || Cfg::kQk == Qk::kFullWg, "pv=regs: the full_wg schedule's warpgroup 0");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -214,7 +213,8 @@ struct DecodeTraits {
   // (Declared with the full_wg shape for every schedule, so that its selector always sees a valid wgmma.)
   using MmaOr = decltype(make_tiled_mma(SM90::GMMA::rs_op_selector<Element, Element, float,
       Shape<Int<kBlockM>, Int<kDV / 2>, Int<kBN>>, GMMA::Major::K, GMMA::Major::MN>()));
-  static_assert(!Cfg::kPvRegs || (kBM == kBlockM && kDVw == kDV / 2), "pv=regs: 64 rows, two output halves");
+  static_assert(!kPvRegs || (Cfg::kQk == Qk::kFullWg && kBM == kBlockM && kDVw == kDV / 2),
+                "pv=regs: the full_wg schedule's warpgroup 0 (64 rows, two output halves)");
 
   using SharedStorage = std::conditional_t<kQreg, SharedStorageQreg<Element, SmemLayoutQr, SmemLayoutK, kStages, kBM>,
       std::conditional_t<kSwap,
@@ -354,6 +354,10 @@ __device__ __forceinline__ typename Cfg::Element* p_buffer(SharedStorage& s) {
 // A consumer thread is done with stage `st` (its wgmmas on it completed): it arrives on its CTA's empty barrier,
 // and in a cluster one lane per warp also on every other CTA's (whose producer multicasts into this CTA too), so
 // that no CTA refills a stage before the consumers of every CTA have released it.
+// Arrivals that complete an empty barrier when `kConsumers` threads of every CTA release a stage (release_stage).
+template <class Cfg, int kConsumers>
+constexpr int kEmptyArrivals = kConsumers + (kConsumers / 32) * (DecodeTraits<Cfg>::kCluster - 1);
+
 template <class Cfg, class Smem>
 __device__ __forceinline__ void release_stage(Smem& s, int st) {
   cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
@@ -824,8 +828,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
       cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
       if constexpr (kQk != Qk::kNsplit) {
         cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
-        // every thread of this CTA, and in a cluster one lane per warp of each other CTA (release_stage)
-        cutlass::arch::ClusterBarrier::init(&s.empty[st], kThreads + (kThreads / 32) * (T::kCluster - 1));
+        cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals<Cfg, kThreads>);   // both warpgroups
       }
     }
     cutlass::arch::ClusterTransactionBarrier::init(&s.qfull, 1);
@@ -1012,7 +1015,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
         auto thr_or = mma_or.get_thread_slice(wtid);
         Tensor tOrPr = make_tensor(rP.data(), thr_or.partition_fragment_A(
             make_tensor(make_smem_ptr(p_tile<Cfg>(s, 0)), SmemLayoutP{})).layout());
-        if constexpr (T::kPvRegs) static_assert(size(tOrPr) == size(rP), "P's register fragments match");
+        static_assert(size(tOrPr) == size(rP), "P's register fragments match");
         // O += P V of tile t with P from registers (pv = regs); issued, not waited.
         auto issue_pv_regs = [&](int t) {
           const int st = (iter + t) % kStages;

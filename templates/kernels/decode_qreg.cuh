@@ -52,15 +52,12 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
   if (cs.end_req < cs.begin_req) return;          // idle partition
 
   constexpr int kCluster = T::kCluster;
-  // Releases of a stage: every thread of warpgroups 1 and 2 of this CTA, and in a cluster one lane per warp of
-  // each other CTA.
-  constexpr int kEmptyArrivals = 256 + 8 * (kCluster - 1);
   if (tid == 0) {
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
       cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
       cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
-      cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals);
+      cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals<Cfg, 256>);   // warpgroups 1 and 2
     }
     cutlass::arch::fence_barrier_init();
   }
