@@ -86,7 +86,8 @@ for step in "$@"; do
                > "$out/kvfp8-$grid.txt" 2>&1
              echo "bench --kv-fp8 rc=$?"; grep -B1 -A80 "^device" "$out/kvfp8-$grid.txt"; grep FAILED "$out/kvfp8-$grid.txt" | head;;
     check:*) IFS=: read -r _ keys <<< "$step"
-             python3 -m flash_mla.cli check --variants "$keys" --jobs 8 > "$out/check-keys.txt" 2>&1
+             # (bounded: a kernel that never completes would otherwise take the whole call)
+             timeout 300 python3 -m flash_mla.cli check --variants "$keys" --jobs 8 > "$out/check-keys.txt" 2>&1
              echo "check rc=$?"; grep -A20 "^variant " "$out/check-keys.txt";;
     profile:*) IFS=: read -r _ keys shapes <<< "$step"
                python3 "$repo/bench/profile_kernels.py" "$keys" ${shapes:-1,1,32,1024 1,1,16,4096 1,1,16,16384 \
@@ -108,7 +109,7 @@ for step in "$@"; do
           tar cf - -C "$repo/.cache" flash_mla | xz -T16 -6 | split -b 15M - "$final/cache.tar.xz."
           ls -la "$final"/cache.tar.xz.*;;
     ab:*) IFS=: read -r _ groups shapes rounds <<< "$step"   # interleaved A/B rounds (bench/ab_rounds.py)
-          python3 "$repo/bench/ab_rounds.py" --rounds "${rounds:-3}" "$groups" $shapes > "$out/ab.txt" 2>&1
+          timeout 400 python3 "$repo/bench/ab_rounds.py" --rounds "${rounds:-3}" "$groups" $shapes > "$out/ab.txt" 2>&1
           echo "ab rc=$?"; cat "$out/ab.txt";;
     trace:*) IFS=: read -r _ shape key <<< "$step"     # qreg phase cycles from the trace build (bench/trace_qreg.py)
            python3 "$repo/bench/trace_qreg.py" "$shape" $key > "$out/trace-$shape.txt" 2>&1

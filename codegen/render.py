@@ -47,7 +47,8 @@ def template_context(v: Variant) -> dict:
                     "swap32": "kSwap", "qreg": "kQreg", "qreg_ahead": "kQregAhead"}[v.qk],
         "rows_n": v.rows_per_cta,
         "widen_ahead": "true" if v.widen == "ahead" else "false",
-        "tma_tile": "true" if v.tma == "tile" else "false",
+        "tma_tile": "true" if v.tma in ("tile", "tile3") else "false",
+        "tile_parts": v.tile_parts,
         "pv_regs": "true" if v.pv == "regs" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
         # a trace build's stamps (templates/kernels/trace.cuh): qreg phases, or the nsplit start-up timeline

@@ -61,8 +61,11 @@ CLUSTERS = (1, 2)
 # 64-row x 128-byte box). "tile": one 5-D TMA per stage (channel-in-chunk, row, chunk, kv head, page: the chunk axis
 # strides 128 bytes inside a row) that lands the same [chunk][row][64] swizzled layout in one instruction, so a
 # refill costs the producer one issue instead of nine. A stage must lie in one page (page size >= block_n), and
-# the cache must be bf16 / fp16.
-TMAS = ("boxes", "tile")
+# the cache must be bf16 / fp16. "tile3" (full_wg and qreg schedules): the same tile in three 5-D TMAs of three chunks
+# (192 channels) each, each landing on its own full barrier, so that Q K^T starts on the first third while the rest
+# lands (FlashMLA waits per 64-channel chunk the same way).
+TMAS = ("boxes", "tile", "tile3")
+TILE_TMAS = ("tile", "tile3")
 # Where the full_wg schedule's warpgroup 0 reads its own P for O += P V. "smem": from the stage's rope chunk, like
 # warpgroup 1 (its P V waits on a warpgroup barrier after the P stores). "regs": from the registers its softmax
 # left P in (register-A wgmma; the softmax's accumulator layout is the A operand's, so P is not moved), with no
@@ -124,7 +127,7 @@ class Variant:
 
     @property
     def _tma_tag(self) -> str:
-        return "" if self.tma == "boxes" else "_tt"
+        return {"boxes": "", "tile": "_tt", "tile3": "_tt3"}.get(self.tma, "_t" + self.tma)
 
     @property
     def _pv_tag(self) -> str:
@@ -187,6 +190,11 @@ class Variant:
 
     # -- resources ------------------------------------------------------------------------------
     @property
+    def tile_parts(self) -> int:
+        """TMAs (each on its own full barrier) that load one KV stage with tma = tile / tile3."""
+        return 3 if self.tma == "tile3" else 1
+
+    @property
     def threads(self) -> int:
         return 128 * self.num_warpgroups
 
@@ -209,7 +217,7 @@ class Variant:
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages + 8          # + the Q barrier
         else:                                   # full_wg, qreg: P lives in each stage's rope chunk
             p = 0
-            tail = 2 * self.stages * BLOCK_M * 4 + 3 * 8 * self.stages   # alpha and row_inv per stage
+            tail = 2 * self.stages * BLOCK_M * 4 + (2 + self.tile_parts) * 8 * self.stages   # alpha, row_inv, barriers
             tail += 8 if self.qk not in QREGS else 0                      # full_wg: the Q barrier
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
@@ -248,6 +256,8 @@ class Variant:
                 "Q in registers, two hold the output)")
         if self.qk in QREGS and self.kv_fp8:
             bad(f"qk={self.qk} reads the K tile as it lands: the cache must be bf16 / fp16")
+        if self.qk in QREGS and self.block_n == 64 and self.stages == 1:
+            bad(f"qk={self.qk} with one 64-token stage spills (ptxas, nvcc 13.0: 24 B stored at the 168-register cap)")
         if self.qk == "qreg_ahead" and self.stages < 2:
             bad("qk=qreg_ahead reads tile j+1 while tile j is in use: stages must be >= 2")
         if self.num_warpgroups == 1:
@@ -291,9 +301,12 @@ class Variant:
                 "only")
         if self.tma not in TMAS:
             bad(f"tma must be one of {TMAS}")
-        if self.tma == "tile" and (self.kv_fp8 or self.page_size < self.block_n):
-            bad("tma=tile loads a stage with one TMA: the stage must lie in one page (page_size >= block_n) of a "
-                "bf16 / fp16 cache")
+        if self.tma in TILE_TMAS and (self.kv_fp8 or self.page_size < self.block_n):
+            bad(f"tma={self.tma} loads a stage with 5-D TMAs: the stage must lie in one page (page_size >= block_n) of "
+                "a bf16 / fp16 cache")
+        if self.tma == "tile3" and self.qk not in QREGS + ("full_wg", "full_wg_ahead"):
+            bad("tma=tile3 (a full barrier per third of the tile, Q K^T starting on the first) is built for the full_wg "
+                "and qreg schedules only")
         if self.pv not in PVS:
             bad(f"pv must be one of {PVS}")
         if self.pv == "regs" and self.qk != "full_wg":
@@ -328,6 +341,8 @@ KNOBS = {
     # (bench/results/h100-tma-tile-2026-11-24.txt): 2-5% faster for the two-warpgroup nsplit schedule and for qreg
     # in clusters of two at h_q >= 64; -0.7% to +1.4% on memory-bound and small-batch shapes; -2.1% to +3.1% for
     # qreg without clusters.
+    # tile3 against tile, interleaved A/B on the H100 (bench/results/h100-tile3-2026-11-25.txt): full_wg 1.1-5.1%
+    # faster on five h_q >= 64 shapes, in clusters of two or not; qreg -0.5% to +2.4%.
     "tma": TMAS,
     # Second and third, so that the local step tries the other sharing of K tiles and P source early (from a
     # qreg winner, pv = regs reaches the full_wg schedule in clusters of two).
@@ -376,7 +391,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
 ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
-             "cluster": CLUSTERS, "pv": PVS}
+             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

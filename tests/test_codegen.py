@@ -66,9 +66,12 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="qreg_ahead", num_warpgroups=3, block_n=32, stages=1), "stages must be >= 2"),
     (dict(qk="qreg_ahead"), "qreg_ahead and three warpgroups go together"),
     (dict(tma="bulk"), "tma must be one of"),
-    (dict(page_size=32, block_n=64, tma="tile"), "tma=tile loads a stage with one TMA"),
-    (dict(dtype="bf16_e4m3", qk="swap16", tma="tile"), "tma=tile loads a stage with one TMA"),
+    (dict(page_size=32, block_n=64, tma="tile"), "tma=tile loads a stage with 5-D TMAs"),
+    (dict(dtype="bf16_e4m3", qk="swap16", tma="tile"), "tma=tile loads a stage with 5-D TMAs"),
     (dict(qk="full_wg", pv="shared"), "pv must be one of"),
+    (dict(tma="tile3"), "tma=tile3 .* full_wg and qreg schedules only"),
+    (dict(qk="full_wg", page_size=32, block_n=64, tma="tile3"), "tma=tile3 loads a stage with 5-D TMAs"),
+    (dict(qk="qreg", num_warpgroups=3, block_n=64, stages=1), "one 64-token stage spills"),
     (dict(pv="regs"), "pv=regs: warpgroup 0 reads its own P from registers in the full_wg schedule only"),
     (dict(qk="full_wg_ahead", stages=2, pv="regs"), "full_wg schedule only"),
     (dict(qk="qreg", num_warpgroups=3, pv="regs"), "full_wg schedule only"),
@@ -88,6 +91,20 @@ def test_pv_and_full_wg_cluster_render_and_name():
     old = Variant(qk="full_wg").as_dict()
     old.pop("pv")                          # a DB row written before the knob existed keeps its kernel
     assert Variant.from_dict(old).pv == "smem"
+
+
+def test_tile3_names_a_binary_and_renders_three_parts():
+    tile = Variant(qk="full_wg", cluster=2, tma="tile", pv="regs", merge="wide_pdl").validate()
+    three = Variant(**{**tile.as_dict(), "tma": "tile3"}).validate()
+    assert three.key == tile.key.replace("_tt_", "_tt3_") and three.build_key.endswith("_x2_tt3_pr")
+    assert three.smem_bytes() == tile.smem_bytes() and three.tile_parts == 3 and tile.tile_parts == 1
+    src = render(three)
+    assert "static constexpr bool kTmaTile = true;" in src and "static constexpr int kTileParts = 3;" in src
+    assert "static constexpr int kTileParts = 1;" in render(tile)
+    qreg = Variant(qk="qreg", num_warpgroups=3, block_n=32, stages=5, tma="tile3").validate()
+    assert qreg.key.endswith("_qr_tt3") and variants_by_key([three.key, qreg.key]) == [three, qreg]
+    # searched, and reached from a tile incumbent in one local step (tma is the first knob)
+    assert three in search_space(page_size=64) and list(KNOBS)[0] == "tma"
 
 
 def test_qreg_shared_memory_mirrors_its_struct():
@@ -198,7 +215,7 @@ COMPILE_SUBSET = [
     Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg_ahead"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", tma="tile"),
-    Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, qk="full_wg", cluster=2, tma="tile",
+    Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, qk="full_wg", cluster=2, tma="tile3",
             pv="regs"),
 ]
 

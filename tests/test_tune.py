@@ -69,15 +69,15 @@ def env(tmp_path):
 
 @pytest.fixture
 def bookkeeping_space(monkeypatch):
-    """The searched space with `cluster` and `pv` held at their first value, for the tests that run a study over the
-    whole space: what they check (nothing measured twice, a resumed study skips what it measured, the sweep's count,
-    the optimum or a real gain found by an exhaustive study) does not depend on the space's size, and
-    TPE's cost per trial grows with it."""
+    """The searched space with `cluster` and `pv` held at their first value and `tma` at its first two, for the tests
+    that run a study over the whole space: what they check (nothing measured twice, a resumed study skips what it
+    measured, the sweep's count, the optimum or a real gain found by an exhaustive study) does not depend on the
+    space's size, and TPE's cost per trial grows with it."""
     from flash_mla.codegen import variant as V
-    small = {**V.KNOBS, "cluster": V.KNOBS["cluster"][:1], "pv": V.KNOBS["pv"][:1]}
+    small = {**V.KNOBS, "cluster": V.KNOBS["cluster"][:1], "pv": V.KNOBS["pv"][:1], "tma": V.KNOBS["tma"][:2]}
     monkeypatch.setattr(V, "KNOBS", small)
     monkeypatch.setattr(tune, "KNOBS", small)
-    assert 0 < len(search_space()) < len(search_space(knobs={**small, **{k: V.ALL_KNOBS[k] for k in ("cluster", "pv")}}))
+    assert 0 < len(search_space()) < len(search_space(knobs={**small, **{k: V.ALL_KNOBS[k] for k in ("cluster", "pv", "tma")}}))
 
 
 def test_suites_cover_the_deepseek_shapes():

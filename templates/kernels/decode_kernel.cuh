@@ -88,13 +88,13 @@ struct alignas(1024) SharedStorageSwap {
 };
 
 // Shared memory of the full_wg schedules: P lives in each stage's rope chunk; mbarrier pipeline.
-template <class Element, class LQ, class LK, int kStages, int kBM>
+template <class Element, class LQ, class LK, int kStages, int kBM, int kParts>
 struct alignas(1024) SharedStorageFullWg {
   alignas(1024) Element q[cosize_v<LQ>];
   alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK
   float alpha[kStages][kBM];              // per-row rescale of O for the stage's tile (from warpgroup 0)
   float row_inv[kStages][kBM];            // 1 / row sum of a request, with the P of its last tile (warpgroup 0)
-  alignas(8) uint64_t full[kStages];      // TMA bytes landed
+  alignas(8) uint64_t full[kStages * kParts];   // TMA bytes landed, per part of a stage (full_bar)
   uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
   uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
   uint64_t qfull;                         // the request's Q tile landed (Q by TMA)
@@ -103,13 +103,13 @@ struct alignas(1024) SharedStorageFullWg {
 // Shared memory of the qreg schedule (decode_qreg.cuh): Q's first kQregChannels channels live in warpgroup 0's
 // registers, only the rest is here, which leaves room for a deeper ring; P lives in each stage's rope chunk;
 // mbarrier pipeline.
-template <class Element, class LQr, class LK, int kStages, int kBM>
+template <class Element, class LQr, class LK, int kStages, int kBM, int kParts>
 struct alignas(1024) SharedStorageQreg {
   alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK
   alignas(1024) Element q[cosize_v<LQr>];           // Q's channels kQregChannels..575 (64 rows)
   float alpha[kStages][kBM];              // per-row rescale of O for the stage's tile (from warpgroup 0)
   float row_inv[kStages][kBM];            // 1 / row sum of a request, with the P of its last tile (warpgroup 0)
-  alignas(8) uint64_t full[kStages];      // TMA bytes landed
+  alignas(8) uint64_t full[kStages * kParts];   // TMA bytes landed, per part of a stage (full_bar)
   uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
   uint64_t empty[kStages];                // stage consumed (256 arrivals: warpgroups 1 and 2)
 };
@@ -188,6 +188,13 @@ struct DecodeTraits {
   static constexpr bool kTmaTile = Cfg::kTmaTile;
   static_assert(!kTmaTile || (!kKvFp8 && kBoxRows == kBN),
                 "tma=tile: one box per stage (page size >= block_n) of a bf16 / fp16 cache");
+  // tma = tile3: the stage in kTileParts 5-D TMAs of kChunks / kTileParts chunks each, each landing on its own full
+  // barrier (full_bar), so that Q K^T starts on the first part while the others land (full_wg and qreg schedules)
+  static constexpr int kTileParts = Cfg::kTileParts;
+  static constexpr int kPartChunks = kChunks / kTileParts;
+  static_assert(kTileParts == 1 || (kTmaTile && kChunks % kTileParts == 0 &&
+                                    (kQreg || Cfg::kQk == Qk::kFullWg || Cfg::kQk == Qk::kFullWgAhead)),
+                "tma=tile3: whole chunks per part of a tile load, in the full_wg and qreg schedules");
   // pv = regs: full_wg's warpgroup 0 takes its own P for P V from the registers its softmax left it in
   static constexpr bool kPvRegs = Cfg::kPvRegs;
 
@@ -216,7 +223,8 @@ struct DecodeTraits {
   static_assert(!kPvRegs || (Cfg::kQk == Qk::kFullWg && kBM == kBlockM && kDVw == kDV / 2),
                 "pv=regs: the full_wg schedule's warpgroup 0 (64 rows, two output halves)");
 
-  using SharedStorage = std::conditional_t<kQreg, SharedStorageQreg<Element, SmemLayoutQr, SmemLayoutK, kStages, kBM>,
+  using SharedStorage = std::conditional_t<kQreg,
+      SharedStorageQreg<Element, SmemLayoutQr, SmemLayoutK, kStages, kBM, kTileParts>,
       std::conditional_t<kSwap,
       SharedStorageSwap<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP,
                         kKvFp8 ? (Cfg::kWidenAhead ? 2 : 1) : kStages, kStages, kBM,
@@ -225,20 +233,27 @@ struct DecodeTraits {
       SharedStorageNsplitFp8<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM, kBN * kD>,
       std::conditional_t<Cfg::kQk == Qk::kNsplit,
           SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
-          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM>>>>>;
+          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM, kTileParts>>>>>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
   static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
 
+// No work before a k-block (issue_ss's default hook).
+struct NoHook {
+  __device__ __forceinline__ void operator()(int) const {}
+};
+
 // Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
-// does not wait for it.
-template <bool kAccumulate, class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc) {
+// does not wait for it. `before(Int<kb>{})` runs before k-block kb's wgmma is issued (tma = tile3: the wait for the
+// part of the K tile that k-block reads; the loop is unrolled, so its tests on kb are resolved at compile time).
+template <bool kAccumulate, class Mma, class TA, class TB, class TC, class Hook = NoHook>
+__device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc, Hook const& before = {}) {
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
   mma.accumulate_ = kAccumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
   CUTE_UNROLL
   for (int kb = 0; kb < size<2>(tA); ++kb) {
+    before(kb);
     cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), acc);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
@@ -247,20 +262,26 @@ __device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, T
 
 // acc = Q K^T in two parts into one fragment, one batch, not waited for: channels with Q from registers (`mma_n`,
 // register-A fragments tQn), then those with Q from shared memory (`mma_r`, descriptors tQr) (the qreg schedules).
-template <class MmaN, class TQn, class TKn, class MmaR, class TQr, class TKr, class TC>
+// `before(kb)` as in issue_ss, kb counting the k-blocks of both parts.
+template <class MmaN, class TQn, class TKn, class MmaR, class TQr, class TKr, class TC, class Hook = NoHook>
 __device__ __forceinline__ void issue_qk_split(MmaN& mma_n, TQn const& tQn, TKn const& tKn, MmaR& mma_r,
-                                               TQr const& tQr, TKr const& tKr, TC& acc) {
+                                               TQr const& tQr, TKr const& tKr, TC& acc, Hook const& before = {}) {
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
   mma_n.accumulate_ = GMMA::ScaleOut::Zero;
+  constexpr int kKbN = decltype(size<2>(tQn))::value;
   CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(tQn); ++kb) {
+  for (int kb = 0; kb < kKbN; ++kb) {
+    before(kb);
     cute::gemm(mma_n, tQn(_, _, kb), tKn(_, _, kb), acc);
     mma_n.accumulate_ = GMMA::ScaleOut::One;
   }
   mma_r.accumulate_ = GMMA::ScaleOut::One;
   CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(tQr); ++kb) cute::gemm(mma_r, tQr(_, _, kb), tKr(_, _, kb), acc);
+  for (int kb = 0; kb < size<2>(tQr); ++kb) {
+    before(kKbN + kb);
+    cute::gemm(mma_r, tQr(_, _, kb), tKr(_, _, kb), acc);
+  }
   warpgroup_commit_batch();
 }
 
@@ -372,6 +393,29 @@ __device__ __forceinline__ void release_stage(Smem& s, int st) {
   }
 }
 
+// The full barrier of part `part` of stage `st` (one part per stage except with tma = tile3).
+template <class Cfg, class Smem>
+__device__ __forceinline__ uint64_t* full_bar(Smem& s, int st, int part = 0) {
+  return &s.full[st * DecodeTraits<Cfg>::kTileParts + part];
+}
+
+// issue_ss / issue_qk_split hook of tma = tile3 for the tile of global stage counter `it`: before the first k-block
+// of a later part of the K tile (kb: 16 channels each), wait for that part's bytes (the caller waited for part 0).
+template <class Cfg, class Smem>
+struct WaitTilePart {
+  Smem& s;
+  int it;
+  __device__ __forceinline__ void operator()(int kb) const {
+    using T = DecodeTraits<Cfg>;
+    constexpr int kKbPerPart = T::kPartChunks * 64 / 16;
+    if constexpr (T::kTileParts > 1) {
+      if (kb > 0 && kb % kKbPerPart == 0)
+        cutlass::arch::ClusterTransactionBarrier::wait(full_bar<Cfg>(s, it % T::kStages, kb / kKbPerPart),
+                                                       (it / T::kStages) & 1);
+    }
+  }
+};
+
 // Issue the TMA copies of one stage: tokens [tok0, tok0 + kBN) of request `req`, kv head `hk`.
 // Boxes past the sequence end are skipped (their rows are zeroed after arrival).
 template <class Cfg, class Smem>
@@ -382,7 +426,6 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
   constexpr uint32_t kBoxBytes = T::kBoxBytes;
   const int valid = min(kBN, seqlen - tok0);
   const int boxes = (valid + kBoxRows - 1) / kBoxRows;
-  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[stage], boxes * kChunks * kBoxBytes);
   const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride;
   // A tile read by one CTA (or one cluster) only is streamed (evict first); where several row blocks or clusters
   // (gridDim.z > kCluster) read the same tile at about the same time, it stays in L2 for the others (evict normal).
@@ -392,19 +435,27 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
   // same offsets of all the cluster's CTAs (and their full barriers).
   const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
   if constexpr (T::kTmaTile) {
-    // One box (64 channels, kBN rows, kChunks chunks) lands the [chunk][row][64] layout of the stage; in a cluster
-    // the CTAs take turns by tile.
+    // One box (64 channels, kBN rows, kPartChunks chunks) per part lands the [chunk][row][64] layout of its chunks
+    // (tile: one part, the whole stage), each part on its own full barrier; in a cluster the CTAs take turns by tile.
+    constexpr int kParts = T::kTileParts, kPartChunks = T::kPartChunks;
     const int page = bt[tok0 / kPage];
-    if (T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank) {
+    const bool issuer = T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank;
+    CUTE_UNROLL
+    for (int g = 0; g < kParts; ++g) {
+      uint64_t* bar = full_bar<Cfg>(s, stage, g);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPartChunks * kBoxBytes);
+      if (!issuer) continue;
+      typename T::Element* dst = s.k[stage] + g * kPartChunks * (kBN * 64);
       if constexpr (T::kCluster == 1) {
-        SM90_TMA_LOAD_5D::copy(tmap, &s.full[stage], hint, s.k[stage], 0, tok0 % kPage, 0, hk, page);
+        SM90_TMA_LOAD_5D::copy(tmap, bar, hint, dst, 0, tok0 % kPage, g * kPartChunks, hk, page);
       } else {
-        SM90_TMA_LOAD_MULTICAST_5D::copy(tmap, &s.full[stage], uint16_t((1u << T::kCluster) - 1), hint, s.k[stage],
-                                         0, tok0 % kPage, 0, hk, page);
+        SM90_TMA_LOAD_MULTICAST_5D::copy(tmap, bar, uint16_t((1u << T::kCluster) - 1), hint, dst,
+                                         0, tok0 % kPage, g * kPartChunks, hk, page);
       }
     }
     return;
   }
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[stage], boxes * kChunks * kBoxBytes);
   for (int j = 0; j < boxes; ++j) {
     const int tok = tok0 + j * kBoxRows;
     const int page = bt[tok / kPage];
@@ -825,7 +876,8 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
   if (tid == 0) {
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
-      cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
+      CUTE_UNROLL
+      for (int g = 0; g < T::kTileParts; ++g) cutlass::arch::ClusterTransactionBarrier::init(full_bar<Cfg>(s, st, g), 1);
       if constexpr (kQk != Qk::kNsplit) {
         cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
         cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals<Cfg, kThreads>);   // both warpgroups
@@ -1033,12 +1085,12 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
         // S = Q K^T for tile t, all kBN columns; waits for the tile's bytes, issues, does not wait.
         auto issue_qk = [&](int t) {
           const int it = iter + t, st = it % kStages;
-          cutlass::arch::ClusterTransactionBarrier::wait(&s.full[st], (it / kStages) & 1);
+          cutlass::arch::ClusterTransactionBarrier::wait(full_bar<Cfg>(s, st), (it / kStages) & 1);
           Tensor tSrK = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{}));
           // Q's descriptors are rebuilt from an opaque pointer per tile: otherwise all 36 are hoisted out of the
           // tile loop and shuffled between uniform and vector registers (~250 moves per tile).
           Tensor tSrQ = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQ{}));
-          issue_ss<false>(mma_s, tSrQ, tSrK, acc_s);
+          issue_ss<false>(mma_s, tSrQ, tSrK, acc_s, WaitTilePart<Cfg, SharedStorage>{s, it});
         };
 
         // The last tile is peeled off so that no wgmma sits in a branch with a different wait (ptxas would

@@ -55,7 +55,8 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
   if (tid == 0) {
     CUTE_UNROLL
     for (int st = 0; st < kStages; ++st) {
-      cutlass::arch::ClusterTransactionBarrier::init(&s.full[st], 1);
+      CUTE_UNROLL
+      for (int g = 0; g < T::kTileParts; ++g) cutlass::arch::ClusterTransactionBarrier::init(full_bar<Cfg>(s, st, g), 1);
       cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
       cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals<Cfg, 256>);   // warpgroups 1 and 2
     }
@@ -116,14 +117,14 @@ __device__ __forceinline__ void decode_qreg_tiles(const CUtensorMap& tmap_k, con
       auto issue_qk = [&](int t, auto& acc) {
         const int it = iter + t, st = it % kStages;
         trace_stamp(0, it, 0);                    // trace: wait for the tile ...
-        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[st], (it / kStages) & 1);
+        cutlass::arch::ClusterTransactionBarrier::wait(full_bar<Cfg>(s, st), (it / kStages) & 1);   // (part 0)
         trace_stamp(0, it, 1);                    // ... landed
         Tensor sK = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{});
         Tensor tSrKn = thr_qn.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQc>>{}, make_coord(0, 0)));
         Tensor tSrKr = thr_qr.partition_fragment_B(local_tile(sK, Shape<Int<kBN>, Int<kQs>>{}, make_coord(0, kQc / kQs)));
         // Q's shared-memory descriptors from an opaque pointer per tile (hoisted, they would live in registers).
         Tensor tSsQr = thr_qr.partition_fragment_A(make_tensor(make_smem_ptr(opaque_ptr(s.q)), SmemLayoutQr{}));
-        issue_qk_split(mma_qn, tSrQ, tSrKn, mma_qr, tSsQr, tSrKr, acc);
+        issue_qk_split(mma_qn, tSrQ, tSrKn, mma_qr, tSsQr, tSrKr, acc, WaitTilePart<Cfg, SharedStorage>{s, it});
         trace_stamp(0, it, 2);                    // Q K^T issued
       };
       // The softmax of tile t (its Q K^T waited for), P published.
