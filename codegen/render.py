@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from .variant import QREGS, Variant
+from .variant import QREGS, TILE_TMAS, Variant
 
 
 def templates_dir() -> Path:
@@ -47,7 +47,7 @@ def template_context(v: Variant) -> dict:
                     "swap32": "kSwap", "qreg": "kQreg", "qreg_ahead": "kQregAhead"}[v.qk],
         "rows_n": v.rows_per_cta,
         "widen_ahead": "true" if v.widen == "ahead" else "false",
-        "tma_tile": "true" if v.tma in ("tile", "tile3") else "false",
+        "tma_tile": "true" if v.tma in TILE_TMAS else "false",
         "tile_parts": v.tile_parts,
         "pv_regs": "true" if v.pv == "regs" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],

@@ -244,7 +244,7 @@ struct NoHook {
 };
 
 // Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
-// does not wait for it. `before(Int<kb>{})` runs before k-block kb's wgmma is issued (tma = tile3: the wait for the
+// does not wait for it. `before(kb)` runs before k-block kb's wgmma is issued (tma = tile3: the wait for the
 // part of the K tile that k-block reads; the loop is unrolled, so its tests on kb are resolved at compile time).
 template <bool kAccumulate, class Mma, class TA, class TB, class TC, class Hook = NoHook>
 __device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc, Hook const& before = {}) {
@@ -407,7 +407,7 @@ struct WaitTilePart {
   int it;
   __device__ __forceinline__ void operator()(int kb) const {
     using T = DecodeTraits<Cfg>;
-    constexpr int kKbPerPart = T::kPartChunks * 64 / 16;
+    constexpr int kKbPerPart = T::kPartChunks * T::kBoxCh / 16;   // k-blocks of 16 channels (bf16 / fp16 wgmma K)
     if constexpr (T::kTileParts > 1) {
       if (kb > 0 && kb % kKbPerPart == 0)
         cutlass::arch::ClusterTransactionBarrier::wait(full_bar<Cfg>(s, it % T::kStages, kb / kKbPerPart),
