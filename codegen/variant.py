@@ -106,16 +106,20 @@ class Variant:
     @property
     def key(self) -> str:
         """Readable, stable name; doubles as the C++ namespace of the generated code."""
-        return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
-                f"_o{self.split_overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._trace_tag}{self._min_blocks_tag}")
+        return self._name(launch_knobs=True)
 
     @property
     def build_key(self) -> str:
         """Name of the compiled binary: launch-time knobs (the split policy) do not change the code."""
+        return self._name(launch_knobs=False)
+
+    def _name(self, launch_knobs: bool) -> str:
+        """The knobs' tags in one fixed order; the split policy's (``_o``, ``_b``) only with ``launch_knobs``."""
+        overhead = f"_o{self.split_overhead}" if launch_knobs else ""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
-                f"_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._trace_tag}")
+                f"{overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._trace_tag}"
+                f"{self._min_blocks_tag if launch_knobs else ''}")
 
     @property
     def _trace_tag(self) -> str:

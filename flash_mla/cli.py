@@ -538,6 +538,7 @@ def cmd_db(args) -> int:
 
 def main(argv=None) -> int:
     from flash_mla.codegen.variant import DTYPES, PAGE_SIZES
+    from flash_mla.tuner.bench import GRIDS
     from flash_mla.tuner.workloads import SUITES
     ap = _Parser(prog="flash-mla", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -563,7 +564,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="time implementations over a shape grid against measured ceilings (SM90 GPU)")
-    p.add_argument("--grid", choices=["default", "quick", "latency", "memory", "compute", "overhead"], default="default",
+    p.add_argument("--grid", choices=list(GRIDS), default="default",
                    help="default: memory-bound, compute-bound, MTP and fixed-length shapes; latency: its b <= 8 "
                         "shapes; memory: its h_q <= 32 shapes; compute: its h_q >= 64 shapes; quick: one shape per "
                         "regime; overhead: b1 shapes "
