@@ -63,9 +63,12 @@ CLUSTERS = (1, 2)
 # refill costs the producer one issue instead of nine. A stage must lie in one page (page size >= block_n), and
 # the cache must be bf16 / fp16. "tile3" (full_wg and qreg schedules): the same tile in three 5-D TMAs of three chunks
 # (192 channels) each, each landing on its own full barrier, so that Q K^T starts on the first third while the rest
-# lands (FlashMLA waits per 64-channel chunk the same way).
-TMAS = ("boxes", "tile", "tile3")
-TILE_TMAS = ("tile", "tile3")
+# lands (FlashMLA waits per 64-channel chunk the same way). "tile9": nine parts of one chunk (64 channels) each, a
+# full barrier per chunk as FlashMLA has them.
+TMAS = ("boxes", "tile", "tile3", "tile9")
+TILE_TMAS = ("tile", "tile3", "tile9")
+#: tma value -> TMAs (each on its own full barrier) that load one KV stage (boxes: one barrier for the nine boxes)
+TILE_PARTS = {"boxes": 1, "tile": 1, "tile3": 3, "tile9": 9}
 # Where the full_wg schedule's warpgroup 0 reads its own P for O += P V. "smem": from the stage's rope chunk, like
 # warpgroup 1 (its P V waits on a warpgroup barrier after the P stores). "regs": from the registers its softmax
 # left P in (register-A wgmma; the softmax's accumulator layout is the A operand's, so P is not moved), with no
@@ -131,7 +134,7 @@ class Variant:
 
     @property
     def _tma_tag(self) -> str:
-        return {"boxes": "", "tile": "_tt", "tile3": "_tt3"}.get(self.tma, "_t" + self.tma)
+        return {"boxes": "", "tile": "_tt", "tile3": "_tt3", "tile9": "_tt9"}.get(self.tma, "_t" + self.tma)
 
     @property
     def _pv_tag(self) -> str:
@@ -195,8 +198,8 @@ class Variant:
     # -- resources ------------------------------------------------------------------------------
     @property
     def tile_parts(self) -> int:
-        """TMAs (each on its own full barrier) that load one KV stage with tma = tile / tile3."""
-        return 3 if self.tma == "tile3" else 1
+        """TMAs (each on its own full barrier) that load one KV stage with tma = tile / tile3 / tile9."""
+        return TILE_PARTS.get(self.tma, 1)
 
     @property
     def threads(self) -> int:
@@ -308,9 +311,12 @@ class Variant:
         if self.tma in TILE_TMAS and (self.kv_fp8 or self.page_size < self.block_n):
             bad(f"tma={self.tma} loads a stage with 5-D TMAs: the stage must lie in one page (page_size >= block_n) of "
                 "a bf16 / fp16 cache")
-        if self.tma == "tile3" and self.qk not in QREGS + ("full_wg", "full_wg_ahead"):
-            bad("tma=tile3 (a full barrier per third of the tile, Q K^T starting on the first) is built for the full_wg "
-                "and qreg schedules only")
+        if self.tile_parts > 1 and self.qk not in QREGS + ("full_wg", "full_wg_ahead"):
+            bad(f"tma={self.tma} (a full barrier per part of the tile, Q K^T starting on the first) is built for the "
+                "full_wg and qreg schedules only")
+        if self.tma == "tile9" and self.qk in QREGS:
+            bad("tma=tile9 in the qreg schedules spills (warpgroup 0 at its 168-register cap: 32 B with 64-token "
+                "stages in clusters of two); use tile3 there")
         if self.pv not in PVS:
             bad(f"pv must be one of {PVS}")
         if self.pv == "regs" and self.qk != "full_wg":
@@ -347,7 +353,8 @@ KNOBS = {
     # qreg without clusters.
     # tile3 against tile, interleaved A/B on the H100 (bench/results/h100-tile3-2026-11-25.txt): full_wg 1.1-5.1%
     # faster on five h_q >= 64 shapes, in clusters of two or not; qreg -0.5% to +2.4%.
-    "tma": TMAS,
+    # tile9 (a barrier per 64-channel chunk) is built and checked but not searched until measured against tile3.
+    "tma": ("boxes", "tile", "tile3"),
     # Second and third, so that the local step tries the other sharing of K tiles and P source early (from a
     # qreg winner, pv = regs reaches the full_wg schedule in clusters of two).
     # cluster = 2 (qreg and full_wg: two row blocks share each K tile by TMA multicast): interleaved, repeated A/B against

@@ -71,6 +71,9 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="full_wg", pv="shared"), "pv must be one of"),
     (dict(tma="tile3"), "tma=tile3 .* full_wg and qreg schedules only"),
     (dict(qk="full_wg", page_size=32, block_n=64, tma="tile3"), "tma=tile3 loads a stage with 5-D TMAs"),
+    (dict(tma="tile9"), "tma=tile9 .* full_wg and qreg schedules only"),
+    (dict(qk="full_wg", block_n=64, stages=2, page_size=32, tma="tile9"), "tma=tile9 loads a stage with 5-D TMAs"),
+    (dict(qk="qreg", num_warpgroups=3, block_n=64, stages=2, cluster=2, tma="tile9"), "tma=tile9 in the qreg schedules spills"),
     (dict(qk="qreg", num_warpgroups=3, block_n=64, stages=1), "one 64-token stage spills"),
     (dict(pv="regs"), "pv=regs: warpgroup 0 reads its own P from registers in the full_wg schedule only"),
     (dict(qk="full_wg_ahead", stages=2, pv="regs"), "full_wg schedule only"),
@@ -105,6 +108,19 @@ def test_tile3_names_a_binary_and_renders_three_parts():
     assert qreg.key.endswith("_qr_tt3") and variants_by_key([three.key, qreg.key]) == [three, qreg]
     # searched, and reached from a tile incumbent in one local step (tma is the first knob)
     assert three in search_space(page_size=64) and list(KNOBS)[0] == "tma"
+
+
+def test_tile9_waits_per_chunk_and_is_built_but_not_searched():
+    tile = Variant(qk="full_wg", cluster=2, tma="tile", pv="regs").validate()
+    nine = Variant(**{**tile.as_dict(), "tma": "tile9"}).validate()
+    assert nine.key == tile.key.replace("_tt_", "_tt9_") and nine.tile_parts == 9
+    # eight more full barriers per stage fit in the 1 KiB-aligned tail the tile's barriers already take
+    assert nine.smem_bytes() == tile.smem_bytes()
+    src = render(nine)
+    assert "static constexpr int kTileParts = 9;" in src and "static constexpr bool kTmaTile = true;" in src
+    ahead = Variant(qk="full_wg_ahead", block_n=32, stages=3, tma="tile9").validate()
+    assert variants_by_key([nine.key, ahead.key]) == [nine, ahead]
+    assert nine not in search_space(page_size=64) and "tile9" not in KNOBS["tma"]
 
 
 def test_qreg_shared_memory_mirrors_its_struct():
@@ -209,7 +225,8 @@ COMPILE_SUBSET = [
     Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="full_wg"),
     Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4, merge="wide_pdl"),
     Variant(dtype="fp16", page_size=64, block_n=32, stages=4, num_warpgroups=4),
-    Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead"),
+    Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead",
+            tma="tile9"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="swap16"),
     Variant(dtype="bf16_e4m3", page_size=32, block_n=64, stages=1, num_warpgroups=2, qk="swap32", widen="ahead"),
     Variant(dtype="fp16", page_size=32, block_n=32, stages=5, num_warpgroups=3, merge="wide_pdl", qk="qreg_ahead"),

@@ -188,13 +188,13 @@ struct DecodeTraits {
   static constexpr bool kTmaTile = Cfg::kTmaTile;
   static_assert(!kTmaTile || (!kKvFp8 && kBoxRows == kBN),
                 "tma=tile: one box per stage (page size >= block_n) of a bf16 / fp16 cache");
-  // tma = tile3: the stage in kTileParts 5-D TMAs of kChunks / kTileParts chunks each, each landing on its own full
+  // tma = tile3 / tile9: the stage in kTileParts 5-D TMAs of kChunks / kTileParts chunks each, each landing on its own full
   // barrier (full_bar), so that Q K^T starts on the first part while the others land (full_wg and qreg schedules)
   static constexpr int kTileParts = Cfg::kTileParts;
   static constexpr int kPartChunks = kChunks / kTileParts;
   static_assert(kTileParts == 1 || (kTmaTile && kChunks % kTileParts == 0 &&
                                     (kQreg || Cfg::kQk == Qk::kFullWg || Cfg::kQk == Qk::kFullWgAhead)),
-                "tma=tile3: whole chunks per part of a tile load, in the full_wg and qreg schedules");
+                "tma=tile3 / tile9: whole chunks per part of a tile load, in the full_wg and qreg schedules");
   // pv = regs: full_wg's warpgroup 0 takes its own P for P V from the registers its softmax left it in
   static constexpr bool kPvRegs = Cfg::kPvRegs;
 
@@ -393,13 +393,13 @@ __device__ __forceinline__ void release_stage(Smem& s, int st) {
   }
 }
 
-// The full barrier of part `part` of stage `st` (one part per stage except with tma = tile3).
+// The full barrier of part `part` of stage `st` (one part per stage except with tma = tile3 / tile9).
 template <class Cfg, class Smem>
 __device__ __forceinline__ uint64_t* full_bar(Smem& s, int st, int part = 0) {
   return &s.full[st * DecodeTraits<Cfg>::kTileParts + part];
 }
 
-// issue_ss / issue_qk_split hook of tma = tile3 for the tile of global stage counter `it`: before the first k-block
+// issue_ss / issue_qk_split hook of tma = tile3 / tile9 for the tile of global stage counter `it`: before the first k-block
 // of a later part of the K tile (kb: 16 channels each), wait for that part's bytes (the caller waited for part 0).
 template <class Cfg, class Smem>
 struct WaitTilePart {
