@@ -303,6 +303,26 @@ def test_compare():
     assert not m["ok"] and m["out_mismatches"] == 1 and abs(m["out_max_abs"] - 0.5) < 1e-6
 
 
+def test_compare_lse_near_zero():
+    """An lse near 0 is the difference of two float32 terms of the size of the largest score: its error is
+    theirs (H100, every variant: 7.6e-6 at 0.0165), within the absolute bound; 10x that bound still fails, and
+    away from 0 the relative bound governs."""
+    out = torch.zeros(1, 1, 2, DV)
+    lse_ref = torch.tensor([[[0.0165], [8.0]]]).reshape(1, 2, 1)
+    near = lse_ref.clone()
+    near[0, 0, 0] += 7.6e-6
+    assert compare(out.bfloat16(), out, near, lse_ref, torch.bfloat16)["ok"]
+    far = lse_ref.clone()
+    far[0, 0, 0] += 1e-3
+    m = compare(out.bfloat16(), out, far, lse_ref, torch.bfloat16)
+    assert not m["ok"] and m["lse_mismatches"] == 1
+    big = lse_ref.clone()
+    big[0, 1, 0] += 8.0 * 8 / 65536 * 2                     # twice the relative bound at lse = 8
+    assert compare(out.bfloat16(), out, big, lse_ref, torch.bfloat16)["lse_mismatches"] == 1
+    big[0, 1, 0] = 8.0 + 8.0 * 8 / 65536 / 2
+    assert compare(out.bfloat16(), out, big, lse_ref, torch.bfloat16)["ok"]
+
+
 @pytest.mark.gpu
 def test_reference_cuda_matches_cpu():
     lens = [0, 77, 300]
