@@ -493,6 +493,43 @@ def test_a_winner_must_hold_across_its_length_bucket(env, elsewhere, wins, bookk
         assert len(bucket) == 2 * tune.BUCKET_ROUNDS          # stopped at the first edge it loses
 
 
+class TwoWinnersMeasurer(LengthSensitiveMeasurer):
+    """As LengthSensitiveMeasurer (``fast_key`` 15% faster at its own length, 5% slower at the bucket's edges), and
+    ``second_key`` 10% faster than everything at every length."""
+
+    def __init__(self, fast_key, second_key, own_sk, seed=0):
+        super().__init__(fast_key, own_sk, 1.05, seed)
+        self.second_key = second_key
+
+    def measure(self, variant, shape, seed=0):
+        r = super().measure(variant, shape, seed)
+        if Variant.from_dict(variant).key == self.second_key:
+            r["us"] = 90.0 * (1 + self.rng.uniform(-0.002, 0.002))
+        return r
+
+
+def test_a_candidate_that_fails_its_bucket_gives_way_to_the_next(env, bookkeeping_space):
+    # (H100, s_q = 2 causal b128 s_k 4096: the best candidate was turned down at a bucket edge and the default was
+    # stored, 15% slower than the second candidate)
+    storage, db, run_id, _ = env
+    w = Workload(16, 1, 4, 2048)
+    space = search_space(w.dtype, w.page_size)
+    fast = next(v for v in space if v.block_n == 32 and v.stages == 3)
+    second = next(v for v in space if v.block_n == 32 and v.stages == 2)
+    m = TwoWinnersMeasurer(fast.key, second.key, w.mean_sk)
+    res = tune.tune_workload(w, storage, db, run_id, GPU, n_trials=len(space), measurer=m)
+    tune.record(db, run_id, res, GPU)
+    (row,) = db.winners()
+    assert row["variant_key"] == second.key, row["rule"]
+    assert row["rule"].startswith("faster than the default")
+    assert f"(after {fast.key} faster at s_k = 2048 but " in row["rule"]
+    assert "slower than the default at s_k = 1536 (same length bucket))" in row["rule"]
+    bucket = [t for t in db.trials() if t["phase"] == "bucket"]
+    # the first candidate lost at the first edge; the second was checked at both
+    assert len([t for t in bucket if t["variant_key"] == fast.key]) == tune.BUCKET_ROUNDS
+    assert len([t for t in bucket if t["variant_key"] == second.key]) == 2 * tune.BUCKET_ROUNDS
+
+
 def test_optuna_dashboard_opens_the_journal(env):
     # The studies the tuner writes open in optuna-dashboard by the journal's path (README); skipped where the
     # dashboard is not installed (it is not a dependency).
