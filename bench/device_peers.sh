@@ -15,7 +15,10 @@
 # OUTDIR/cache.tar.xz.aa, .ab, ... (15 MiB parts; the bf16 / page-64 space's 120 binaries: one 8.6 MB part). Put the
 # parts in .cachexz/ (git-ignored) and carry .cachexz: every later call unpacks them into
 # .cache before its steps, so nothing of that space is compiled again; the cache is content-addressed, so after a
-# kernel source change the archived binaries are simply not found and are rebuilt),
+# kernel source change the archived binaries are simply not found and are rebuilt; the same archive can be made on the
+# development machine when its nvcc and CUTLASS are the device's (the cache folder's hash includes both: compare the
+# nvcc / cutlass columns of a device run's runs table): FLASH_MLA_CACHE_DIR=/tmp/pc/flash_mla flash-mla build --variants
+# all --dtypes bf16 --page-sizes 64 --jobs 2, then tar cf - -C /tmp/pc flash_mla | xz -6 | split -b 15M - .cachexz/cache.tar.xz.),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
