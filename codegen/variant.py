@@ -134,7 +134,9 @@ class Variant:
 
     @property
     def _tma_tag(self) -> str:
-        return {"boxes": "", "tile": "_tt", "tile3": "_tt3", "tile9": "_tt9"}.get(self.tma, "_t" + self.tma)
+        if self.tma in TILE_TMAS:                     # tile, tile3, tile9 -> _tt, _tt3, _tt9
+            return "_tt" + self.tma.removeprefix("tile")
+        return "" if self.tma == "boxes" else "_t" + self.tma
 
     @property
     def _pv_tag(self) -> str:

@@ -578,23 +578,21 @@ def tune_workload(w: Workload, storage, db: TuningDB, run_id: int, gpu_name: str
             choice = choose_winner(confirmed, d.key)
             # A candidate the bucket check rejects gives way to the next confirmed one that beats the default
             # beyond the noise (then to the default); the rejections stay in the rule.
-            turned_down: list = []
+            rejected, whys = set(), []
             while (choice is not None and choice["key"] != d.key and choice["default_us"] is not None
                    and bucket_rounds > 0):
                 why = bucket_check(worker, w, by_key[choice["key"]], d, db, run_id, name, seed, source_hash,
                                    bucket_rounds)
                 if why is None:
                     break
-                turned_down.append((choice["key"], why))
-                choice = choose_winner({k: ts for k, ts in confirmed.items()
-                                        if k not in {key for key, _ in turned_down}}, d.key)
-            if turned_down and choice is not None:
-                whys = "; ".join(why for _, why in turned_down)
+                rejected.add(choice["key"])
+                whys.append(why)
+                choice = choose_winner({k: ts for k, ts in confirmed.items() if k not in rejected}, d.key)
+            if whys:                                      # (the default stays in confirmed: choice is not None)
                 if choice["key"] == d.key:
-                    choice.update(us=choice["default_us"], spread=choice["default_spread"], rule=whys)
-                else:                                          # "default kept: X ..." -> "after X ..."
-                    choice["rule"] += " (after " + "; ".join(why.removeprefix("default kept: ")
-                                                             for _, why in turned_down) + ")"
+                    choice["rule"] = "; ".join(whys)
+                else:                                     # "default kept: X ..." -> "after X ..."
+                    choice["rule"] += " (after " + "; ".join(why.removeprefix("default kept: ") for why in whys) + ")"
     finally:
         _stop(hb)
         worker.stop()
