@@ -50,6 +50,8 @@ def template_context(v: Variant) -> dict:
         "tma_tile": "true" if v.tma in TILE_TMAS else "false",
         "tile_parts": v.tile_parts,
         "pv_regs": "true" if v.pv == "regs" else "false",
+        "release_early": "true" if v.release == "early" else "false",
+        "pv_behind_qk": "true" if v.wg1_pv == "with_softmax" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
         # a trace build's stamps (templates/kernels/trace.cuh): qreg phases, or the nsplit start-up timeline
         "trace_macro": "FMLA_TRACE" if v.qk in QREGS else "FMLA_TIMELINE",

@@ -74,6 +74,19 @@ TILE_PARTS = {"boxes": 1, "tile": 1, "tile3": 3, "tile9": 9}
 # left P in (register-A wgmma; the softmax's accumulator layout is the A operand's, so P is not moved), with no
 # barrier; only warpgroup 1 reads the stored copy.
 PVS = ("smem", "regs")
+# When the full_wg schedule's warpgroup 0 releases the stage of tile j. "behind_qk": it issues Q K^T of tile j+1 right
+# behind its P V of tile j (waiting for tile j+1's bytes first) and releases the stage once that P V is done.
+# "early": it waits for its P V of tile j and releases the stage before it waits for tile j+1, so the refill of the
+# stage never waits for a late tile j+1.
+RELEASES = ("behind_qk", "early")
+# What warpgroup 1's P V of tile j overlaps in the full_wg schedule. "with_qk": warpgroup 0 publishes P at the end of
+# its softmax, so warpgroup 1's P V runs beside warpgroup 0's P V and Q K^T of tile j+1, and the tensor cores idle
+# through the softmax of tile j+1. "with_softmax": P of tile j is published once Q K^T of tile j+1 is done, so
+# warpgroup 1's P V runs during that softmax (the stage is released later).
+WG1_PVS = ("with_qk", "with_softmax")
+# Knobs of the full_wg schedule alone: the other schedules take only their first value, so enumerating them does not
+# multiply the whole space.
+FULL_WG_KNOBS = ("release", "wg1_pv")
 
 
 class InvalidVariant(ValueError):
@@ -98,6 +111,8 @@ class Variant:
     cluster: int = 1            # CTAs per cluster sharing each K tile by TMA multicast, one of CLUSTERS
     tma: str = "boxes"          # TMA issues per KV stage: one per 64-channel chunk, or one for the tile, one of TMAS
     pv: str = "smem"            # full_wg: warpgroup 0's own P for P V from shared memory or its registers, one of PVS
+    release: str = "behind_qk"  # full_wg: warpgroup 0 releases a stage behind Q K^T of the next tile or early, one of RELEASES
+    wg1_pv: str = "with_qk"     # full_wg: warpgroup 1's P V beside Q K^T of the next tile or the softmax, one of WG1_PVS
     trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
                                 # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
                                 # and its merge CTAs their steps (bench/timeline.py)
@@ -121,7 +136,8 @@ class Variant:
         overhead = f"_o{self.split_overhead}" if launch_knobs else ""
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"{overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
-                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._trace_tag}"
+                f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._order_tag}"
+                f"{self._trace_tag}"
                 f"{self._min_blocks_tag if launch_knobs else ''}")
 
     @property
@@ -141,6 +157,10 @@ class Variant:
     @property
     def _pv_tag(self) -> str:
         return "" if self.pv == "smem" else "_pr"
+
+    @property
+    def _order_tag(self) -> str:
+        return ("_re" if self.release == "early" else "") + ("_ws" if self.wg1_pv == "with_softmax" else "")
 
     @property
     def _widen_tag(self) -> str:
@@ -324,6 +344,12 @@ class Variant:
         if self.pv == "regs" and self.qk != "full_wg":
             bad("pv=regs: warpgroup 0 reads its own P from registers in the full_wg schedule only (qreg's warpgroup 0 "
                 "computes no P V; full_wg_ahead rewrites P before the previous P V is done)")
+        if self.release not in RELEASES:
+            bad(f"release must be one of {RELEASES}")
+        if self.wg1_pv not in WG1_PVS:
+            bad(f"wg1_pv must be one of {WG1_PVS}")
+        if (self.release, self.wg1_pv) != (RELEASES[0], WG1_PVS[0]) and self.qk != "full_wg":
+            bad(f"release={self.release} / wg1_pv={self.wg1_pv} reorder the full_wg schedule's warpgroup 0 only")
         if self.trace and self.qk not in QREGS + ("nsplit",):
             bad("trace (time stamps) is built into the qreg and nsplit schedules only")
         if self.split_overhead < 1:
@@ -390,12 +416,20 @@ KNOBS = {
 def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = None) -> list[Variant]:
     """All valid variants for one (dtype, page size), in a deterministic order."""
     knobs = knobs or KNOBS
-    names = list(knobs)
+    names = [n for n in knobs if n not in FULL_WG_KNOBS]
+    extra = [n for n in knobs if n in FULL_WG_KNOBS]
     out = []
     for values in itertools.product(*(knobs[n] for n in names)):
         v = Variant(dtype=dtype, page_size=page_size, **dict(zip(names, values)))
-        if v.is_valid():
+        if not v.is_valid():
+            continue
+        if v.qk != "full_wg" or not extra:
             out.append(v)
+            continue
+        for more in itertools.product(*(knobs[n] for n in extra)):   # the full_wg schedule's own knobs
+            w = dataclasses.replace(v, **dict(zip(extra, more)))
+            if w.is_valid():
+                out.append(w)
     return out
 
 
@@ -404,7 +438,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
 ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
-             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS}
+             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS, "release": RELEASES, "wg1_pv": WG1_PVS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

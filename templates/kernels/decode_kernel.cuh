@@ -197,6 +197,14 @@ struct DecodeTraits {
                 "tma=tile3 / tile9: whole chunks per part of a tile load, in the full_wg and qreg schedules");
   // pv = regs: full_wg's warpgroup 0 takes its own P for P V from the registers its softmax left it in
   static constexpr bool kPvRegs = Cfg::kPvRegs;
+  // release = early (full_wg): warpgroup 0 waits for its own P V of tile j and releases the stage before it waits for
+  // tile j+1, so a late tile j+1 does not hold back the refill of tile j's stage.
+  static constexpr bool kReleaseEarly = Cfg::kReleaseEarly;
+  // wg1_pv = with_softmax (full_wg): warpgroup 0 publishes P of tile j only once Q K^T of tile j+1 is done, so that
+  // warpgroup 1's P V of tile j runs during warpgroup 0's softmax of tile j+1 instead of beside its Q K^T.
+  static constexpr bool kPvBehindQk = Cfg::kPvBehindQk;
+  static_assert(!(kReleaseEarly || kPvBehindQk) || Cfg::kQk == Qk::kFullWg,
+                "release = early and wg1_pv = with_softmax reorder the full_wg schedule's warpgroup 0");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -584,7 +592,8 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
     }
   }
   cutlass::arch::fence_view_async_shared();   // generic-proxy stores -> wgmma (async proxy) reads
-  cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
+  // (wg1_pv = with_softmax: the caller arrives later, once Q K^T of the next tile is done)
+  if constexpr (!DecodeTraits<Cfg>::kPvBehindQk) cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
   // Every P store (pv = smem) and V-tail zero of this warpgroup before its own P V reads them from shared memory.
   // With P from registers only the zeroed V rows of a request's last tile need it (valid is warpgroup-uniform).
   if constexpr (!DecodeTraits<Cfg>::kQreg) {
@@ -1116,16 +1125,26 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
             release_stage<Cfg>(s, st);
           } else {
             issue_pv0(j);
-            issue_qk(j + 1);                          // waits for tile j+1's bytes while PV(j) runs
-            warpgroup_wait<1>();                      // PV(j) done: release the stage at once
-            warpgroup_fence_operand(acc_o);
-            release_stage<Cfg>(s, st);
+            if constexpr (T::kReleaseEarly) {
+              warpgroup_wait<0>();                    // PV(j) done: release the stage before waiting for tile j+1
+              warpgroup_fence_operand(acc_o);
+              release_stage<Cfg>(s, st);
+              issue_qk(j + 1);
+            } else {
+              issue_qk(j + 1);                        // waits for tile j+1's bytes while PV(j) runs
+              warpgroup_wait<1>();                    // PV(j) done: release the stage at once
+              warpgroup_fence_operand(acc_o);
+              release_stage<Cfg>(s, st);
+            }
             warpgroup_wait<0>();
+            // wg1_pv = with_softmax: P(j) to warpgroup 1 now, so its P V(j) overlaps the softmax of tile j+1
+            if constexpr (T::kPvBehindQk) cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
             softmax_tile<Cfg>(j + 1, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run,
                               l_run, alpha, rP);
           }
         }
         if (n_iter > 0) {
+          if constexpr (T::kPvBehindQk) cutlass::arch::ClusterBarrier::arrive(&s.pready[(iter + n_iter - 1) % kStages]);
           rescale_o(alpha[0], alpha[1]);
           issue_pv0(n_iter - 1);
           warpgroup_wait<0>();
