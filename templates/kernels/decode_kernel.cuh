@@ -11,8 +11,9 @@
 // both warpgroups then accumulate their half of the output channels from it. The pipeline runs on
 // mbarriers instead of __syncthreads: full (TMA bytes landed), pready (P and the row rescale published
 // by warpgroup 0), empty (both warpgroups done with the stage; the producer thread of warpgroup 1 then
-// refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (the stage is released as soon as
-// P V ends); "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of
+// refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (warpgroup 0 releases the stage once its P V
+// ends; with Cfg::kReleaseEarly before it waits for tile j+1's bytes, otherwise behind Q K^T of tile j+1; with
+// Cfg::kPvBehindQk warpgroup 1 gets P of tile j only once Q K^T of tile j+1 is done); "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of
 // tile j (needs a deeper ring to keep the loads ahead). full_wg with Cfg::kPvRegs: warpgroup 0's own P V reads P
 // from the registers of its softmax (register-A wgmma), only warpgroup 1 reads the stored copy; with Cfg::kCluster
 // = 2: two row blocks share each K tile by TMA multicast, as in decode_qreg.cuh (release_stage).
@@ -252,7 +253,7 @@ struct NoHook {
 };
 
 // Issue acc = A * B (kAccumulate: acc += A * B) over every k-block of the tiled MMA as one wgmma batch;
-// does not wait for it. `before(kb)` runs before k-block kb's wgmma is issued (tma = tile3: the wait for the
+// does not wait for it. `before(kb)` runs before k-block kb's wgmma is issued (tma = tile3 / tile9: the wait for the
 // part of the K tile that k-block reads; the loop is unrolled, so its tests on kb are resolved at compile time).
 template <bool kAccumulate, class Mma, class TA, class TB, class TC, class Hook = NoHook>
 __device__ __forceinline__ void issue_ss(Mma& mma, TA const& tA, TB const& tB, TC& acc, Hook const& before = {}) {
