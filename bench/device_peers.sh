@@ -19,6 +19,7 @@
 # development machine when its nvcc and CUTLASS are the device's (the cache folder's hash includes both: compare the
 # nvcc / cutlass columns of a device run's runs table): FLASH_MLA_CACHE_DIR=/tmp/pc/flash_mla flash-mla build --variants
 # all --dtypes bf16 --page-sizes 64 --jobs 2, then tar cf - -C /tmp/pc flash_mla | xz -6 | split -b 15M - .cachexz/cache.tar.xz.),
+# savecache (the binary cache as it is, packed the same way: after a tune step, the binaries its space build made),
 # probe (bench/probe_wgmma.cu: P V and Q K^T of the qreg schedule alone, cycles per tile against the peak),
 # tunefault:WORKLOAD:TRIALS:FAULTS (a tuner run with $FLASH_MLA_TUNER_FAULT=FAULTS into OUTDIR/fault.sqlite),
 # flashmla-tests (FlashMLA's tests/test_flash_mla.py against this package, bf16 and fp16), pytest (-m gpu), pytest:EXPR (-m gpu -k EXPR),
@@ -53,6 +54,10 @@ export FLASH_MLA_CUTLASS_INCLUDE=/tmp/peer-cutlass/cutlass_library/source/includ
 export FLASH_MLA_CACHE_DIR=$repo/.cache/flash_mla FLASHINFER_JIT_DIR=/tmp/fi-jit
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 final=$out; out=$final/logs; mkdir -p "$out"         # everything but the bench tables goes into one archive
+pack_cache() {   # the binary cache as OUTDIR/cache.tar.xz.aa, .ab, ... (15 MiB parts) for .cachexz/
+  tar cf - -C "$repo/.cache" flash_mla | xz -T16 -6 | split -b 15M - "$final/cache.tar.xz."
+  echo "binary cache: $(ls "$repo/.cache/flash_mla" | wc -l) entries"; ls -la "$final"/cache.tar.xz.*
+}
 trap 'cp "$out"/bench-*.txt "$out"/bench.json "$final"/ 2>/dev/null; tar czf "$final/logs.tgz" -C "$out" .' EXIT
 cd "$(mktemp -d)"                                   # flash_mla must come from /tmp/fmla-site
 wide_defaults=$(python3 -c "
@@ -109,8 +114,8 @@ for step in "$@"; do
           python3 -m flash_mla.cli build --variants all --dtypes "${dtype:-bf16}" --page-sizes "${page:-64}" --jobs 16 \
             > "$out/build.txt" 2>&1
           echo "packcache build rc=$?"; tail -1 "$out/build.txt"
-          tar cf - -C "$repo/.cache" flash_mla | xz -T16 -6 | split -b 15M - "$final/cache.tar.xz."
-          ls -la "$final"/cache.tar.xz.*;;
+          pack_cache;;
+    savecache) pack_cache;;   # the binary cache as it is (what earlier steps built, e.g. a tune step's space build)
     ab:*) IFS=: read -r _ groups shapes rounds <<< "$step"   # interleaved A/B rounds (bench/ab_rounds.py)
           timeout 400 python3 "$repo/bench/ab_rounds.py" --rounds "${rounds:-3}" "$groups" $shapes > "$out/ab.txt" 2>&1
           echo "ab rc=$?"; cat "$out/ab.txt";;

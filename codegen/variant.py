@@ -394,6 +394,11 @@ KNOBS = {
     # 64-token tiles -3.4% to +0.4% against pv = smem on six h_q >= 64 shapes, 32-token ones +0.6% to +6%; the
     # better one depends on the shape, so both are searched.
     "pv": PVS,
+    # release (full_wg), interleaved A/B on the H100 (bench/results/h100-release-order-2026-11-25.txt): early is 1-8%
+    # faster with 64-token stages at h_q >= 64 (b16 s_k 4096 / 32768 fixed, s_q = 2 and 4 causal), 0.5-3% slower
+    # with three 32-token stages and on memory-bound shapes: both are searched. wg1_pv = with_softmax was 7-18% slower
+    # on every shape measured (the refill of the stage comes too late): built and checked, run only when named.
+    "release": RELEASES,
     "block_n": (32, 64),
     "stages": (1, 2, 3, 4),
     "num_warpgroups": (2, 3, 4),            # 3: the qreg schedule only
@@ -438,7 +443,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
 ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
-             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS, "release": RELEASES, "wg1_pv": WG1_PVS}
+             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS, "wg1_pv": WG1_PVS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

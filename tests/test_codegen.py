@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -79,6 +80,11 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="full_wg_ahead", stages=2, pv="regs"), "full_wg schedule only"),
     (dict(qk="qreg", num_warpgroups=3, pv="regs"), "full_wg schedule only"),
     (dict(qk="full_wg_ahead", stages=2, cluster=2), "qreg and full_wg schedules only"),
+    (dict(qk="full_wg", release="soon"), "release must be one of"),
+    (dict(qk="full_wg", wg1_pv="late"), "wg1_pv must be one of"),
+    (dict(release="early"), "reorder the full_wg schedule's warpgroup 0 only"),
+    (dict(qk="full_wg_ahead", stages=2, release="early"), "reorder the full_wg schedule's warpgroup 0 only"),
+    (dict(qk="qreg", num_warpgroups=3, wg1_pv="with_softmax"), "reorder the full_wg schedule's warpgroup 0 only"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -94,6 +100,26 @@ def test_pv_and_full_wg_cluster_render_and_name():
     old = Variant(qk="full_wg").as_dict()
     old.pop("pv")                          # a DB row written before the knob existed keeps its kernel
     assert Variant.from_dict(old).pv == "smem"
+
+
+def test_release_and_wg1_pv_name_binaries_and_render_their_order():
+    base = Variant(qk="full_wg", cluster=2, tma="tile3", pv="regs").validate()
+    early = dataclasses.replace(base, release="early").validate()
+    late_p = dataclasses.replace(base, wg1_pv="with_softmax").validate()
+    both = dataclasses.replace(early, wg1_pv="with_softmax").validate()
+    assert early.key == base.key + "_re" and late_p.key == base.key + "_ws" and both.key == base.key + "_re_ws"
+    assert len({v.build_key for v in (base, early, late_p, both)}) == 4      # each reorder is its own binary
+    assert "kReleaseEarly = false;" in render(base) and "kPvBehindQk = false;" in render(base)
+    assert "kReleaseEarly = true;" in render(early) and "kPvBehindQk = true;" in render(late_p)
+    old = base.as_dict()
+    old.pop("release"), old.pop("wg1_pv")  # a DB row written before the knobs existed keeps its kernel
+    assert Variant.from_dict(old) == base
+    # release is searched, for full_wg only: the other schedules' points are not multiplied by it
+    space = search_space()
+    assert early in space and both not in space and variants_by_key([both.key]) == [both]
+    without = search_space(knobs={k: v for k, v in KNOBS.items() if k != "release"})
+    assert len(space) == len(without) + sum(v.qk == "full_wg" for v in without)
+    assert all(v.release == "behind_qk" for v in space if v.qk != "full_wg")
 
 
 def test_tile3_names_a_binary_and_renders_three_parts():
@@ -222,7 +248,8 @@ ptxas info    : Used 168 registers, used 10 barriers
 # Compile-only subset: every value of every knob and trait appears at least once.
 COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=1, num_warpgroups=2),
-    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="full_wg"),
+    Variant(dtype="fp16", page_size=32, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", qk="full_wg",
+            wg1_pv="with_softmax"),
     Variant(dtype="bf16", page_size=32, block_n=32, stages=3, num_warpgroups=4, merge="wide_pdl"),
     Variant(dtype="fp16", page_size=64, block_n=32, stages=4, num_warpgroups=4),
     Variant(dtype="bf16", page_size=64, block_n=32, stages=3, num_warpgroups=2, merge="wide_pdl", qk="full_wg_ahead",
@@ -233,7 +260,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", tma="tile"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, qk="full_wg", cluster=2, tma="tile3",
-            pv="regs"),
+            pv="regs", release="early"),
 ]
 
 
