@@ -67,17 +67,27 @@ def env(tmp_path):
     db.close()
 
 
+#: knobs the bookkeeping space holds at fewer values than the searched space
+HELD = {"cluster": 1, "pv": 1, "release": 1, "tma": 2}
+
+
+def bookkeeping_knobs() -> dict:
+    """The searched knobs with `cluster`, `pv` and `release` held at their first value and `tma` at its first two."""
+    from flash_mla.codegen import variant as V
+    return {**V.KNOBS, **{k: V.KNOBS[k][:n] for k, n in HELD.items()}}
+
+
 @pytest.fixture
 def bookkeeping_space(monkeypatch):
-    """The searched space with `cluster` and `pv` held at their first value and `tma` at its first two, for the tests
-    that run a study over the whole space: what they check (nothing measured twice, a resumed study skips what it
-    measured, the sweep's count, the optimum or a real gain found by an exhaustive study, a winner's length-bucket
-    check) does not depend on the space's size, and TPE's cost per trial grows with it."""
+    """The searched space of :func:`bookkeeping_knobs`, for the tests that run a study over the whole space: what they
+    check (nothing measured twice, a resumed study skips what it measured, the sweep's count, the optimum or a real
+    gain found by an exhaustive study, a winner's length-bucket check) does not depend on the space's size, and TPE's
+    cost per trial grows with it."""
     from flash_mla.codegen import variant as V
-    small = {**V.KNOBS, "cluster": V.KNOBS["cluster"][:1], "pv": V.KNOBS["pv"][:1], "tma": V.KNOBS["tma"][:2]}
+    small = bookkeeping_knobs()
     monkeypatch.setattr(V, "KNOBS", small)
     monkeypatch.setattr(tune, "KNOBS", small)
-    assert 0 < len(search_space()) < len(search_space(knobs={**small, **{k: V.ALL_KNOBS[k] for k in ("cluster", "pv", "tma")}}))
+    assert 0 < len(search_space()) < len(search_space(knobs={**small, **{k: V.ALL_KNOBS[k] for k in HELD}}))
 
 
 def test_suites_cover_the_deepseek_shapes():
