@@ -84,9 +84,18 @@ RELEASES = ("behind_qk", "early")
 # through the softmax of tile j+1. "with_softmax": P of tile j is published once Q K^T of tile j+1 is done, so
 # warpgroup 1's P V runs during that softmax (the stage is released later).
 WG1_PVS = ("with_qk", "with_softmax")
+# Who issues the full_wg schedule's KV loads. "inline": the first thread of warpgroup 1, between its own P V's, one
+# request at a time (the ring is filled at each request's start and drains at its end, behind a CTA-wide barrier).
+# "warpgroup": a third, producer warpgroup (setmaxnreg: PRODUCER_REGS for it, CONSUMER_REGS for the two consumer
+# warpgroups) whose first thread walks the CTA's whole work list: it refills a stage the moment both consumers have
+# released it, loads the next request's first tile and then its Q (once warpgroup 0's last Q K^T of the request is
+# done) while the consumers still finish and store the request before, so a request boundary does not drain the ring.
+PRODUCERS = ("inline", "warpgroup")
+PRODUCER_REGS = 40      # registers a thread of the producer warpgroup keeps (setmaxnreg.dec; at 24 its loop spills)
+CONSUMER_REGS = 232     # registers a thread of a consumer warpgroup may use (setmaxnreg.inc): 128 * (40 + 2 * 232) <= 64K
 # Knobs of the full_wg schedule alone: the other schedules take only their first value, so enumerating them does not
 # multiply the whole space.
-FULL_WG_KNOBS = ("release", "wg1_pv")
+FULL_WG_KNOBS = ("release", "wg1_pv", "producer")
 
 
 class InvalidVariant(ValueError):
@@ -113,6 +122,7 @@ class Variant:
     pv: str = "smem"            # full_wg: warpgroup 0's own P for P V from shared memory or its registers, one of PVS
     release: str = "behind_qk"  # full_wg: warpgroup 0 releases a stage behind Q K^T of the next tile or early, one of RELEASES
     wg1_pv: str = "with_qk"     # full_wg: warpgroup 1's P V beside Q K^T of the next tile or the softmax, one of WG1_PVS
+    producer: str = "inline"    # full_wg: who issues the KV loads, a consumer thread or a producer warpgroup, one of PRODUCERS
     trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
                                 # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
                                 # and its merge CTAs their steps (bench/timeline.py)
@@ -137,6 +147,7 @@ class Variant:
         return (f"{self.dtype}_p{self.page_size}_n{self.block_n}_s{self.stages}_w{self.num_warpgroups}"
                 f"{overhead}_c{self.combine_rows}_m{_MERGE_TAGS.get(self.merge, self.merge)}"
                 f"{self._qk_tag}{self._widen_tag}{self._cluster_tag}{self._tma_tag}{self._pv_tag}{self._order_tag}"
+                f"{self._producer_tag}"
                 f"{self._trace_tag}"
                 f"{self._min_blocks_tag if launch_knobs else ''}")
 
@@ -161,6 +172,10 @@ class Variant:
     @property
     def _order_tag(self) -> str:
         return ("_re" if self.release == "early" else "") + ("_ws" if self.wg1_pv == "with_softmax" else "")
+
+    @property
+    def _producer_tag(self) -> str:
+        return "_pw" if self.producer == "warpgroup" else ""
 
     @property
     def _widen_tag(self) -> str:
@@ -225,7 +240,16 @@ class Variant:
 
     @property
     def threads(self) -> int:
-        return 128 * self.num_warpgroups
+        """Threads of a decode CTA: the computing warpgroups, plus the producer warpgroup (producer = warpgroup)."""
+        return 128 * (self.num_warpgroups + (self.producer == "warpgroup"))
+
+    @property
+    def reg_cap(self) -> int:
+        """Registers a thread of a computing warpgroup may use: the launch's share of the register file, or with a
+        producer warpgroup what setmaxnreg gives the consumers."""
+        if self.producer == "warpgroup":
+            return CONSUMER_REGS
+        return min(MAX_REGS_PER_THREAD, REGS_PER_SM // self.threads)
 
     def smem_bytes(self) -> int:
         """Shared memory the decode kernel asks for, mirroring the SharedStorage structs of
@@ -247,7 +271,7 @@ class Variant:
         else:                                   # full_wg, qreg: P lives in each stage's rope chunk
             p = 0
             tail = 2 * self.stages * BLOCK_M * 4 + (2 + self.tile_parts) * 8 * self.stages   # alpha, row_inv, barriers
-            tail += 8 if self.qk not in QREGS else 0                      # full_wg: the Q barrier
+            tail += 16 if self.qk not in QREGS else 0                     # full_wg: the Q barriers (full, empty)
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 
@@ -312,7 +336,7 @@ class Variant:
             bad("stages must be >= 1")
         if self.smem_bytes() > SMEM_LIMIT:
             bad(f"needs {self.smem_bytes()} B of shared memory > {SMEM_LIMIT}")
-        reg_cap = min(MAX_REGS_PER_THREAD, REGS_PER_SM // self.threads)
+        reg_cap = self.reg_cap
         # Accumulators plus the addressing/softmax state must fit under the cap. The margin is measured:
         # 4 warpgroups (cap 128) with block_n=64 (72 accumulator regs) spilled 544 B, block_n=32 (68) none.
         # qreg's output warpgroups hold no S and run no softmax: their margin is smaller (QREG_MARGIN).
@@ -350,6 +374,11 @@ class Variant:
             bad(f"wg1_pv must be one of {WG1_PVS}")
         if (self.release, self.wg1_pv) != (RELEASES[0], WG1_PVS[0]) and self.qk != "full_wg":
             bad(f"release={self.release} / wg1_pv={self.wg1_pv} reorder the full_wg schedule's warpgroup 0 only")
+        if self.producer not in PRODUCERS:
+            bad(f"producer must be one of {PRODUCERS}")
+        if self.producer == "warpgroup" and (self.qk != "full_wg" or self.tma not in TILE_TMAS):
+            bad("producer=warpgroup (a producer warpgroup walking the work list) is built for the full_wg schedule "
+                f"with a stage per 5-D TMA load (tma in {TILE_TMAS}), got qk={self.qk}, tma={self.tma}")
         if self.trace and self.qk not in QREGS + ("nsplit",):
             bad("trace (time stamps) is built into the qreg and nsplit schedules only")
         if self.split_overhead < 1:
@@ -443,7 +472,8 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # shape measured (H100: 816 us against 727 at b128 h_q=16 s_k=16384; its single stored stage keeps one tile
 # load in flight): it runs when named.
 ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
-             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS, "wg1_pv": WG1_PVS}
+             "cluster": CLUSTERS, "pv": PVS, "tma": TMAS, "wg1_pv": WG1_PVS,
+             "producer": PRODUCERS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

@@ -12,8 +12,9 @@ import pytest
 
 from flash_mla.codegen import ptxas
 from flash_mla.codegen.render import render
-from flash_mla.codegen.variant import (ALL_KNOBS, DTYPES, KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant, full_space,
-                                       search_space, variants_by_key)
+from flash_mla.codegen.variant import (ALL_KNOBS, CONSUMER_REGS, DTYPES, KNOBS, PRODUCER_REGS, SMEM_LIMIT,
+                                       InvalidVariant, Variant, default_variant, full_space, search_space,
+                                       variants_by_key)
 
 
 def test_space_is_large_and_valid():
@@ -85,6 +86,10 @@ def test_key_is_stable_and_roundtrips():
     (dict(release="early"), "reorder the full_wg schedule's warpgroup 0 only"),
     (dict(qk="full_wg_ahead", stages=2, release="early"), "reorder the full_wg schedule's warpgroup 0 only"),
     (dict(qk="qreg", num_warpgroups=3, wg1_pv="with_softmax"), "reorder the full_wg schedule's warpgroup 0 only"),
+    (dict(qk="full_wg", tma="tile", producer="warp"), "producer must be one of"),
+    (dict(tma="tile", producer="warpgroup"), "producer=warpgroup .* full_wg schedule .* got qk=nsplit"),
+    (dict(qk="full_wg", producer="warpgroup"), "producer=warpgroup .* got qk=full_wg, tma=boxes"),
+    (dict(qk="full_wg_ahead", stages=2, tma="tile", producer="warpgroup"), "producer=warpgroup .* got qk=full_wg_ahead"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -120,6 +125,22 @@ def test_release_and_wg1_pv_name_binaries_and_render_their_order():
     without = search_space(knobs={k: v for k, v in KNOBS.items() if k != "release"})
     assert len(space) == len(without) + sum(v.qk == "full_wg" for v in without)
     assert all(v.release == "behind_qk" for v in space if v.qk != "full_wg")
+
+
+def test_producer_warpgroup_names_a_binary_launches_a_third_warpgroup_and_is_not_searched():
+    base = Variant(qk="full_wg", cluster=2, tma="tile3", pv="regs", release="early").validate()
+    pw = dataclasses.replace(base, producer="warpgroup").validate()
+    assert pw.key == base.key + "_pw" and pw.build_key == base.build_key + "_pw"
+    assert (base.threads, pw.threads) == (256, 384)
+    # the consumers' register cap is what setmaxnreg gives them, not the launch's share (65536 / 384 = 170)
+    assert pw.reg_cap == CONSUMER_REGS and 128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= 64 * 1024
+    assert pw.smem_bytes() == base.smem_bytes()      # one more barrier, inside the 1024-byte rounding
+    assert "kProducerWg = true;" in render(pw) and "kProducerWg = false;" in render(base)
+    old = base.as_dict()
+    old.pop("producer")                    # a DB row written before the knob existed keeps its kernel
+    assert Variant.from_dict(old) == base
+    assert pw not in search_space() and variants_by_key([pw.key]) == [pw]
+    assert all(v.producer == "inline" for v in search_space())
 
 
 def test_tile3_names_a_binary_and_renders_three_parts():
@@ -260,7 +281,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", tma="tile"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, qk="full_wg", cluster=2, tma="tile3",
-            pv="regs", release="early"),
+            pv="regs", release="early", producer="warpgroup"),
 ]
 
 

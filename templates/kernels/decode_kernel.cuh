@@ -11,12 +11,16 @@
 // both warpgroups then accumulate their half of the output channels from it. The pipeline runs on
 // mbarriers instead of __syncthreads: full (TMA bytes landed), pready (P and the row rescale published
 // by warpgroup 0), empty (both warpgroups done with the stage; the producer thread of warpgroup 1 then
-// refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (warpgroup 0 releases the stage once its P V
-// ends; with Cfg::kReleaseEarly before it waits for tile j+1's bytes, otherwise behind Q K^T of tile j+1; with
-// Cfg::kPvBehindQk warpgroup 1 gets P of tile j only once Q K^T of tile j+1 is done); "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of
-// tile j (needs a deeper ring to keep the loads ahead). full_wg with Cfg::kPvRegs: warpgroup 0's own P V reads P
-// from the registers of its softmax (register-A wgmma), only warpgroup 1 reads the stored copy; with Cfg::kCluster
-// = 2: two row blocks share each K tile by TMA multicast, as in decode_qreg.cuh (release_stage).
+// refills it). "full_wg" issues P V of tile j before Q K^T of tile j+1 (warpgroup 0 releases the stage once
+// its P V ends; with Cfg::kReleaseEarly before it waits for tile j+1's bytes, otherwise behind Q K^T of tile
+// j+1; with Cfg::kPvBehindQk warpgroup 1 gets P of tile j only once Q K^T of tile j+1 is done);
+// "full_wg_ahead" issues Q K^T of tile j+1 first, so the softmax of tile j+1 overlaps P V of tile j (needs a
+// deeper ring to keep the loads ahead). full_wg with Cfg::kPvRegs: warpgroup 0's own P V reads P from the
+// registers of its softmax (register-A wgmma), only warpgroup 1 reads the stored copy; with Cfg::kCluster
+// = 2: two row blocks share each K tile by TMA multicast, as in decode_qreg.cuh (release_stage). full_wg with
+// Cfg::kProducerWg: a third warpgroup (setmaxnreg) issues every load; its first thread walks the CTA's whole
+// work list (produce_full_wg), so the consumers never fill or drain the ring at a request boundary: Q of the
+// next request is loaded once warpgroup 0 has arrived on qempty after its last Q K^T of the request before.
 // A float8 e4m3 KV cache (Cfg::KvElement != Element; nsplit only): the TMA ring holds the tiles as stored (one
 // byte per channel, unswizzled 192-channel boxes); at the top of each tile all threads widen it into one
 // bf16 K tile in the swizzled layout the wgmmas read (exact: every e4m3 value is a bf16 value), and the fp8
@@ -99,6 +103,7 @@ struct alignas(1024) SharedStorageFullWg {
   uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
   uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
   uint64_t qfull;                         // the request's Q tile landed (Q by TMA)
+  uint64_t qempty;                        // producer warpgroup: warpgroup 0 done reading the request's Q tile
 };
 
 // Shared memory of the qreg schedule (decode_qreg.cuh): Q's first kQregChannels channels live in warpgroup 0's
@@ -146,7 +151,12 @@ struct DecodeTraits {
   static constexpr int kBN = Cfg::kBlockN;          // KV tokens per pipeline stage
   static constexpr int kStages = Cfg::kStages;
   static constexpr int kNWG = Cfg::kNumWarpgroups;
-  static constexpr int kThreads = kNWG * 128;
+  // producer = warpgroup (full_wg): a third warpgroup after the kNWG computing ones issues every load
+  static constexpr bool kProducerWg = Cfg::kProducerWg;
+  static constexpr int kConsumerThreads = kNWG * 128;
+  static constexpr int kThreads = kConsumerThreads + (kProducerWg ? 128 : 0);
+  // setmaxnreg of the producer-warpgroup schedule (codegen/variant.py PRODUCER_REGS / CONSUMER_REGS)
+  static constexpr uint32_t kProducerRegs = 40, kConsumerRegs = 232;
   static constexpr int kPage = Cfg::kPageSize;
   static constexpr int kSchedBlock = kSchedBlockN;  // scheduler block (tokens), flash_mla/scheduler.py
   static constexpr int kBoxRows = kBN < kPage ? kBN : kPage;   // TMA box rows: never crosses a page
@@ -206,6 +216,9 @@ struct DecodeTraits {
   static constexpr bool kPvBehindQk = Cfg::kPvBehindQk;
   static_assert(!(kReleaseEarly || kPvBehindQk) || Cfg::kQk == Qk::kFullWg,
                 "release = early and wg1_pv = with_softmax reorder the full_wg schedule's warpgroup 0");
+  static_assert(!kProducerWg || (Cfg::kQk == Qk::kFullWg && kTmaTile && kNWG == 2 &&
+                                 kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 64 * 1024),
+                "producer = warpgroup: the full_wg schedule, a stage per 5-D TMA load, registers within the file");
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -425,6 +438,34 @@ struct WaitTilePart {
   }
 };
 
+// tma = tile / tile3 / tile9: one box (64 channels, kBN rows, kPartChunks chunks) per part lands the [chunk][row][64]
+// layout of its chunks (tile: one part, the whole stage), each part on its own full barrier; in a cluster the CTAs
+// take turns by tile. `page`: the block-table entry of the page that holds tokens [tok0, tok0 + kBN).
+template <class Cfg, class Smem>
+__device__ __forceinline__ void load_tile(const CUtensorMap* tmap, Smem& s, int stage, int hk, int tok0, int page) {
+  using T = DecodeTraits<Cfg>;
+  constexpr int kBN = T::kBN, kPage = T::kPage;
+  constexpr int kParts = T::kTileParts, kPartChunks = T::kPartChunks;
+  // As load_stage: streamed where one CTA (or cluster) reads the tile, kept in L2 where several row blocks do.
+  const uint64_t hint = int(gridDim.z) > T::kCluster ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
+                                                     : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+  const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  const bool issuer = T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank;
+  CUTE_UNROLL
+  for (int g = 0; g < kParts; ++g) {
+    uint64_t* bar = full_bar<Cfg>(s, stage, g);
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPartChunks * T::kBoxBytes);
+    if (!issuer) continue;
+    typename T::Element* dst = s.k[stage] + g * kPartChunks * (kBN * 64);
+    if constexpr (T::kCluster == 1) {
+      SM90_TMA_LOAD_5D::copy(tmap, bar, hint, dst, 0, tok0 % kPage, g * kPartChunks, hk, page);
+    } else {
+      SM90_TMA_LOAD_MULTICAST_5D::copy(tmap, bar, uint16_t((1u << T::kCluster) - 1), hint, dst,
+                                       0, tok0 % kPage, g * kPartChunks, hk, page);
+    }
+  }
+}
+
 // Issue the TMA copies of one stage: tokens [tok0, tok0 + kBN) of request `req`, kv head `hk`.
 // Boxes past the sequence end are skipped (their rows are zeroed after arrival).
 template <class Cfg, class Smem>
@@ -436,6 +477,10 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
   const int valid = min(kBN, seqlen - tok0);
   const int boxes = (valid + kBoxRows - 1) / kBoxRows;
   const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride;
+  if constexpr (T::kTmaTile) {
+    load_tile<Cfg>(tmap, s, stage, hk, tok0, bt[tok0 / kPage]);
+    return;
+  }
   // A tile read by one CTA (or one cluster) only is streamed (evict first); where several row blocks or clusters
   // (gridDim.z > kCluster) read the same tile at about the same time, it stays in L2 for the others (evict normal).
   const uint64_t hint = int(gridDim.z) > T::kCluster ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
@@ -443,27 +488,6 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
   // In a cluster every CTA expects the whole tile (above) and issues every kCluster-th box, multicast into the
   // same offsets of all the cluster's CTAs (and their full barriers).
   const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
-  if constexpr (T::kTmaTile) {
-    // One box (64 channels, kBN rows, kPartChunks chunks) per part lands the [chunk][row][64] layout of its chunks
-    // (tile: one part, the whole stage), each part on its own full barrier; in a cluster the CTAs take turns by tile.
-    constexpr int kParts = T::kTileParts, kPartChunks = T::kPartChunks;
-    const int page = bt[tok0 / kPage];
-    const bool issuer = T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank;
-    CUTE_UNROLL
-    for (int g = 0; g < kParts; ++g) {
-      uint64_t* bar = full_bar<Cfg>(s, stage, g);
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPartChunks * kBoxBytes);
-      if (!issuer) continue;
-      typename T::Element* dst = s.k[stage] + g * kPartChunks * (kBN * 64);
-      if constexpr (T::kCluster == 1) {
-        SM90_TMA_LOAD_5D::copy(tmap, bar, hint, dst, 0, tok0 % kPage, g * kPartChunks, hk, page);
-      } else {
-        SM90_TMA_LOAD_MULTICAST_5D::copy(tmap, bar, uint16_t((1u << T::kCluster) - 1), hint, dst,
-                                         0, tok0 % kPage, g * kPartChunks, hk, page);
-      }
-    }
-    return;
-  }
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[stage], boxes * kChunks * kBoxBytes);
   for (int j = 0; j < boxes; ++j) {
     const int tok = tok0 + j * kBoxRows;
@@ -848,6 +872,48 @@ __device__ __forceinline__ void store_lse(const FmlaParams& p, const OutRows& o,
   }
 }
 
+// The producer warpgroup of full_wg with Cfg::kProducerWg (threads kNWG * 128 ..): its first thread issues every KV
+// load of the CTA's whole work list, each stage refilled the moment both consumer warpgroups released it (the page's
+// block-table entry is read before that wait). At a request's start it loads the request's first tile, then (from
+// the second request on) waits for warpgroup 0 to be done with the Q tile of the request before (qempty) and loads
+// the new one onto qfull: by TMA, or where launch.cuh could not describe q, by cp.async from the whole warpgroup.
+// The consumers meanwhile finish and store the request before, so the ring does not drain at the boundary.
+template <class Cfg, class Smem, class TensorQ>
+__device__ __forceinline__ void produce_full_wg(const CUtensorMap& tmap_k, const CUtensorMap& tmap_q,
+                                                const FmlaParams& p, const CtaStart& cs, Smem& s, TensorQ& sQ,
+                                                int q_tma, int hk, int mb, int groups, int rows) {
+  using T = DecodeTraits<Cfg>;
+  constexpr int kStages = T::kStages, kBN = T::kBN, kPage = T::kPage;
+  const int ptid = threadIdx.x - T::kConsumerThreads;
+  int iter = 0;                                   // global stage counter, as the consumers count it
+  for (int req = cs.begin_req; req <= cs.end_req; ++req) {
+    const RequestSpan span = request_span<Cfg>(p, cs, req);
+    const int32_t* bt = p.block_table + int64_t(req) * p.block_table_stride;
+    // Tile j of the request into its stage, once the stage's previous tile was released.
+    auto produce = [&](int j) {
+      const int it = iter + j, st = it % kStages, tok0 = span.tok_lo + j * kBN;
+      const int page = bt[tok0 / kPage];
+      if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages - 1) & 1);
+      load_tile<Cfg>(&tmap_k, s, st, hk, tok0, page);
+    };
+    if (ptid == 0 && span.n_iter > 0) produce(0);   // its stage was freed before warpgroup 0 is done with Q
+    if (req > cs.begin_req) cutlass::arch::ClusterBarrier::wait(&s.qempty, (req - cs.begin_req - 1) & 1);
+    if (q_tma) {
+      if (ptid == 0) start_request_tma<Cfg>(&tmap_q, p, cs, s, req, hk, mb, groups);
+    } else {
+      start_request<Cfg, 0, 128>(p, cs, sQ, req, hk, mb, groups, rows, ptid);
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      cutlass::arch::fence_view_async_shared();   // generic-proxy writes -> wgmma (async proxy) reads
+      cutlass::arch::NamedBarrier::sync(128, 1);
+      if (ptid == 0) cutlass::arch::ClusterBarrier::arrive(&s.qfull);
+    }
+    if (ptid == 0) {
+      for (int j = 1; j < span.n_iter; ++j) produce(j);
+    }
+    iter += span.n_iter;
+  }
+}
+
 // The nsplit and full_wg schedules (the swapped one is in decode_swap.cuh).
 template <class Cfg>
 __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CUtensorMap& tmap_q, const FmlaParams& p,
@@ -890,16 +956,26 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
       for (int g = 0; g < T::kTileParts; ++g) cutlass::arch::ClusterTransactionBarrier::init(full_bar<Cfg>(s, st, g), 1);
       if constexpr (kQk != Qk::kNsplit) {
         cutlass::arch::ClusterBarrier::init(&s.pready[st], 128);
-        cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals<Cfg, kThreads>);   // both warpgroups
+        cutlass::arch::ClusterBarrier::init(&s.empty[st], kEmptyArrivals<Cfg, T::kConsumerThreads>);   // both
       }
     }
     cutlass::arch::ClusterTransactionBarrier::init(&s.qfull, 1);
+    if constexpr (T::kProducerWg) cutlass::arch::ClusterBarrier::init(&s.qempty, 128);   // warpgroup 0
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (T::kCluster > 1) cute::cluster_sync();   // the peer's barriers exist before any multicast or arrive
   else __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(s.q), SmemLayoutQ{});
+  if constexpr (T::kProducerWg) {
+    if (wg == kNWG) {                             // the producer warpgroup: loads only, few registers
+      cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
+      produce_full_wg<Cfg>(tmap_k, tmap_q, p, cs, s, sQ, q_tma, hk, mb, groups, rows);
+      if constexpr (T::kCluster > 1) cute::cluster_sync();   // as the consumers' last step (below)
+      return;
+    }
+    cutlass::arch::warpgroup_reg_alloc<T::kConsumerRegs>();
+  }
   MmaS mma_s;
   MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(wtid);
@@ -918,8 +994,10 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
   int iter = 0;                                   // global stage counter: drives mbarrier phases
   for (int req = cs.begin_req; req <= cs.end_req; ++req) {
     const RequestSpan span = request_span<Cfg>(p, cs, req);   // its loads first, ahead of Q's in the queue
-    if (!q_tma) start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
-    else if (tid == 0) start_request_tma<Cfg>(&tmap_q, p, cs, s, req, hk, mb, groups);
+    if constexpr (!T::kProducerWg) {              // (the producer warpgroup loads Q itself)
+      if (!q_tma) start_request<Cfg>(p, cs, sQ, req, hk, mb, groups, rows);
+      else if (tid == 0) start_request_tma<Cfg>(&tmap_q, p, cs, s, req, hk, mb, groups);
+    }
     const int q_phase = (req - cs.begin_req) & 1;   // one Q tile per request: the parity of s.qfull's phase
     const int seqlen = span.seqlen, tok_lo = span.tok_lo, tok_hi = span.tok_hi, n_iter = span.n_iter;
     const int n_splits = span.n_splits, slot = span.slot;
@@ -1029,20 +1107,25 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
       }
       __syncthreads();                              // row_sum is rewritten by the next request
     } else {
-      // Prologue: the producer fills the ring. A stage is reloaded only after both warpgroups arrived on its
-      // empty barrier for the tile it held (at a request boundary those waits pass at once).
-      if (tid == kProducer) {
-        for (int j = 0; j < min(n_iter, kStages); ++j) {
-          const int it = iter + j;
-          if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[it % kStages], (it / kStages - 1) & 1);
-          load_stage<Cfg>(&tmap_k, p, s, it % kStages, req, hk, tok_lo + j * kBN, seqlen);
+      if constexpr (T::kProducerWg) {
+        // The producer warpgroup has the ring's loads and Q in flight; only warpgroup 0 reads Q.
+        if (wg == 0) cutlass::arch::ClusterTransactionBarrier::wait(&s.qfull, q_phase);
+      } else {
+        // Prologue: the producer fills the ring. A stage is reloaded only after both warpgroups arrived on its
+        // empty barrier for the tile it held (at a request boundary those waits pass at once).
+        if (tid == kProducer) {
+          for (int j = 0; j < min(n_iter, kStages); ++j) {
+            const int it = iter + j;
+            if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[it % kStages], (it / kStages - 1) & 1);
+            load_stage<Cfg>(&tmap_k, p, s, it % kStages, req, hk, tok_lo + j * kBN, seqlen);
+          }
         }
-      }
 
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
-      cutlass::arch::fence_view_async_shared();
-      __syncthreads();
-      if (q_tma) cutlass::arch::ClusterTransactionBarrier::wait(&s.qfull, q_phase);
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+        if (q_tma) cutlass::arch::ClusterTransactionBarrier::wait(&s.qfull, q_phase);
+      }
 
       clear(acc_o);
       inv[0] = inv[1] = 0.f;
@@ -1106,9 +1189,19 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
         // The last tile is peeled off so that no wgmma sits in a branch with a different wait (ptxas would
         // serialise every wgmma of the kernel), and acc_o is rescaled before the first wgmma of each batch
         // (touching an accumulator of an in-flight batch serialises too).
+        // producer warpgroup: Q is free for the next request once the last Q K^T of this one is done
+        auto q_done = [&](int t) {
+          if constexpr (T::kProducerWg) {
+            if (t == n_iter - 1) cutlass::arch::ClusterBarrier::arrive(&s.qempty);
+          }
+        };
+        if constexpr (T::kProducerWg) {
+          if (n_iter == 0) cutlass::arch::ClusterBarrier::arrive(&s.qempty);
+        }
         if (n_iter > 0) {
           issue_qk(0);
           warpgroup_wait<0>();
+          q_done(0);
           softmax_tile<Cfg>(0, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run, l_run,
                             alpha, rP);
         }
@@ -1138,6 +1231,7 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
               release_stage<Cfg>(s, st);
             }
             warpgroup_wait<0>();
+            q_done(j + 1);
             // wg1_pv = with_softmax: P(j) to warpgroup 1 now, so its P V(j) overlaps the softmax of tile j+1
             if constexpr (T::kPvBehindQk) cutlass::arch::ClusterBarrier::arrive(&s.pready[st]);
             softmax_tile<Cfg>(j + 1, acc_s, cS, mma_s, s, iter, tok_lo, tok_hi, limit, r0, wtid, scale_log2, m_run,
@@ -1174,14 +1268,15 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
           warpgroup_wait<0>();
           warpgroup_fence_operand(acc_o);
           release_stage<Cfg>(s, st);
-          if (tid == kProducer && j + kStages < n_iter) {
+          if (!T::kProducerWg && tid == kProducer && j + kStages < n_iter) {
             cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
             load_stage<Cfg>(&tmap_k, p, s, st, req, hk, tok_lo + (j + kStages) * kBN, seqlen);
           }
         }
       }
       iter += n_iter;
-      __syncthreads();                              // every wgmma of this request done (Q is rewritten next)
+      // every wgmma of this request done (Q is rewritten next; producer warpgroup: ordered by qempty instead)
+      if constexpr (!T::kProducerWg) __syncthreads();
     }
     const OutRows out{req, slot, n_splits > 1, mb, hk, groups, rows};
     store_o<Cfg>(p, out, acc_o, cO, r0, wg * kDVw, inv);
