@@ -53,7 +53,6 @@ def template_context(v: Variant) -> dict:
         "release_early": "true" if v.release == "early" else "false",
         "pv_behind_qk": "true" if v.wg1_pv == "with_softmax" else "false",
         "producer_wg": "true" if v.producer == "warpgroup" else "false",
-        "p_own": "true" if v.p_buf == "own" else "false",
         "merge_enum": {"separate": "kSeparate", "wide_pdl": "kWidePdl"}[v.merge],
         # a trace build's stamps (templates/kernels/trace.cuh): qreg phases, or the nsplit start-up timeline
         "trace_macro": "FMLA_TRACE" if v.qk in QREGS else "FMLA_TIMELINE",

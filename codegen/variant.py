@@ -93,16 +93,9 @@ WG1_PVS = ("with_qk", "with_softmax")
 PRODUCERS = ("inline", "warpgroup")
 PRODUCER_REGS = 40      # registers a thread of the producer warpgroup keeps (setmaxnreg.dec; at 24 its loop spills)
 CONSUMER_REGS = 232     # registers a thread of a consumer warpgroup may use (setmaxnreg.inc): 128 * (40 + 2 * 232) <= 64K
-# Where the full_wg schedule keeps P. "rope": in the stage's rope chunk (channels 512..575, read by Q K^T only), so the
-# whole stage is refilled once both P V's are done. "own" (with producer = warpgroup): in its own 8 KB buffer, so the
-# rope chunk is released as soon as warpgroup 0's Q K^T has read it and its refill (a ninth of the stage) is issued a
-# softmax and a P V before the latent chunks' (as FlashAttention-3's MLA path frees its rope stage); the producer loads a
-# stage one chunk per TMA, the rope chunk first. Warpgroup 0 writes P of the next tile once warpgroup 1's P V of the
-# one before is done with the buffer (pfree).
-P_BUFS = ("rope", "own")
 # Knobs of the full_wg schedule alone: the other schedules take only their first value, so enumerating them does not
 # multiply the whole space.
-FULL_WG_KNOBS = ("release", "wg1_pv", "producer", "p_buf")
+FULL_WG_KNOBS = ("release", "wg1_pv", "producer")
 
 
 class InvalidVariant(ValueError):
@@ -130,7 +123,6 @@ class Variant:
     release: str = "behind_qk"  # full_wg: warpgroup 0 releases a stage behind Q K^T of the next tile or early, one of RELEASES
     wg1_pv: str = "with_qk"     # full_wg: warpgroup 1's P V beside Q K^T of the next tile or the softmax, one of WG1_PVS
     producer: str = "inline"    # full_wg: who issues the KV loads, a consumer thread or a producer warpgroup, one of PRODUCERS
-    p_buf: str = "rope"         # full_wg: P in the stage's rope chunk or in its own buffer, one of P_BUFS
     trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
                                 # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
                                 # and its merge CTAs their steps (bench/timeline.py)
@@ -183,7 +175,7 @@ class Variant:
 
     @property
     def _producer_tag(self) -> str:
-        return ("_pw" if self.producer == "warpgroup" else "") + ("_po" if self.p_buf == "own" else "")
+        return "_pw" if self.producer == "warpgroup" else ""
 
     @property
     def _widen_tag(self) -> str:
@@ -276,13 +268,10 @@ class Variant:
         if self.qk == "nsplit":
             p = BLOCK_M * self.block_n * el
             tail = 2 * self.num_warpgroups * BLOCK_M * 4 + 8 * self.stages + 8          # + the Q barrier
-        elif self.qk in QREGS:                  # qreg: P lives in each stage's rope chunk
+        else:                                   # full_wg, qreg: P lives in each stage's rope chunk
             p = 0
             tail = 2 * self.stages * BLOCK_M * 4 + (2 + self.tile_parts) * 8 * self.stages   # alpha, row_inv, barriers
-        else:                                   # full_wg: P in each stage's rope chunk, or its own buffer (p_buf)
-            p = BLOCK_M * self.block_n * el if self.p_buf == "own" else 0
-            # alpha, row_inv; full, pready, empty, empty_rope per stage; pfree, qfull, qempty
-            tail = 2 * self.stages * BLOCK_M * 4 + (3 + self.tile_parts) * 8 * self.stages + 24
+            tail += 16 if self.qk not in QREGS else 0                     # full_wg: the Q barriers (full, empty)
         tail = -(-tail // 1024) * 1024          # struct is 1024-aligned
         return q + k + p + tail + 1024          # + alignment slack of the dynamic base
 
@@ -390,11 +379,6 @@ class Variant:
         if self.producer == "warpgroup" and (self.qk != "full_wg" or self.tma not in TILE_TMAS):
             bad("producer=warpgroup (a producer warpgroup walking the work list) is built for the full_wg schedule "
                 f"with a stage per 5-D TMA load (tma in {TILE_TMAS}), got qk={self.qk}, tma={self.tma}")
-        if self.p_buf not in P_BUFS:
-            bad(f"p_buf must be one of {P_BUFS}")
-        if self.p_buf == "own" and (self.producer != "warpgroup" or self.wg1_pv != "with_qk"):
-            bad("p_buf=own (the rope chunk refilled apart, P in its own buffer) needs producer=warpgroup and "
-                "wg1_pv=with_qk (warpgroup 1's P V of a tile must end before warpgroup 0 writes the next P)")
         if self.trace and self.qk not in QREGS + ("nsplit",):
             bad("trace (time stamps) is built into the qreg and nsplit schedules only")
         if self.split_overhead < 1:
@@ -489,7 +473,7 @@ def search_space(dtype: str = "bf16", page_size: int = 64, knobs: dict | None = 
 # load in flight): it runs when named.
 ALL_KNOBS = {**KNOBS, "qk": QKS, "stages": (1, 2, 3, 4, 5), "num_warpgroups": (2, 3, 4), "split_min_blocks": (1, 4, 16), "widen": WIDENS,
              "cluster": CLUSTERS, "pv": PVS, "tma": TMAS, "wg1_pv": WG1_PVS,
-             "producer": PRODUCERS, "p_buf": P_BUFS}
+             "producer": PRODUCERS}
 
 
 def full_space(knobs: dict | None = None) -> list[Variant]:

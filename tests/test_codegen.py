@@ -90,9 +90,6 @@ def test_key_is_stable_and_roundtrips():
     (dict(tma="tile", producer="warpgroup"), "producer=warpgroup .* full_wg schedule .* got qk=nsplit"),
     (dict(qk="full_wg", producer="warpgroup"), "producer=warpgroup .* got qk=full_wg, tma=boxes"),
     (dict(qk="full_wg_ahead", stages=2, tma="tile", producer="warpgroup"), "producer=warpgroup .* got qk=full_wg_ahead"),
-    (dict(qk="full_wg", tma="tile3", producer="warpgroup", p_buf="smem"), "p_buf must be one of"),
-    (dict(qk="full_wg", tma="tile3", p_buf="own"), "p_buf=own .* needs producer=warpgroup"),
-    (dict(qk="full_wg", tma="tile3", producer="warpgroup", p_buf="own", wg1_pv="with_softmax"), "and wg1_pv=with_qk"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):
@@ -144,17 +141,6 @@ def test_producer_warpgroup_names_a_binary_launches_a_third_warpgroup_and_is_not
     assert Variant.from_dict(old) == base
     assert pw not in search_space() and variants_by_key([pw.key]) == [pw]
     assert all(v.producer == "inline" for v in search_space())
-
-
-def test_own_p_buffer_names_a_binary_and_fills_shared_memory_exactly():
-    pw = Variant(qk="full_wg", cluster=2, tma="tile3", pv="regs", release="early", producer="warpgroup").validate()
-    po = dataclasses.replace(pw, p_buf="own").validate()
-    assert po.key == pw.key + "_po" and po.build_key == pw.build_key + "_po"
-    # the 8 KB P buffer beside Q and two 64-token stages takes the last of the 227 KB
-    assert po.smem_bytes() == pw.smem_bytes() + 8192 == SMEM_LIMIT
-    assert "kPOwn = true;" in render(po) and "kPOwn = false;" in render(pw)
-    assert Variant.from_dict({k: v for k, v in pw.as_dict().items() if k != "p_buf"}) == pw
-    assert po not in search_space() and variants_by_key([po.key]) == [po]
 
 
 def test_tile3_names_a_binary_and_renders_three_parts():
@@ -295,7 +281,7 @@ COMPILE_SUBSET = [
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=3, qk="qreg", cluster=2),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, merge="wide_pdl", tma="tile"),
     Variant(dtype="bf16", page_size=64, block_n=64, stages=2, num_warpgroups=2, qk="full_wg", cluster=2, tma="tile3",
-            pv="regs", release="early", producer="warpgroup", p_buf="own"),
+            pv="regs", release="early", producer="warpgroup"),
 ]
 
 

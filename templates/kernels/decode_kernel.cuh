@@ -92,28 +92,16 @@ struct alignas(1024) SharedStorageSwap {
   alignas(8) uint64_t full[kStages];
 };
 
-// P's own buffer in the full_wg schedule with p_buf = own (kElems > 0), or none.
-template <class Element, int kElems>
-struct PBuffer {
-  alignas(1024) Element p[kElems];
-};
-template <class Element>
-struct PBuffer<Element, 0> {};
-
-// Shared memory of the full_wg schedules: P lives in each stage's rope chunk (or with p_buf = own in its own
-// buffer, kPElems > 0); mbarrier pipeline.
-template <class Element, class LQ, class LK, int kStages, int kBM, int kParts, int kPElems>
+// Shared memory of the full_wg schedules: P lives in each stage's rope chunk; mbarrier pipeline.
+template <class Element, class LQ, class LK, int kStages, int kBM, int kParts>
 struct alignas(1024) SharedStorageFullWg {
   alignas(1024) Element q[cosize_v<LQ>];
-  alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK (p_buf = rope)
-  PBuffer<Element, kPElems> pbuf;
+  alignas(1024) Element k[kStages][cosize_v<LK>];   // chunk 8 (rope) of a stage holds its P after QK
   float alpha[kStages][kBM];              // per-row rescale of O for the stage's tile (from warpgroup 0)
   float row_inv[kStages][kBM];            // 1 / row sum of a request, with the P of its last tile (warpgroup 0)
   alignas(8) uint64_t full[kStages * kParts];   // TMA bytes landed, per part of a stage (full_bar)
   uint64_t pready[kStages];               // P and alpha published (128 arrivals: warpgroup 0)
-  uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups; p_buf = own: its latent)
-  uint64_t empty_rope[kStages];           // p_buf = own: the stage's rope chunk read (warpgroup 0's Q K^T done)
-  uint64_t pfree;                         // p_buf = own: warpgroup 1's P V done with the P buffer (128 arrivals)
+  uint64_t empty[kStages];                // stage consumed (256 arrivals: both warpgroups)
   uint64_t qfull;                         // the request's Q tile landed (Q by TMA)
   uint64_t qempty;                        // producer warpgroup: warpgroup 0 done reading the request's Q tile
 };
@@ -231,13 +219,6 @@ struct DecodeTraits {
   static_assert(!kProducerWg || (Cfg::kQk == Qk::kFullWg && kTmaTile && kNWG == 2 &&
                                  kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 64 * 1024),
                 "producer = warpgroup: the full_wg schedule, a stage per 5-D TMA load, registers within the file");
-  // p_buf = own (full_wg with the producer warpgroup): P in its own buffer, so that a stage's rope chunk is released
-  // once warpgroup 0's Q K^T has read it and refilled a whole softmax and P V before the latent chunks; the producer
-  // then loads a stage one 64-channel chunk per TMA (the rope chunk first), each part's full barrier as before.
-  static constexpr bool kPOwn = Cfg::kPOwn;
-  static_assert(!kPOwn || (kProducerWg && !Cfg::kPvBehindQk),
-                "p_buf = own: the producer warpgroup loads the rope chunk apart; P V of warpgroup 1 beside Q K^T");
-  static constexpr int kLoadChunks = kPOwn ? 1 : kPartChunks;   // chunks per TMA box of the 5-D stage loads
 
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kBM>, Int<kD>>{}));
   using SmemLayoutQr = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -274,8 +255,7 @@ struct DecodeTraits {
       SharedStorageNsplitFp8<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM, kBN * kD>,
       std::conditional_t<Cfg::kQk == Qk::kNsplit,
           SharedStorageNsplit<Element, SmemLayoutQ, SmemLayoutK, SmemLayoutP, kStages, kNWG, kBM>,
-          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM, kTileParts,
-                              kPOwn ? cosize_v<SmemLayoutP> : 0>>>>>;
+          SharedStorageFullWg<Element, SmemLayoutQ, SmemLayoutK, kStages, kBM, kTileParts>>>>>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + slack to align the dynamic base
   static constexpr uint32_t kBoxBytes = kBoxRows * kBoxCh * sizeof(KvElement);
 };
@@ -400,12 +380,11 @@ __device__ __forceinline__ char* aligned_smem(char* smem_raw) {
 }
 
 // P of a stage's tile in the full_wg schedules: the rope chunk (channels 512..575) of the same stage, dead
-// once Q K^T has run; with p_buf = own the one P buffer.
+// once Q K^T has run.
 template <class Cfg, class SharedStorage>
 __device__ __forceinline__ typename Cfg::Element* p_tile(SharedStorage& s, int stage) {
   using T = DecodeTraits<Cfg>;
-  if constexpr (T::kPOwn) return s.pbuf.p;
-  else return s.k[stage] + (T::kDV / 64) * (T::kBN * 64);
+  return s.k[stage] + (T::kDV / 64) * (T::kBN * 64);
 }
 
 // P of the nsplit schedule: its own buffer (the full_wg schedules never use this view).
@@ -422,23 +401,18 @@ __device__ __forceinline__ typename Cfg::Element* p_buffer(SharedStorage& s) {
 template <class Cfg, int kConsumers>
 constexpr int kEmptyArrivals = kConsumers + (kConsumers / 32) * (DecodeTraits<Cfg>::kCluster - 1);
 
-template <class Cfg>
-__device__ __forceinline__ void release_barrier(uint64_t* bar) {
-  cutlass::arch::ClusterBarrier::arrive(bar);
+template <class Cfg, class Smem>
+__device__ __forceinline__ void release_stage(Smem& s, int st) {
+  cutlass::arch::ClusterBarrier::arrive(&s.empty[st]);
   if constexpr (DecodeTraits<Cfg>::kCluster > 1) {
     __syncwarp();                               // every lane's wgmma reads of the stage are done
     if (threadIdx.x % 32 == 0) {
       const uint32_t rank = cute::block_rank_in_cluster();
       CUTE_UNROLL
       for (uint32_t c = 0; c < DecodeTraits<Cfg>::kCluster; ++c)
-        if (c != rank) cutlass::arch::ClusterBarrier::arrive(bar, c, 1u);
+        if (c != rank) cutlass::arch::ClusterBarrier::arrive(&s.empty[st], c, 1u);
     }
   }
-}
-
-template <class Cfg, class Smem>
-__device__ __forceinline__ void release_stage(Smem& s, int st) {
-  release_barrier<Cfg>(&s.empty[st]);
 }
 
 // The full barrier of part `part` of stage `st` (one part per stage except with tma = tile3 / tile9).
@@ -467,10 +441,7 @@ struct WaitTilePart {
 // tma = tile / tile3 / tile9: one box (64 channels, kBN rows, kPartChunks chunks) per part lands the [chunk][row][64]
 // layout of its chunks (tile: one part, the whole stage), each part on its own full barrier; in a cluster the CTAs
 // take turns by tile. `page`: the block-table entry of the page that holds tokens [tok0, tok0 + kBN).
-// p_buf = own (one chunk per box): kWhat = kLoadRope loads the rope chunk alone (and expects its whole part's bytes),
-// kLoadLatent the other chunks, later.
-enum LoadWhat { kLoadAll, kLoadRope, kLoadLatent };
-template <class Cfg, LoadWhat kWhat = kLoadAll, class Smem>
+template <class Cfg, class Smem>
 __device__ __forceinline__ void load_tile(const CUtensorMap* tmap, Smem& s, int stage, int hk, int tok0, int page) {
   using T = DecodeTraits<Cfg>;
   constexpr int kBN = T::kBN, kPage = T::kPage;
@@ -480,27 +451,6 @@ __device__ __forceinline__ void load_tile(const CUtensorMap* tmap, Smem& s, int 
                                                      : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
   const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
   const bool issuer = T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank;
-  if constexpr (kWhat != kLoadAll) {
-    static_assert(T::kLoadChunks == 1, "the rope chunk is loaded apart with one-chunk boxes");
-    constexpr int kRope = T::kChunks - 1, kRopePart = kRope / kPartChunks;
-    #pragma unroll 1                              // (unrolled, the producer's 40 registers spilled without clusters)
-    for (int c = (kWhat == kLoadRope ? kRope : 0); c < (kWhat == kLoadRope ? kRope + 1 : kRope); ++c) {
-      const int g = c / kPartChunks;
-      uint64_t* bar = full_bar<Cfg>(s, stage, g);
-      // a part's bytes are expected once, at its first box issued (the rope's part: with the rope chunk)
-      if (kWhat == kLoadRope || (c % kPartChunks == 0 && g != kRopePart))
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPartChunks * T::kBoxBytes);
-      if (!issuer) continue;
-      typename T::Element* dst = s.k[stage] + c * (kBN * 64);
-      if constexpr (T::kCluster == 1) {
-        SM90_TMA_LOAD_5D::copy(tmap, bar, hint, dst, 0, tok0 % kPage, c, hk, page);
-      } else {
-        SM90_TMA_LOAD_MULTICAST_5D::copy(tmap, bar, uint16_t((1u << T::kCluster) - 1), hint, dst,
-                                         0, tok0 % kPage, c, hk, page);
-      }
-    }
-    return;
-  }
   CUTE_UNROLL
   for (int g = 0; g < kParts; ++g) {
     uint64_t* bar = full_bar<Cfg>(s, stage, g);
@@ -634,11 +584,6 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
     rs[h] += pr;
     rP(i) = Element(pr);
   }
-  if constexpr (T::kPOwn) {
-    // one P buffer: warpgroup 1's P V of the tile before must be done with it (the global tile counter's parity)
-    const int g = iter + t;
-    if (g > 0) cutlass::arch::ClusterBarrier::wait(&s.pfree, (g - 1) & 1);
-  }
   {
     // P to shared memory with stmatrix: four 8x8 tiles per instruction, 32-bit shared addresses.
     auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_s);
@@ -664,8 +609,7 @@ __device__ __forceinline__ void softmax_tile(const int t, AccS& acc_s, CoordS co
   }
   if (valid < kBN) {
     // V rows past the sequence end hold NaN-poisoned page tails or stale data: zero them (channels
-    // 0..511; the rope chunk now holds P, or is being refilled) so that 0-probability columns cannot turn P V
-    // into NaN.
+    // 0..511; the rope chunk now holds P) so that 0-probability columns cannot turn P V into NaN.
     Tensor sK = make_tensor(make_smem_ptr(s.k[st]), SmemLayoutK{});
     for (int idx = wtid; idx < (kBN - valid) * (kDV / 8); idx += 128) {
       const int r = valid + idx / (kDV / 8), c8 = (idx % (kDV / 8)) * 8;
@@ -949,15 +893,8 @@ __device__ __forceinline__ void produce_full_wg(const CUtensorMap& tmap_k, const
     auto produce = [&](int j) {
       const int it = iter + j, st = it % kStages, tok0 = span.tok_lo + j * kBN;
       const int page = bt[tok0 / kPage];
-      if constexpr (T::kPOwn) {                  // the rope chunk once Q K^T read it, the latent once P V did
-        if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty_rope[st], (it / kStages - 1) & 1);
-        load_tile<Cfg, kLoadRope>(&tmap_k, s, st, hk, tok0, page);
-        if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages - 1) & 1);
-        load_tile<Cfg, kLoadLatent>(&tmap_k, s, st, hk, tok0, page);
-      } else {
-        if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages - 1) & 1);
-        load_tile<Cfg>(&tmap_k, s, st, hk, tok0, page);
-      }
+      if (it >= kStages) cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages - 1) & 1);
+      load_tile<Cfg>(&tmap_k, s, st, hk, tok0, page);
     };
     if (ptid == 0 && span.n_iter > 0) produce(0);   // its stage was freed before warpgroup 0 is done with Q
     if (req > cs.begin_req) cutlass::arch::ClusterBarrier::wait(&s.qempty, (req - cs.begin_req - 1) & 1);
@@ -1024,12 +961,6 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
     }
     cutlass::arch::ClusterTransactionBarrier::init(&s.qfull, 1);
     if constexpr (T::kProducerWg) cutlass::arch::ClusterBarrier::init(&s.qempty, 128);   // warpgroup 0
-    if constexpr (T::kPOwn) {
-      CUTE_UNROLL
-      for (int st = 0; st < kStages; ++st)
-        cutlass::arch::ClusterBarrier::init(&s.empty_rope[st], kEmptyArrivals<Cfg, 128>);   // warpgroup 0
-      cutlass::arch::ClusterBarrier::init(&s.pfree, 128);                                    // warpgroup 1
-    }
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (T::kCluster > 1) cute::cluster_sync();   // the peer's barriers exist before any multicast or arrive
@@ -1258,13 +1189,11 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
         // The last tile is peeled off so that no wgmma sits in a branch with a different wait (ptxas would
         // serialise every wgmma of the kernel), and acc_o is rescaled before the first wgmma of each batch
         // (touching an accumulator of an in-flight batch serialises too).
-        // Q K^T of tile t done. producer warpgroup: Q is free for the next request once the last one of this
-        // request is; p_buf = own: the tile's rope chunk is free for the producer.
+        // producer warpgroup: Q is free for the next request once the last Q K^T of this one is done
         auto q_done = [&](int t) {
           if constexpr (T::kProducerWg) {
             if (t == n_iter - 1) cutlass::arch::ClusterBarrier::arrive(&s.qempty);
           }
-          if constexpr (T::kPOwn) release_barrier<Cfg>(&s.empty_rope[(iter + t) % kStages]);
         };
         if constexpr (T::kProducerWg) {
           if (n_iter == 0) cutlass::arch::ClusterBarrier::arrive(&s.qempty);
@@ -1339,7 +1268,6 @@ __device__ __forceinline__ void decode_tiles(const CUtensorMap& tmap_k, const CU
           warpgroup_wait<0>();
           warpgroup_fence_operand(acc_o);
           release_stage<Cfg>(s, st);
-          if constexpr (T::kPOwn) cutlass::arch::ClusterBarrier::arrive(&s.pfree);   // P may be rewritten
           if (!T::kProducerWg && tid == kProducer && j + kStages < n_iter) {
             cutlass::arch::ClusterBarrier::wait(&s.empty[st], (it / kStages) & 1);
             load_stage<Cfg>(&tmap_k, p, s, st, req, hk, tok_lo + (j + kStages) * kBN, seqlen);

@@ -40,12 +40,12 @@ int make_kv_tensor_map(CUtensorMap* map, const FmlaParams& p) {
   if constexpr (T::kTmaTile) {
     // (channel in chunk, row in page, chunk, kv head, page): the chunk axis strides 128 bytes inside a row, so one
     // box (64, kBN, kPartChunks, 1, 1) lands a part of a stage (tile: all of it; tile3: a third) as kPartChunks
-    // consecutive [row][64] swizzled chunks (p_buf = own: one chunk per box, kLoadChunks).
+    // consecutive [row][64] swizzled chunks.
     cuuint64_t dims[5] = {cuuint64_t(T::kBoxCh), cuuint64_t(T::kPage), cuuint64_t(T::kChunks), cuuint64_t(p.h_kv),
                           cuuint64_t(p.num_blocks)};
     cuuint64_t strides[4] = {cuuint64_t(p.k_row_stride) * es, cuuint64_t(T::kBoxCh) * es,
                              cuuint64_t(p.k_head_stride) * es, cuuint64_t(p.k_block_stride) * es};
-    cuuint32_t box[5] = {cuuint32_t(T::kBoxCh), cuuint32_t(T::kBN), cuuint32_t(T::kLoadChunks), 1, 1};
+    cuuint32_t box[5] = {cuuint32_t(T::kBoxCh), cuuint32_t(T::kBN), cuuint32_t(T::kPartChunks), 1, 1};
     cuuint32_t estr[5] = {1, 1, 1, 1, 1};
     const CUtensorMapDataType dt = std::is_same_v<KvElement, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                                   : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
