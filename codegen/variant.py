@@ -427,6 +427,8 @@ KNOBS = {
     # faster with 64-token stages at h_q >= 64 (b16 s_k 4096 / 32768 fixed, s_q = 2 and 4 causal), 0.5-3% slower
     # with three 32-token stages and on memory-bound shapes: both are searched. wg1_pv = with_softmax was 7-18% slower
     # on every shape measured (the refill of the stage comes too late): built and checked, run only when named.
+    # producer = warpgroup (full_wg, bench/results/h100-producer-warpgroup-2026-11-25.txt): 0.98-1.04x the inline
+    # producer's time on five h_q >= 64 shapes in two runs: built and checked, run only when named.
     "release": RELEASES,
     "block_n": (32, 64),
     "stages": (1, 2, 3, 4),
