@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from ..scheduler import FIXED_OVERHEAD_BLOCKS, SplitPolicy
-from ..constants import BLOCK_M, HEAD_DIM, HEAD_DIM_V, QREG_CHANNELS, SCHED_BLOCK_N
+from ..constants import BLOCK_M, CONSUMER_REGS, HEAD_DIM, HEAD_DIM_V, PRODUCER_REGS, QREG_CHANNELS, SCHED_BLOCK_N
 from ..workload_key import DTYPE_ELEMENTS, DTYPES
 SMEM_LIMIT = 227 * 1024         # opt-in dynamic shared memory per block on SM90
 REGS_PER_SM = 64 * 1024
@@ -91,8 +91,6 @@ WG1_PVS = ("with_qk", "with_softmax")
 # released it, loads the next request's first tile and then its Q (once warpgroup 0's last Q K^T of the request is
 # done) while the consumers still finish and store the request before, so a request boundary does not drain the ring.
 PRODUCERS = ("inline", "warpgroup")
-PRODUCER_REGS = 40      # registers a thread of the producer warpgroup keeps (setmaxnreg.dec; at 24 its loop spills)
-CONSUMER_REGS = 232     # registers a thread of a consumer warpgroup may use (setmaxnreg.inc): 128 * (40 + 2 * 232) <= 64K
 # Knobs of the full_wg schedule alone: the other schedules take only their first value, so enumerating them does not
 # multiply the whole space.
 FULL_WG_KNOBS = ("release", "wg1_pv", "producer")
@@ -122,7 +120,7 @@ class Variant:
     pv: str = "smem"            # full_wg: warpgroup 0's own P for P V from shared memory or its registers, one of PVS
     release: str = "behind_qk"  # full_wg: warpgroup 0 releases a stage behind Q K^T of the next tile or early, one of RELEASES
     wg1_pv: str = "with_qk"     # full_wg: warpgroup 1's P V beside Q K^T of the next tile or the softmax, one of WG1_PVS
-    producer: str = "inline"    # full_wg: who issues the KV loads, a consumer thread or a producer warpgroup, one of PRODUCERS
+    producer: str = "inline"    # full_wg: who issues the KV loads (a consumer thread, a warpgroup), one of PRODUCERS
     trace: bool = False         # diagnostics (templates/kernels/trace.cuh): qreg: CTA (0,0,0) stamps each phase
                                 # of its first tiles (bench/trace_qreg.py); nsplit: every CTA stamps its start-up
                                 # and its merge CTAs their steps (bench/timeline.py)

@@ -12,9 +12,9 @@ import pytest
 
 from flash_mla.codegen import ptxas
 from flash_mla.codegen.render import render
-from flash_mla.codegen.variant import (ALL_KNOBS, CONSUMER_REGS, DTYPES, KNOBS, PRODUCER_REGS, SMEM_LIMIT,
-                                       InvalidVariant, Variant, default_variant, full_space, search_space,
-                                       variants_by_key)
+from flash_mla.codegen.variant import (ALL_KNOBS, DTYPES, KNOBS, SMEM_LIMIT, InvalidVariant, Variant, default_variant,
+                                       full_space, search_space, variants_by_key)
+from flash_mla.constants import CONSUMER_REGS, PRODUCER_REGS
 
 
 def test_space_is_large_and_valid():
@@ -89,7 +89,8 @@ def test_key_is_stable_and_roundtrips():
     (dict(qk="full_wg", tma="tile", producer="warp"), "producer must be one of"),
     (dict(tma="tile", producer="warpgroup"), "producer=warpgroup .* full_wg schedule .* got qk=nsplit"),
     (dict(qk="full_wg", producer="warpgroup"), "producer=warpgroup .* got qk=full_wg, tma=boxes"),
-    (dict(qk="full_wg_ahead", stages=2, tma="tile", producer="warpgroup"), "producer=warpgroup .* got qk=full_wg_ahead"),
+    (dict(qk="full_wg_ahead", stages=2, tma="tile", producer="warpgroup"),
+     "producer=warpgroup .* got qk=full_wg_ahead"),
 ])
 def test_invalid_variants_rejected(kwargs, why):
     with pytest.raises(InvalidVariant, match=why):

@@ -155,8 +155,8 @@ struct DecodeTraits {
   static constexpr bool kProducerWg = Cfg::kProducerWg;
   static constexpr int kConsumerThreads = kNWG * 128;
   static constexpr int kThreads = kConsumerThreads + (kProducerWg ? 128 : 0);
-  // setmaxnreg of the producer-warpgroup schedule (codegen/variant.py PRODUCER_REGS / CONSUMER_REGS)
-  static constexpr uint32_t kProducerRegs = 40, kConsumerRegs = 232;
+  // setmaxnreg of the producer-warpgroup schedule (mla_constants.h)
+  static constexpr uint32_t kProducerRegs = fmla::kProducerRegs, kConsumerRegs = fmla::kConsumerRegs;
   static constexpr int kPage = Cfg::kPageSize;
   static constexpr int kSchedBlock = kSchedBlockN;  // scheduler block (tokens), flash_mla/scheduler.py
   static constexpr int kBoxRows = kBN < kPage ? kBN : kPage;   // TMA box rows: never crosses a page

@@ -11,5 +11,7 @@ constexpr int kBlockM = 64;          // q rows per CTA (wgmma M)
 constexpr int kSchedBlockN = 64;     // scheduler block in KV tokens (flash_mla/scheduler.py)
 constexpr int kMetadataSize = 8;     // int32 columns of a tile-scheduler metadata row
 constexpr int kQregChannels = 384;   // qreg schedule: Q channels held in registers (the other 192 in shared memory)
+constexpr int kProducerRegs = 40;    // full_wg with a producer warpgroup: its registers per thread (setmaxnreg.dec)
+constexpr int kConsumerRegs = 232;   // ... and each consumer warpgroup's (setmaxnreg.inc): 128 * (40 + 2 * 232) <= 64K
 
 }  // namespace fmla
