@@ -438,6 +438,21 @@ struct WaitTilePart {
   }
 };
 
+// The L2 policy of a KV load (load_tile, load_stage): a tile read by one CTA (or one cluster) only is streamed (evict
+// first); where several row blocks or clusters (gridDim.z > kCluster) read the same tile at about the same time, it
+// stays in L2 for the others (evict normal).
+template <class Cfg>
+__device__ __forceinline__ uint64_t kv_load_hint() {
+  return int(gridDim.z) > DecodeTraits<Cfg>::kCluster ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
+                                                      : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+}
+
+// This CTA's rank in its cluster (0 without clusters): which of the cluster's share of a stage's loads it issues.
+template <class Cfg>
+__device__ __forceinline__ int kv_load_rank() {
+  return DecodeTraits<Cfg>::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
+}
+
 // tma = tile / tile3 / tile9: one box (64 channels, kBN rows, kPartChunks chunks) per part lands the [chunk][row][64]
 // layout of its chunks (tile: one part, the whole stage), each part on its own full barrier; in a cluster the CTAs
 // take turns by tile. `page`: the block-table entry of the page that holds tokens [tok0, tok0 + kBN).
@@ -446,10 +461,8 @@ __device__ __forceinline__ void load_tile(const CUtensorMap* tmap, Smem& s, int 
   using T = DecodeTraits<Cfg>;
   constexpr int kBN = T::kBN, kPage = T::kPage;
   constexpr int kParts = T::kTileParts, kPartChunks = T::kPartChunks;
-  // As load_stage: streamed where one CTA (or cluster) reads the tile, kept in L2 where several row blocks do.
-  const uint64_t hint = int(gridDim.z) > T::kCluster ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
-                                                     : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
-  const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  const uint64_t hint = kv_load_hint<Cfg>();
+  const int rank = kv_load_rank<Cfg>();
   const bool issuer = T::kCluster == 1 || (tok0 / kBN) % T::kCluster == rank;
   CUTE_UNROLL
   for (int g = 0; g < kParts; ++g) {
@@ -481,13 +494,10 @@ __device__ __forceinline__ void load_stage(const CUtensorMap* tmap, const FmlaPa
     load_tile<Cfg>(tmap, s, stage, hk, tok0, bt[tok0 / kPage]);
     return;
   }
-  // A tile read by one CTA (or one cluster) only is streamed (evict first); where several row blocks or clusters
-  // (gridDim.z > kCluster) read the same tile at about the same time, it stays in L2 for the others (evict normal).
-  const uint64_t hint = int(gridDim.z) > T::kCluster ? uint64_t(TMA::CacheHintSm90::EVICT_NORMAL)
-                                                     : uint64_t(TMA::CacheHintSm90::EVICT_FIRST);
+  const uint64_t hint = kv_load_hint<Cfg>();
   // In a cluster every CTA expects the whole tile (above) and issues every kCluster-th box, multicast into the
   // same offsets of all the cluster's CTAs (and their full barriers).
-  const int rank = T::kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
+  const int rank = kv_load_rank<Cfg>();
   cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[stage], boxes * kChunks * kBoxBytes);
   for (int j = 0; j < boxes; ++j) {
     const int tok = tok0 + j * kBoxRows;
